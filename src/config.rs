@@ -1,0 +1,133 @@
+//! Job files (`dataflows/*.toml`): one table per stage, unknown keys rejected, and `--set
+//! section.key=value` overrides from the command line applied on top. The resolved config is
+//! saved beside every run's outputs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::data::preprocess::PrepareConfig;
+use crate::rec::ncf::NcfConfig;
+use crate::rec::sasrec::SasRecConfig;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    pub prepare: PrepareJob,
+    pub preprocess: PrepareConfig,
+    pub train: TrainJob,
+    pub ncf: NcfConfig,
+    pub sasrec: SasRecConfig,
+}
+
+/// Where the raw log is and where the prepared dataset goes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrepareJob {
+    pub input: Option<PathBuf>,
+    /// `auto` or one of the format names (`ml-1m`, `ml-100k`, `movielens-csv`, `amazon2023`, `generic`).
+    pub format: String,
+    pub out: Option<PathBuf>,
+    /// Name used in reports (default: the input directory's name).
+    pub dataset: Option<String>,
+}
+
+impl Default for PrepareJob {
+    fn default() -> Self {
+        PrepareJob { input: None, format: "auto".into(), out: None, dataset: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainJob {
+    /// Models `curec run` trains, in order.
+    pub models: Vec<String>,
+    /// Run directory for `curec run` (one sub-directory per model).
+    pub out: Option<PathBuf>,
+    pub seed: u64,
+    /// Users scored per batch during evaluation.
+    pub eval_batch: usize,
+    /// Bootstrap resamples for the 95% intervals.
+    pub bootstrap: usize,
+}
+
+impl Default for TrainJob {
+    fn default() -> Self {
+        TrainJob { models: vec!["pop".into(), "ncf".into(), "sasrec".into()], out: None, seed: 2024, eval_batch: 128, bootstrap: 1000 }
+    }
+}
+
+impl JobConfig {
+    /// Load a job file (or the defaults when `path` is `None`) and apply `section.key=value` overrides.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> anyhow::Result<JobConfig> {
+        let mut cfg = match path {
+            None => JobConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read job file", p.display()))?;
+                toml::from_str::<JobConfig>(&text).map_err(|e| toml_error(p, &text, &e))?
+            }
+        };
+        if !sets.is_empty() {
+            let mut v = toml::Value::try_from(&cfg)?;
+            for s in sets {
+                apply_set(&mut v, s)?;
+            }
+            cfg = JobConfig::deserialize(v).map_err(|e| anyhow::anyhow!("--set: {}", e.message().replace('\n', " ")))?;
+        }
+        Ok(cfg)
+    }
+
+    /// The resolved config as TOML, saved beside a run's outputs.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let line = e.span().map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
+    let msg = e.message().replace('\n', " ");
+    match line {
+        Some(l) => anyhow::anyhow!("{}:{l}: {msg}", path.display()),
+        None => anyhow::anyhow!("{}: {msg}", path.display()),
+    }
+}
+
+/// `sasrec.max_len=50` → set that key; the value is parsed as TOML, or taken as a string.
+fn apply_set(root: &mut toml::Value, set: &str) -> anyhow::Result<()> {
+    let Some((key, value)) = set.split_once('=') else {
+        bail!("--set '{set}': expected section.key=value");
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.len() != 2 {
+        bail!("--set '{set}': expected section.key=value (e.g. sasrec.max_len=50)");
+    }
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", value.trim()))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+    let table = root.as_table_mut().expect("config serializes to a table");
+    let section = table
+        .get_mut(parts[0])
+        .and_then(|s| s.as_table_mut())
+        .ok_or_else(|| anyhow::anyhow!("--set '{set}': unknown section '{}'", parts[0]))?;
+    section.insert(parts[1].to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_override_and_unknown_keys_fail() {
+        let c = JobConfig::load(None, &["sasrec.max_len=50".into(), "train.seed=7".into()]).unwrap();
+        assert_eq!(c.sasrec.max_len, 50);
+        assert_eq!(c.train.seed, 7);
+        let e = JobConfig::load(None, &["sasrec.max_lenn=50".into()]).unwrap_err().to_string();
+        assert!(e.contains("max_lenn"), "{e}");
+        let e = JobConfig::load(None, &["nope.x=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown section 'nope'"), "{e}");
+    }
+}

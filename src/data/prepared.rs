@@ -1,0 +1,223 @@
+//! The prepared dataset on disk: `interactions.parquet`, `items.parquet`, `users.parquet`,
+//! `stats.json`. Every file is written to a temporary name and renamed when complete.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Int64Type, UInt32Type};
+use arrow_array::{ArrayRef, Float32Array, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use super::dataset::{Dataset, Split};
+use super::preprocess::{Interaction, ItemRow, Prepared};
+use super::{DataError, ItemInfo};
+
+pub const INTERACTIONS: &str = "interactions.parquet";
+pub const ITEMS: &str = "items.parquet";
+pub const USERS: &str = "users.parquet";
+pub const STATS: &str = "stats.json";
+
+/// Write bytes produced by `write` to `path` atomically: a temp file in the same directory, then rename.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<(), DataError>) -> Result<(), DataError> {
+    let tmp = tmp_path(path);
+    let result = File::create(&tmp).map_err(|e| DataError::io(&tmp, e)).and_then(|mut f| {
+        write(&mut f)?;
+        f.sync_all().map_err(|e| DataError::io(&tmp, e))
+    });
+    match result {
+        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write one record batch as a Parquet file (snappy, explicit row-group size), atomically.
+pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<(), DataError> {
+    write_atomic(path, |f| {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(1 << 20))
+            .build();
+        let perr = |e: parquet::errors::ParquetError| DataError::file(path, format!("writing Parquet: {e}"));
+        let mut w = ArrowWriter::try_new(f, batch.schema(), Some(props)).map_err(perr)?;
+        w.write(batch).map_err(perr)?;
+        w.close().map_err(perr)?;
+        Ok(())
+    })
+}
+
+/// Read a whole Parquet file into one batch.
+pub fn read_parquet(path: &Path) -> Result<RecordBatch, DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let perr = |e: parquet::errors::ParquetError| DataError::file(path, format!("not a readable Parquet file: {e}"));
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?;
+    let schema = builder.schema().clone();
+    let reader = builder.with_batch_size(1 << 16).build().map_err(perr)?;
+    let batches: Vec<RecordBatch> =
+        reader.collect::<Result<_, _>>().map_err(|e| DataError::file(path, format!("reading Parquet: {e}")))?;
+    arrow_select_concat(&schema, &batches).map_err(|e| DataError::file(path, e))
+}
+
+fn arrow_select_concat(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<RecordBatch, String> {
+    if batches.len() == 1 {
+        return Ok(batches[0].clone());
+    }
+    // Concatenate column by column through the typed builders we use (u32, i64, f32, utf8).
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for (c, field) in schema.fields().iter().enumerate() {
+        let arr: ArrayRef = match field.data_type() {
+            DataType::UInt32 => Arc::new(UInt32Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<UInt32Type>().iter()))),
+            DataType::Int64 => Arc::new(Int64Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<Int64Type>().iter()))),
+            DataType::Float32 => Arc::new(Float32Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<Float32Type>().iter()))),
+            DataType::Utf8 => Arc::new(StringArray::from_iter(batches.iter().flat_map(|b| b.column(c).as_string::<i32>().iter()))),
+            t => return Err(format!("column '{}': unsupported type {t}", field.name())),
+        };
+        cols.push(arr);
+    }
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())
+}
+
+fn batch(fields: Vec<(&str, DataType)>, cols: Vec<ArrayRef>) -> RecordBatch {
+    let schema = Schema::new(fields.into_iter().map(|(n, t)| Field::new(n, t, false)).collect::<Vec<_>>());
+    RecordBatch::try_new(Arc::new(schema), cols).expect("columns match the schema by construction")
+}
+
+pub fn interactions_batch(xs: &[Interaction]) -> RecordBatch {
+    batch(
+        vec![
+            ("user", DataType::UInt32),
+            ("item", DataType::UInt32),
+            ("timestamp", DataType::Int64),
+            ("rating", DataType::Float32),
+            ("split", DataType::Utf8),
+        ],
+        vec![
+            Arc::new(UInt32Array::from_iter_values(xs.iter().map(|x| x.user))),
+            Arc::new(UInt32Array::from_iter_values(xs.iter().map(|x| x.item))),
+            Arc::new(Int64Array::from_iter_values(xs.iter().map(|x| x.timestamp))),
+            Arc::new(Float32Array::from_iter_values(xs.iter().map(|x| x.rating))),
+            Arc::new(StringArray::from_iter_values(xs.iter().map(|x| x.split.as_str()))),
+        ],
+    )
+}
+
+fn items_batch(items: &[ItemRow]) -> RecordBatch {
+    batch(
+        vec![("item", DataType::UInt32), ("raw_id", DataType::Utf8), ("title", DataType::Utf8), ("text", DataType::Utf8)],
+        vec![
+            Arc::new(UInt32Array::from_iter_values(0..items.len() as u32)),
+            Arc::new(StringArray::from_iter_values(items.iter().map(|i| i.raw_id.as_str()))),
+            Arc::new(StringArray::from_iter_values(items.iter().map(|i| i.info.title.as_str()))),
+            Arc::new(StringArray::from_iter_values(items.iter().map(|i| i.info.text.as_str()))),
+        ],
+    )
+}
+
+fn users_batch(p: &Prepared) -> RecordBatch {
+    let mut n = vec![0u32; p.users.len()];
+    for x in &p.interactions {
+        n[x.user as usize] += 1;
+    }
+    batch(
+        vec![("user", DataType::UInt32), ("raw_id", DataType::Utf8), ("interactions", DataType::UInt32)],
+        vec![
+            Arc::new(UInt32Array::from_iter_values(0..p.users.len() as u32)),
+            Arc::new(StringArray::from_iter_values(p.users.iter().map(String::as_str))),
+            Arc::new(UInt32Array::from_iter_values(n)),
+        ],
+    )
+}
+
+/// Write the prepared dataset into `dir`; `stats.json` goes last, so its presence means complete.
+pub fn write_dir(dir: &Path, p: &Prepared, stats: &serde_json::Value) -> Result<(), DataError> {
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let _ = std::fs::remove_file(dir.join(STATS));
+    write_parquet(&dir.join(INTERACTIONS), &interactions_batch(&p.interactions))?;
+    write_parquet(&dir.join(ITEMS), &items_batch(&p.items))?;
+    write_parquet(&dir.join(USERS), &users_batch(p))?;
+    let json = serde_json::to_string_pretty(stats).expect("stats serialize");
+    write_atomic(&dir.join(STATS), |f| {
+        use std::io::Write;
+        f.write_all(json.as_bytes()).map_err(|e| DataError::io(&dir.join(STATS), e))
+    })
+}
+
+fn column<'a>(path: &Path, b: &'a RecordBatch, name: &str, t: DataType) -> Result<&'a ArrayRef, DataError> {
+    let i = b.schema().index_of(name).map_err(|_| DataError::file(path, format!("missing column '{name}'")))?;
+    let c = b.column(i);
+    if c.data_type() != &t {
+        return Err(DataError::file(path, format!("column '{name}': expected {t}, found {}", c.data_type())));
+    }
+    Ok(c)
+}
+
+pub fn read_interactions(path: &Path) -> Result<Vec<Interaction>, DataError> {
+    let b = read_parquet(path)?;
+    let user = column(path, &b, "user", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let item = column(path, &b, "item", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let ts = column(path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>();
+    let rating = column(path, &b, "rating", DataType::Float32)?.as_primitive::<Float32Type>();
+    let split = column(path, &b, "split", DataType::Utf8)?.as_string::<i32>();
+    (0..b.num_rows())
+        .map(|r| {
+            let s = split.value(r);
+            let split = Split::parse(s)
+                .ok_or_else(|| DataError::row(path, r + 1, format!("column split: expected train, valid or test, found '{s}'")))?;
+            Ok(Interaction { user: user.value(r), item: item.value(r), timestamp: ts.value(r), rating: rating.value(r), split })
+        })
+        .collect()
+}
+
+fn read_items(path: &Path) -> Result<Vec<ItemRow>, DataError> {
+    let b = read_parquet(path)?;
+    let raw = column(path, &b, "raw_id", DataType::Utf8)?.as_string::<i32>();
+    let title = column(path, &b, "title", DataType::Utf8)?.as_string::<i32>();
+    let text = column(path, &b, "text", DataType::Utf8)?.as_string::<i32>();
+    Ok((0..b.num_rows())
+        .map(|r| ItemRow {
+            raw_id: raw.value(r).to_string(),
+            info: ItemInfo { title: title.value(r).to_string(), text: text.value(r).to_string() },
+        })
+        .collect())
+}
+
+fn read_users(path: &Path) -> Result<Vec<String>, DataError> {
+    let b = read_parquet(path)?;
+    let raw = column(path, &b, "raw_id", DataType::Utf8)?.as_string::<i32>();
+    Ok((0..b.num_rows()).map(|r| raw.value(r).to_string()).collect())
+}
+
+/// Load a prepared directory written by `curec prepare`.
+pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
+    if !dir.join(STATS).is_file() {
+        return Err(DataError::file(dir, "not a prepared dataset (no stats.json): run `curec prepare` first"));
+    }
+    let users = read_users(&dir.join(USERS))?;
+    let items = read_items(&dir.join(ITEMS))?;
+    let xs = read_interactions(&dir.join(INTERACTIONS))?;
+    for (r, x) in xs.iter().enumerate() {
+        if x.user as usize >= users.len() || x.item as usize >= items.len() {
+            return Err(DataError::row(&dir.join(INTERACTIONS), r + 1, "user or item id out of range of users/items.parquet"));
+        }
+    }
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
+    let stats: serde_json::Value = std::fs::read_to_string(dir.join(STATS))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let name = stats.get("dataset").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(name);
+    Ok(Dataset::from_interactions(&name, users, items, &xs))
+}

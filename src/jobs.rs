@@ -1,0 +1,220 @@
+//! The CLI's commands as library functions: prepare a dataset, train and evaluate a baseline,
+//! re-evaluate a saved run, and run a whole job file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::Device;
+use serde_json::{json, Map, Value};
+
+use crate::config::JobConfig;
+use crate::data::{self, prepared, preprocess, Dataset, Format, Split};
+use crate::eval::{self, bootstrap, Evaluation};
+use crate::rec::train::{fit, FitConfig, FitReport};
+use crate::rec::{ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
+
+/// `curec prepare`: read, preprocess and write; returns the stats written to `stats.json`.
+pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyhow::Result<Value> {
+    let format = if format == "auto" { Format::detect(input)? } else { Format::parse(format)? };
+    let log = data::read_raw(input, format)?;
+    let p = preprocess::preprocess(&log, &cfg.preprocess)?;
+    let name = cfg.prepare.dataset.clone().unwrap_or_else(|| {
+        let base = if input.is_file() { input.file_stem() } else { input.file_name() };
+        base.map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
+    });
+    let count = |s: Split| p.interactions.iter().filter(|x| x.split == s).count();
+    let stats = json!({
+        "dataset": name,
+        "format": format.name(),
+        "source": input.display().to_string(),
+        "users": p.users.len(),
+        "items": p.items.len(),
+        "interactions": p.interactions.len(),
+        "train": count(Split::Train),
+        "valid": count(Split::Valid),
+        "test": count(Split::Test),
+        "density": p.interactions.len() as f64 / (p.users.len() as f64 * p.items.len() as f64),
+        "steps": p.counts,
+        "config": cfg.preprocess,
+    });
+    prepared::write_dir(out, &p, &stats)?;
+    Ok(stats)
+}
+
+/// Build an untrained model of `kind` for `ds`.
+pub fn build_model(kind: ModelKind, ds: &Dataset, cfg: &JobConfig, device: &Device) -> anyhow::Result<Box<dyn Model>> {
+    let seed = cfg.train.seed;
+    Ok(match kind {
+        ModelKind::Pop => Box::new(Pop::new(ds.n_items)),
+        ModelKind::Ncf => Box::new(Ncf::new(&cfg.ncf, ds.n_users, ds.n_items, seed, device)?),
+        ModelKind::Sasrec => Box::new(SasRec::new(&cfg.sasrec, ds.n_items, seed, device)?),
+    })
+}
+
+fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
+    let mut c = match kind {
+        ModelKind::Pop => json!({}),
+        ModelKind::Ncf => serde_json::to_value(&cfg.ncf).unwrap_or_default(),
+        ModelKind::Sasrec => serde_json::to_value(&cfg.sasrec).unwrap_or_default(),
+    };
+    c["seed"] = json!(cfg.train.seed);
+    c
+}
+
+/// Metrics of one split as a flat JSON object, with 95% bootstrap intervals for the @10 metrics.
+pub fn metrics_json(ev: &Evaluation, resamples: usize, seed: u64) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (k, v) in &ev.metrics {
+        m.insert(k.clone(), json!(v));
+    }
+    for (key, f) in [("ndcg@10", eval::ndcg_at as fn(usize, usize) -> f64), ("recall@10", eval::recall_at)] {
+        let per_user: Vec<f64> = ev.ranks.iter().map(|&r| f(r, 10)).collect();
+        let (lo, hi) = bootstrap::mean_ci95(&per_user, resamples, seed);
+        m.insert(format!("{key}_ci95"), json!([lo, hi]));
+    }
+    m
+}
+
+/// `curec train`: fit with early stopping, evaluate on test, write `model.safetensors`,
+/// `config.toml`, `history.json` and `metrics.json` into `out`; returns the metrics.
+pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> anyhow::Result<Value> {
+    let ds = prepared::read_dataset(data_dir)?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create run directory", out.display()))?;
+    let device = Device::Cpu;
+    let mut model = build_model(kind, &ds, cfg, &device)?;
+    let (max_epochs, patience) = match kind {
+        ModelKind::Pop => (1, 0),
+        ModelKind::Ncf => (cfg.ncf.max_epochs, cfg.ncf.patience),
+        ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
+    };
+    let fit_cfg = FitConfig { max_epochs, patience, eval_batch: cfg.train.eval_batch, label: format!("{} {}", kind.name(), ds.name) };
+    let ckpt = out.join("model.safetensors");
+    let report = fit(model.as_mut(), &ds, &fit_cfg, &ckpt)?;
+    let test = eval::evaluate(model.as_ref(), &ds, Split::Test, cfg.train.eval_batch)?;
+    let valid = eval::evaluate(model.as_ref(), &ds, Split::Valid, cfg.train.eval_batch)?;
+    let metrics = run_metrics(kind, &ds, data_dir, &test, &valid, &report, cfg);
+    write_json(&out.join("history.json"), &json!(report.history))?;
+    write_text(&out.join("config.toml"), &cfg.to_toml())?;
+    write_json(&out.join("metrics.json"), &metrics)?;
+    Ok(metrics)
+}
+
+fn run_metrics(
+    kind: ModelKind,
+    ds: &Dataset,
+    data_dir: &Path,
+    test: &Evaluation,
+    valid: &Evaluation,
+    report: &FitReport,
+    cfg: &JobConfig,
+) -> Value {
+    let (n, seed) = (cfg.train.bootstrap, cfg.train.seed);
+    let mut m = Map::new();
+    m.insert("model".into(), json!(kind.name()));
+    m.insert("dataset".into(), json!(ds.name));
+    m.insert("data".into(), json!(data_dir.display().to_string()));
+    m.insert("split".into(), json!("test"));
+    m.insert("users".into(), json!(ds.n_users));
+    m.insert("items".into(), json!(ds.n_items));
+    m.extend(metrics_json(test, n, seed));
+    m.insert("valid".into(), Value::Object(metrics_json(valid, n, seed)));
+    m.insert("epochs".into(), json!(report.epochs));
+    m.insert("best_epoch".into(), json!(report.best_epoch));
+    m.insert("train_seconds".into(), json!(report.train_seconds));
+    m.insert("seconds_per_epoch".into(), json!(report.seconds_per_epoch));
+    m.insert("config".into(), model_config(kind, cfg));
+    Value::Object(m)
+}
+
+/// `curec eval`: reload a run's checkpoint and evaluate it on a split; writes `eval-<split>.json`.
+pub fn eval_run(run: &Path, data_dir: Option<&Path>, split: Split) -> anyhow::Result<Value> {
+    let metrics: Value = read_json(&run.join("metrics.json"))?;
+    let kind = metrics["model"].as_str().and_then(ModelKind::parse).with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
+    let data_dir: PathBuf = match data_dir {
+        Some(d) => d.to_path_buf(),
+        None => metrics["data"].as_str().map(PathBuf::from).with_context(|| format!("{}: no 'data' key; pass --data", run.join("metrics.json").display()))?,
+    };
+    let cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
+    let ds = prepared::read_dataset(&data_dir)?;
+    let mut model = build_model(kind, &ds, &cfg, &Device::Cpu)?;
+    model.load(&run.join("model.safetensors"))?;
+    let ev = eval::evaluate(model.as_ref(), &ds, split, cfg.train.eval_batch)?;
+    let mut m = Map::new();
+    m.insert("model".into(), json!(kind.name()));
+    m.insert("dataset".into(), json!(ds.name));
+    m.insert("split".into(), json!(split.as_str()));
+    m.extend(metrics_json(&ev, cfg.train.bootstrap, cfg.train.seed));
+    let m = Value::Object(m);
+    write_json(&run.join(format!("eval-{}.json", split.as_str())), &m)?;
+    Ok(m)
+}
+
+/// Markdown table header matching [`table_row`].
+pub fn table_header() -> String {
+    "| model | dataset | Recall@1 | Recall@5 | Recall@10 | Recall@20 | NDCG@1 | NDCG@5 | NDCG@10 (95% CI) | NDCG@20 | train s |\n\
+     |---|---|---|---|---|---|---|---|---|---|---|"
+        .to_string()
+}
+
+/// One Markdown row of a metrics object.
+pub fn table_row(m: &Value) -> String {
+    let f = |k: &str| m[k].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let ci = m["ndcg@10_ci95"].as_array().map(|a| {
+        format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN))
+    });
+    let secs = m["train_seconds"].as_f64().map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into());
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} |",
+        m["model"].as_str().unwrap_or("?"),
+        m["dataset"].as_str().unwrap_or("?"),
+        f("recall@1"),
+        f("recall@5"),
+        f("recall@10"),
+        f("recall@20"),
+        f("ndcg@1"),
+        f("ndcg@5"),
+        f("ndcg@10"),
+        ci.unwrap_or_default(),
+        f("ndcg@20"),
+        secs
+    )
+}
+
+/// `curec run <job.toml>`: prepare (unless already prepared) and train every listed model.
+pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value>> {
+    let out = cfg.train.out.clone().context("the job file needs train.out (the run directory)")?;
+    let data_dir = cfg.prepare.out.clone().unwrap_or_else(|| out.join("data"));
+    if force_prepare || !data_dir.join(prepared::STATS).is_file() {
+        let input = cfg.prepare.input.clone().context("the job file needs prepare.input (the raw dataset)")?;
+        let stats = prepare(&input, &data_dir, &cfg.prepare.format, cfg)?;
+        tracing::info!("prepared {}: {} users, {} items, {} interactions", data_dir.display(), stats["users"], stats["items"], stats["interactions"]);
+    }
+    let mut rows = Vec::new();
+    println!("{}", table_header());
+    for name in &cfg.train.models {
+        let kind = ModelKind::parse(name).with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf or sasrec"))?;
+        let m = train(kind, &data_dir, &out.join(kind.name()), cfg)?;
+        println!("{}", table_row(&m));
+        rows.push(m);
+    }
+    let table = std::iter::once(table_header()).chain(rows.iter().map(table_row)).collect::<Vec<_>>().join("\n");
+    write_text(&out.join("table.md"), &(table + "\n"))?;
+    Ok(rows)
+}
+
+pub fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
+    write_text(path, &(serde_json::to_string_pretty(v)? + "\n"))
+}
+
+pub fn write_text(path: &Path, s: &str) -> anyhow::Result<()> {
+    prepared::write_atomic(path, |f| {
+        use std::io::Write;
+        f.write_all(s.as_bytes()).map_err(|e| data::DataError::io(path, e))
+    })?;
+    Ok(())
+}
+
+pub fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("{}: not valid JSON", path.display()))
+}

@@ -1,0 +1,59 @@
+//! Recommenders in candle: the ID-only baselines (Pop, NCF/NeuMF, SASRec), their training loop with
+//! early stopping on validation NDCG@10, and safetensors checkpoints.
+
+pub mod ncf;
+pub mod nn;
+pub mod pop;
+pub mod sasrec;
+pub mod train;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::eval::Scorer;
+
+/// Which baseline to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Pop,
+    Ncf,
+    Sasrec,
+}
+
+impl ModelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Pop => "pop",
+            ModelKind::Ncf => "ncf",
+            ModelKind::Sasrec => "sasrec",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ModelKind> {
+        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec].into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// A trainable scorer.
+pub trait Model: Scorer {
+    /// One pass over the training data; the mean loss, or `None` for models fitted in closed form.
+    fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>>;
+    fn save(&self, path: &Path) -> anyhow::Result<()>;
+    fn load(&mut self, path: &Path) -> anyhow::Result<()>;
+}
+
+/// Save a varmap atomically (temp name, then rename), so a kill never leaves a torn checkpoint.
+pub fn save_varmap(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> {
+    let tmp = crate::data::prepared::tmp_path(path);
+    varmap.save(&tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Load a checkpoint into an existing varmap, naming the file on failure.
+pub fn load_varmap(varmap: &mut candle_nn::VarMap, path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    varmap.load(path).with_context(|| format!("{}: cannot load checkpoint", path.display()))
+}

@@ -1,0 +1,218 @@
+//! SASRec (Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018), trained with
+//! softmax cross-entropy over all items at every position of the sequence (CUREC paper Eq. 11).
+//!
+//! Sequences are left-padded so the most recent item is always the last column; position
+//! embeddings count from that end. Post-LN blocks with GELU feed-forward, as in RecBole's SASRec.
+//! Training covers every target of every user once per epoch: a user's train sequence is cut
+//! into windows of `max_len` inputs from the end, each window predicting all of its next items.
+
+use std::path::Path;
+
+use candle_core::{Device, Module, Tensor, D};
+use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::nn::{causal_padding_bias, dropout, position_mask, rng_for, LayerNorm, Params};
+use super::Model;
+use crate::data::{Dataset, Split};
+use crate::eval::Scorer;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SasRecConfig {
+    /// Longest input sequence (most recent items kept).
+    pub max_len: usize,
+    pub dim: usize,
+    pub blocks: usize,
+    pub heads: usize,
+    /// Hidden size of the feed-forward layer.
+    pub inner: usize,
+    pub dropout: f32,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub max_epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
+}
+
+impl Default for SasRecConfig {
+    fn default() -> Self {
+        SasRecConfig {
+            max_len: 200,
+            dim: 64,
+            blocks: 2,
+            heads: 2,
+            inner: 256,
+            dropout: 0.2,
+            lr: 1e-3,
+            batch_size: 128,
+            max_epochs: 300,
+            patience: 20,
+        }
+    }
+}
+
+struct Block {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln1: LayerNorm,
+    ff1: Linear,
+    ff2: Linear,
+    ln2: LayerNorm,
+}
+
+pub struct SasRec {
+    cfg: SasRecConfig,
+    n_items: usize,
+    seed: u64,
+    params: Params,
+    /// Row 0 is padding; item i is row i + 1.
+    item_emb: Tensor,
+    pos_emb: Tensor,
+    emb_ln: LayerNorm,
+    blocks: Vec<Block>,
+    opt: AdamW,
+}
+
+impl SasRec {
+    pub fn new(cfg: &SasRecConfig, n_items: usize, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        anyhow::ensure!(cfg.dim % cfg.heads == 0, "sasrec.dim = {} must be divisible by sasrec.heads = {}", cfg.dim, cfg.heads);
+        anyhow::ensure!(cfg.max_len > 0 && cfg.batch_size > 0, "sasrec.max_len and sasrec.batch_size must be positive");
+        let mut p = Params::new(seed, device);
+        let d = cfg.dim;
+        let item_emb = p.normal("item_emb", &[n_items + 1, d], 0.02)?;
+        let pos_emb = p.normal("pos_emb", &[cfg.max_len, d], 0.02)?;
+        let emb_ln = p.layer_norm("emb_ln", d)?;
+        let mut blocks = Vec::new();
+        for b in 0..cfg.blocks {
+            let n = |s: &str| format!("blocks.{b}.{s}");
+            blocks.push(Block {
+                q: p.linear(&n("q"), d, d)?,
+                k: p.linear(&n("k"), d, d)?,
+                v: p.linear(&n("v"), d, d)?,
+                o: p.linear(&n("o"), d, d)?,
+                ln1: p.layer_norm(&n("ln1"), d)?,
+                ff1: p.linear(&n("ff1"), d, cfg.inner)?,
+                ff2: p.linear(&n("ff2"), cfg.inner, d)?,
+                ln2: p.layer_norm(&n("ln2"), d)?,
+            });
+        }
+        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        Ok(SasRec { cfg: cfg.clone(), n_items, seed, params: p, item_emb, pos_emb, emb_ln, blocks, opt })
+    }
+
+    /// Hidden states `B × T × d` for left-padded sequences (T = longest sequence in the batch).
+    fn encode(&self, seqs: &[&[u32]], mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
+        let dev = self.item_emb.device();
+        let (b, d, p) = (seqs.len(), self.cfg.dim, self.cfg.dropout);
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1).clamp(1, self.cfg.max_len);
+        let mut ids = vec![0u32; b * t];
+        let mut valid = vec![vec![false; t]; b];
+        for (r, s) in seqs.iter().enumerate() {
+            let s = &s[s.len().saturating_sub(t)..];
+            let off = t - s.len();
+            for (j, &item) in s.iter().enumerate() {
+                ids[r * t + off + j] = item + 1;
+                valid[r][off + j] = true;
+            }
+        }
+        let ids = Tensor::from_vec(ids, b * t, dev)?;
+        let mask = position_mask(&valid, dev)?;
+        let bias = causal_padding_bias(&valid, dev)?;
+        let x = self.item_emb.index_select(&ids, 0)?.reshape((b, t, d))?;
+        let pos = self.pos_emb.narrow(0, self.cfg.max_len - t, t)?;
+        let x = self.emb_ln.forward(&x.broadcast_add(&pos)?)?;
+        let mut x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&mask)?;
+        let (h, dh) = (self.cfg.heads, d / self.cfg.heads);
+        for blk in &self.blocks {
+            let split = |l: &Linear| -> candle_core::Result<Tensor> {
+                l.forward(&x)?.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
+            };
+            let (q, k, v) = (split(&blk.q)?, split(&blk.k)?, split(&blk.v)?);
+            let att = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&bias)?;
+            let att = dropout(&candle_nn::ops::softmax(&att, D::Minus1)?, p, rng.as_deref_mut())?;
+            let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+            let a = dropout(&blk.o.forward(&ctx)?, p, rng.as_deref_mut())?;
+            let x1 = blk.ln1.forward(&(&x + a)?)?;
+            let f = blk.ff2.forward(&blk.ff1.forward(&x1)?.gelu()?)?;
+            let f = dropout(&f, p, rng.as_deref_mut())?;
+            x = blk.ln2.forward(&(x1 + f)?)?.broadcast_mul(&mask)?;
+        }
+        Ok(x)
+    }
+
+    fn item_table(&self) -> candle_core::Result<Tensor> {
+        self.item_emb.narrow(0, 1, self.n_items)
+    }
+
+    /// (input, target) windows covering every train target of every user exactly once.
+    fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize)> {
+        let l = self.cfg.max_len;
+        let mut w = Vec::new();
+        for (u, seq) in ds.train.iter().enumerate() {
+            // Targets are seq[1..]; a window of inputs seq[a..e] predicts seq[a+1..e+1].
+            let mut end = seq.len().saturating_sub(1);
+            while end > 0 {
+                let start = end.saturating_sub(l);
+                w.push((u as u32, start, end));
+                end = start;
+            }
+        }
+        w
+    }
+}
+
+impl Scorer for SasRec {
+    fn score(&self, ds: &Dataset, users: &[u32], split: Split) -> anyhow::Result<Vec<f32>> {
+        let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, split)).collect();
+        let refs: Vec<&[u32]> = hist.iter().map(|h| &h[h.len().saturating_sub(self.cfg.max_len)..]).collect();
+        let x = self.encode(&refs, None)?;
+        let t = x.dim(1)?;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let scores = last.matmul(&self.item_table()?.t()?)?;
+        Ok(scores.flatten_all()?.to_vec1()?)
+    }
+}
+
+impl Model for SasRec {
+    fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>> {
+        let mut windows = self.windows(ds);
+        windows.shuffle(&mut rng_for(self.seed, 2, epoch as u64));
+        let dev = self.item_emb.device().clone();
+        let (mut total, mut count) = (0f64, 0usize);
+        for (bi, batch) in windows.chunks(self.cfg.batch_size).enumerate() {
+            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e)| &ds.train[u as usize][a..e]).collect();
+            let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
+            // Rows of the flattened B × T hidden states that have a target, and those targets.
+            let (mut rows, mut targets) = (Vec::new(), Vec::new());
+            for (r, &(u, a, e)) in batch.iter().enumerate() {
+                let off = t - (e - a);
+                for j in 0..e - a {
+                    rows.push((r * t + off + j) as u32);
+                    targets.push(ds.train[u as usize][a + 1 + j]);
+                }
+            }
+            let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
+            let x = self.encode(&inputs, Some(&mut rng))?;
+            let h = x.reshape((batch.len() * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let logits = h.matmul(&self.item_table()?.t()?)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
+            self.opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
+            count += targets.len();
+        }
+        Ok(Some(total / count.max(1) as f64))
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        super::save_varmap(&self.params.varmap, path)
+    }
+
+    fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        super::load_varmap(&mut self.params.varmap, path)
+    }
+}
