@@ -4,6 +4,7 @@
 //! metrics), [`rec`] (recommenders in candle), [`config`] (job files) and [`jobs`] (the CLI's
 //! commands as functions).
 
+pub mod alloc;
 pub mod config;
 pub mod data;
 pub mod eval;

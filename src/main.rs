@@ -94,6 +94,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    curec::alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUREC_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

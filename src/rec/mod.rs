@@ -2,6 +2,7 @@
 //! early stopping on validation NDCG@10, and safetensors checkpoints.
 
 pub mod ncf;
+pub mod ops;
 pub mod nn;
 pub mod pop;
 pub mod sasrec;

@@ -1,0 +1,271 @@
+//! End-to-end tests of the `curec` binary: every reader, the preprocessing counts, the error
+//! paths (one-line message naming file and row/key, non-zero exit, nothing half-written) and the
+//! training/evaluation commands.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn curec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().expect("run curec")
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> String {
+    root().join("datasets/fixtures").join(name).display().to_string()
+}
+
+fn ok(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curec failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Runs curec expecting failure: returns the single error line, after checking that `out_dir`
+/// holds no Parquet file (complete or temporary).
+fn fails(args: &[&str], out_dir: &Path) -> String {
+    let out = curec(args);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "error must be one line: {stderr}");
+    if out_dir.exists() {
+        let left: Vec<_> = std::fs::read_dir(out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().contains("parquet")), "left behind: {left:?}");
+    }
+    stderr
+}
+
+fn prepare_fixture(name: &str, out: &Path) -> Value {
+    ok(curec(&["prepare", "--input", &fixture(name), "--out", out.to_str().unwrap(), "--user-core", "3", "--item-core", "2"]));
+    read_json(&out.join("stats.json"))
+}
+
+#[test]
+fn every_reader_gives_the_reference_counts_for_the_same_log() {
+    // datasets/fixtures/make_fixtures.py writes one log in every format; its pure-Python
+    // reference() gives 6 users, 7 items, 27 interactions for rating > 3, user core 3, item core 2.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inter = Vec::new();
+    for (name, format) in [
+        ("ml-1m", "ml-1m"),
+        ("ml-100k", "ml-100k"),
+        ("movielens-csv", "movielens-csv"),
+        ("amazon2023", "amazon2023"),
+        ("generic", "generic"),
+    ] {
+        let out = tmp.path().join(name);
+        let s = prepare_fixture(name, &out);
+        assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(6), Some(7), Some(27)), "{name}");
+        assert_eq!(s["format"], format);
+        assert_eq!((s["train"].as_u64(), s["valid"].as_u64(), s["test"].as_u64()), (Some(15), Some(6), Some(6)), "{name}");
+        inter.push(curec::data::prepared::read_interactions(&out.join("interactions.parquet")).unwrap());
+    }
+    // Same log, same numeric ids: the MovieLens formats must agree row for row.
+    assert_eq!(inter[0], inter[1]);
+    assert_eq!(inter[0], inter[2]);
+    // Timestamps, ratings and splits agree for every format (Amazon stores ms, converted to s).
+    for other in &inter[3..] {
+        let key = |v: &Vec<curec::data::preprocess::Interaction>| v.iter().map(|x| (x.timestamp, x.rating, x.split)).collect::<Vec<_>>();
+        assert_eq!(key(&inter[0]), key(other));
+    }
+}
+
+#[test]
+fn item_text_carries_title_year_genres_and_latin1_is_decoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    prepare_fixture("ml-1m", &tmp.path().join("d"));
+    let ds = curec::data::prepared::read_dataset(&tmp.path().join("d")).unwrap();
+    let texts: Vec<&str> = ds.items.iter().map(|i| i.info.text.as_str()).collect();
+    assert!(texts.contains(&"The Usual Suspects (1995); genres: Crime, Thriller"), "{texts:?}");
+    assert!(texts.contains(&"Amélie (2001); genres: Comedy, Romance"), "{texts:?}");
+    prepare_fixture("amazon2023", &tmp.path().join("a"));
+    let ds = curec::data::prepared::read_dataset(&tmp.path().join("a")).unwrap();
+    let t = &ds.items.iter().find(|i| i.raw_id == "B0004").unwrap().info.text;
+    assert_eq!(t, "Heat (1995); categories: Movies & TV > Action; description: A film about action. Digitally remastered.");
+}
+
+#[test]
+fn generic_parquet_log_reads_like_csv() {
+    use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(fixture("generic/log.csv")).unwrap();
+    let mut rdr = csv::Reader::from_reader(text.as_bytes());
+    let (mut u, mut i, mut t, mut r) = (vec![], vec![], vec![], vec![]);
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        u.push(rec[0].to_string());
+        i.push(rec[1].to_string());
+        t.push(rec[2].parse::<i64>().unwrap());
+        r.push(rec[3].parse::<f64>().unwrap());
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("user", Arc::new(StringArray::from(u)) as _),
+        ("item", Arc::new(StringArray::from(i)) as _),
+        ("timestamp", Arc::new(Int64Array::from(t)) as _),
+        ("rating", Arc::new(Float64Array::from(r)) as _),
+    ])
+    .unwrap();
+    let log = tmp.path().join("log.parquet");
+    curec::data::prepared::write_parquet(&log, &batch).unwrap();
+    let s = prepare_fixture(log.to_str().unwrap(), &tmp.path().join("out"));
+    assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(6), Some(7), Some(27)));
+    assert_eq!(s["format"], "generic");
+}
+
+#[test]
+fn ml_latest_small_matches_the_independent_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = root().join("datasets/ml-latest-small");
+    ok(curec(&["prepare", "--input", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap()]));
+    let s = read_json(&tmp.path().join("stats.json"));
+    assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(361), Some(1372), Some(42146)));
+}
+
+#[test]
+fn ml_100k_matches_the_independent_counts() {
+    // ML-100K may not be redistributed: it is read from the shared folder (or $CUREC_ML100K).
+    let input = std::env::var("CUREC_ML100K").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/datasets/ml-100k"));
+    if !input.join("u.data").is_file() {
+        eprintln!("skipped: ML-100K not found at {} (set CUREC_ML100K)", input.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    ok(curec(&["prepare", "--input", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap()]));
+    let s = read_json(&tmp.path().join("stats.json"));
+    assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(542), Some(785), Some(46078)));
+}
+
+/// A copy of a fixture folder with one file replaced (None removes it).
+fn broken(tmp: &Path, name: &str, file: &str, content: Option<&[u8]>) -> String {
+    let dir = tmp.join(format!("in-{name}-{file}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    match content {
+        Some(c) => std::fs::write(dir.join(file), c).unwrap(),
+        None => std::fs::remove_file(dir.join(file)).unwrap(),
+    }
+    dir.display().to_string()
+}
+
+#[test]
+fn bad_input_fails_with_one_line_naming_file_and_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let prep = |input: &str, extra: &[&str]| {
+        let mut a = vec!["prepare", "--input", input, "--out", o];
+        a.extend_from_slice(extra);
+        fails(&a, &out)
+    };
+
+    let dat = std::fs::read_to_string(fixture("ml-1m/ratings.dat")).unwrap();
+    let bad = dat.lines().take(4).chain(["5::3::4"]).collect::<Vec<_>>().join("\n");
+    let e = prep(&broken(tmp.path(), "ml-1m", "ratings.dat", Some(bad.as_bytes())), &[]);
+    assert!(e.contains("ratings.dat:5: expected 4 fields UserID::MovieID::Rating::Timestamp"), "{e}");
+
+    let bad = dat.replacen("978", "x978", 1);
+    let e = prep(&broken(tmp.path(), "ml-1m", "ratings.dat", Some(bad.as_bytes())), &[]);
+    assert!(e.contains("ratings.dat:1: column Timestamp: expected a integer") || e.contains("ratings.dat:1: column Timestamp"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId;movieId;rating;timestamp\n1;2;4;5\n")), &[]);
+    assert!(e.contains("ratings.csv:1: header 'userId;movieId;rating;timestamp' is not comma-separated"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "generic", "log.csv", Some(b"user,item,rating\nu1,m1,5\n")), &[]);
+    assert!(e.contains("log.csv:1: missing column 'timestamp'"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId,movieId,rating,timestamp\n1,2,4,5\n1,2,4\n")), &[]);
+    assert!(e.contains("ratings.csv:3: expected 4 comma-separated fields as in the header, found 3"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "ml-1m", "movies.dat", None), &[]);
+    assert!(e.contains("movies.dat: missing file, expected MovieID::Title::Genres"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "ml-100k", "u.data", Some(b"")), &[]);
+    assert!(e.contains("u.data: file is empty"), "{e}");
+
+    let e = prep(&broken(tmp.path(), "amazon2023", "Movies_and_TV.jsonl", Some(b"{\"user_id\":\"a\",\"parent_asin\":\"b\",\"rating\":\"5\",\"timestamp\":1}\n")), &[]);
+    assert!(e.contains("Movies_and_TV.jsonl:1: key 'rating': expected a number"), "{e}");
+
+    let e = prep(&fixture("ml-1m"), &["--format", "excel"]);
+    assert!(e.contains("unknown format 'excel'"), "{e}");
+
+    let empty = tmp.path().join("nothing-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = prep(empty.to_str().unwrap(), &[]);
+    assert!(e.contains("cannot detect the format"), "{e}");
+
+    let e = prep(&tmp.path().join("missing").display().to_string(), &[]);
+    assert!(e.contains("no such file or directory"), "{e}");
+}
+
+#[test]
+fn unknown_config_key_names_file_line_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("job.toml");
+    std::fs::write(&job, "[train]\nseed = 1\n\n[sasrec]\nmax_lenn = 50\n").unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-1m", &data);
+    let out = tmp.path().join("run");
+    let e = fails(&["train", "sasrec", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--config", job.to_str().unwrap()], &out);
+    assert!(e.contains("job.toml:5: unknown field `max_lenn`"), "{e}");
+    assert!(!out.join("metrics.json").exists());
+}
+
+fn train(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Value {
+    let mut a = vec!["train", model, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    let stdout = ok(curec(&a));
+    assert!(stdout.contains(&format!("| {model} |")), "{stdout}");
+    read_json(&out.join("metrics.json"))
+}
+
+#[test]
+fn baselines_train_evaluate_and_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("movielens-csv", &data);
+    for model in ["pop", "ncf", "sasrec"] {
+        let run = tmp.path().join(model);
+        let m = train(model, &data, &run, &["--max-epochs", "3", "--set", "sasrec.max_len=8"]);
+        for k in [1, 5, 10, 20] {
+            for name in ["recall", "ndcg"] {
+                let v = m[format!("{name}@{k}")].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&v), "{model} {name}@{k} = {v}");
+            }
+        }
+        assert!(m["train_seconds"].as_f64().unwrap() >= 0.0);
+        assert_eq!(m["split"], "test");
+        // 7 items, history excluded: recall@20 covers every candidate.
+        assert_eq!(m["recall@20"].as_f64(), Some(1.0));
+        let again = ok(curec(&["eval", "--run", run.to_str().unwrap()]));
+        let e = read_json(&run.join("eval-test.json"));
+        assert_eq!(e["ndcg@10"], m["ndcg@10"], "{model}: reloaded checkpoint must reproduce test metrics\n{again}");
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_models_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-100k", &data);
+    for model in ["ncf", "sasrec"] {
+        let a = train(model, &data, &tmp.path().join(format!("{model}-a")), &["--max-epochs", "2", "--seed", "9"]);
+        let b = train(model, &data, &tmp.path().join(format!("{model}-b")), &["--max-epochs", "2", "--seed", "9"]);
+        let wa = std::fs::read(tmp.path().join(format!("{model}-a/model.safetensors"))).unwrap();
+        let wb = std::fs::read(tmp.path().join(format!("{model}-b/model.safetensors"))).unwrap();
+        assert!(wa == wb, "{model}: weights differ between identical runs");
+        assert_eq!(a["ndcg@10"], b["ndcg@10"]);
+        assert_eq!(a["valid"], b["valid"]);
+    }
+}
