@@ -55,7 +55,13 @@ pub struct TrainJob {
 
 impl Default for TrainJob {
     fn default() -> Self {
-        TrainJob { models: vec!["pop".into(), "ncf".into(), "sasrec".into()], out: None, seed: 2024, eval_batch: 128, bootstrap: 1000 }
+        TrainJob {
+            models: vec!["pop".into(), "ncf".into(), "sasrec".into()],
+            out: None,
+            seed: 2024,
+            eval_batch: 128,
+            bootstrap: 1000,
+        }
     }
 }
 
@@ -65,7 +71,8 @@ impl JobConfig {
         let mut cfg = match path {
             None => JobConfig::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read job file", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("{}: cannot read job file", p.display()))?;
                 toml::from_str::<JobConfig>(&text).map_err(|e| toml_error(p, &text, &e))?
             }
         };
@@ -74,7 +81,8 @@ impl JobConfig {
             for s in sets {
                 apply_set(&mut v, s)?;
             }
-            cfg = JobConfig::deserialize(v).map_err(|e| anyhow::anyhow!("--set: {}", e.message().replace('\n', " ")))?;
+            cfg =
+                JobConfig::deserialize(v).map_err(|e| anyhow::anyhow!("--set: {}", e.message().replace('\n', " ")))?;
         }
         Ok(cfg)
     }

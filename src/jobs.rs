@@ -87,7 +87,12 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
         ModelKind::Ncf => (cfg.ncf.max_epochs, cfg.ncf.patience),
         ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
     };
-    let fit_cfg = FitConfig { max_epochs, patience, eval_batch: cfg.train.eval_batch, label: format!("{} {}", kind.name(), ds.name) };
+    let fit_cfg = FitConfig {
+        max_epochs,
+        patience,
+        eval_batch: cfg.train.eval_batch,
+        label: format!("{} {}", kind.name(), ds.name),
+    };
     let ckpt = out.join("model.safetensors");
     let report = fit(model.as_mut(), &ds, &fit_cfg, &ckpt)?;
     let test = eval::evaluate(model.as_ref(), &ds, Split::Test, cfg.train.eval_batch)?;
@@ -129,10 +134,16 @@ fn run_metrics(
 /// `curec eval`: reload a run's checkpoint and evaluate it on a split; writes `eval-<split>.json`.
 pub fn eval_run(run: &Path, data_dir: Option<&Path>, split: Split) -> anyhow::Result<Value> {
     let metrics: Value = read_json(&run.join("metrics.json"))?;
-    let kind = metrics["model"].as_str().and_then(ModelKind::parse).with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
+    let kind = metrics["model"]
+        .as_str()
+        .and_then(ModelKind::parse)
+        .with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
     let data_dir: PathBuf = match data_dir {
         Some(d) => d.to_path_buf(),
-        None => metrics["data"].as_str().map(PathBuf::from).with_context(|| format!("{}: no 'data' key; pass --data", run.join("metrics.json").display()))?,
+        None => metrics["data"]
+            .as_str()
+            .map(PathBuf::from)
+            .with_context(|| format!("{}: no 'data' key; pass --data", run.join("metrics.json").display()))?,
     };
     let cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
     let ds = prepared::read_dataset(&data_dir)?;
@@ -159,9 +170,9 @@ pub fn table_header() -> String {
 /// One Markdown row of a metrics object.
 pub fn table_row(m: &Value) -> String {
     let f = |k: &str| m[k].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
-    let ci = m["ndcg@10_ci95"].as_array().map(|a| {
-        format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN))
-    });
+    let ci = m["ndcg@10_ci95"]
+        .as_array()
+        .map(|a| format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN)));
     let secs = m["train_seconds"].as_f64().map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into());
     format!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} |",
@@ -187,12 +198,19 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     if force_prepare || !data_dir.join(prepared::STATS).is_file() {
         let input = cfg.prepare.input.clone().context("the job file needs prepare.input (the raw dataset)")?;
         let stats = prepare(&input, &data_dir, &cfg.prepare.format, cfg)?;
-        tracing::info!("prepared {}: {} users, {} items, {} interactions", data_dir.display(), stats["users"], stats["items"], stats["interactions"]);
+        tracing::info!(
+            "prepared {}: {} users, {} items, {} interactions",
+            data_dir.display(),
+            stats["users"],
+            stats["items"],
+            stats["interactions"]
+        );
     }
     let mut rows = Vec::new();
     println!("{}", table_header());
     for name in &cfg.train.models {
-        let kind = ModelKind::parse(name).with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf or sasrec"))?;
+        let kind = ModelKind::parse(name)
+            .with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf or sasrec"))?;
         let m = train(kind, &data_dir, &out.join(kind.name()), cfg)?;
         println!("{}", table_row(&m));
         rows.push(m);

@@ -112,15 +112,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Prepare { input, out, format, config, rating_above, user_core, item_core, mut sets } => {
-            rating_above.map(|v| sets.push(format!("preprocess.rating_above={v:?}")));
-            user_core.map(|v| sets.push(format!("preprocess.user_core={v}")));
-            item_core.map(|v| sets.push(format!("preprocess.item_core={v}")));
+            sets.extend(rating_above.map(|v| format!("preprocess.rating_above={v:?}")));
+            sets.extend(user_core.map(|v| format!("preprocess.user_core={v}")));
+            sets.extend(item_core.map(|v| format!("preprocess.item_core={v}")));
             let cfg = JobConfig::load(config.as_deref(), &sets)?;
             let stats = jobs::prepare(&input, &out, &format, &cfg)?;
             println!("{}", serde_json::to_string(&stats)?);
         }
         Command::Train { model, data, out, config, seed, max_epochs, mut sets } => {
-            seed.map(|v| sets.push(format!("train.seed={v}")));
+            sets.extend(seed.map(|v| format!("train.seed={v}")));
             if let Some(e) = max_epochs {
                 sets.push(format!("ncf.max_epochs={e}"));
                 sets.push(format!("sasrec.max_epochs={e}"));
@@ -130,7 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
         }
         Command::Eval { run, data, split } => {
-            let split = Split::parse(&split).filter(|s| *s != Split::Train).ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
+            let split = Split::parse(&split)
+                .filter(|s| *s != Split::Train)
+                .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
             let m = jobs::eval_run(&run, data.as_deref(), split)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
         }

@@ -44,7 +44,17 @@ fn fails(args: &[&str], out_dir: &Path) -> String {
 }
 
 fn prepare_fixture(name: &str, out: &Path) -> Value {
-    ok(curec(&["prepare", "--input", &fixture(name), "--out", out.to_str().unwrap(), "--user-core", "3", "--item-core", "2"]));
+    ok(curec(&[
+        "prepare",
+        "--input",
+        &fixture(name),
+        "--out",
+        out.to_str().unwrap(),
+        "--user-core",
+        "3",
+        "--item-core",
+        "2",
+    ]));
     read_json(&out.join("stats.json"))
 }
 
@@ -63,9 +73,17 @@ fn every_reader_gives_the_reference_counts_for_the_same_log() {
     ] {
         let out = tmp.path().join(name);
         let s = prepare_fixture(name, &out);
-        assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(6), Some(7), Some(27)), "{name}");
+        assert_eq!(
+            (s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()),
+            (Some(6), Some(7), Some(27)),
+            "{name}"
+        );
         assert_eq!(s["format"], format);
-        assert_eq!((s["train"].as_u64(), s["valid"].as_u64(), s["test"].as_u64()), (Some(15), Some(6), Some(6)), "{name}");
+        assert_eq!(
+            (s["train"].as_u64(), s["valid"].as_u64(), s["test"].as_u64()),
+            (Some(15), Some(6), Some(6)),
+            "{name}"
+        );
         inter.push(curec::data::prepared::read_interactions(&out.join("interactions.parquet")).unwrap());
     }
     // Same log, same numeric ids: the MovieLens formats must agree row for row.
@@ -73,7 +91,9 @@ fn every_reader_gives_the_reference_counts_for_the_same_log() {
     assert_eq!(inter[0], inter[2]);
     // Timestamps, ratings and splits agree for every format (Amazon stores ms, converted to s).
     for other in &inter[3..] {
-        let key = |v: &Vec<curec::data::preprocess::Interaction>| v.iter().map(|x| (x.timestamp, x.rating, x.split)).collect::<Vec<_>>();
+        let key = |v: &Vec<curec::data::preprocess::Interaction>| {
+            v.iter().map(|x| (x.timestamp, x.rating, x.split)).collect::<Vec<_>>()
+        };
         assert_eq!(key(&inter[0]), key(other));
     }
 }
@@ -89,7 +109,10 @@ fn item_text_carries_title_year_genres_and_latin1_is_decoded() {
     prepare_fixture("amazon2023", &tmp.path().join("a"));
     let ds = curec::data::prepared::read_dataset(&tmp.path().join("a")).unwrap();
     let t = &ds.items.iter().find(|i| i.raw_id == "B0004").unwrap().info.text;
-    assert_eq!(t, "Heat (1995); categories: Movies & TV > Action; description: A film about action. Digitally remastered.");
+    assert_eq!(
+        t,
+        "Heat (1995); categories: Movies & TV > Action; description: A film about action. Digitally remastered."
+    );
 }
 
 #[test]
@@ -127,13 +150,17 @@ fn ml_latest_small_matches_the_independent_counts() {
     let input = root().join("datasets/ml-latest-small");
     ok(curec(&["prepare", "--input", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap()]));
     let s = read_json(&tmp.path().join("stats.json"));
-    assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(361), Some(1372), Some(42146)));
+    assert_eq!(
+        (s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()),
+        (Some(361), Some(1372), Some(42146))
+    );
 }
 
 #[test]
 fn ml_100k_matches_the_independent_counts() {
     // ML-100K may not be redistributed: it is read from the shared folder (or $CUREC_ML100K).
-    let input = std::env::var("CUREC_ML100K").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/datasets/ml-100k"));
+    let input =
+        std::env::var("CUREC_ML100K").map(PathBuf::from).unwrap_or_else(|_| root().join("../shared/datasets/ml-100k"));
     if !input.join("u.data").is_file() {
         eprintln!("skipped: ML-100K not found at {} (set CUREC_ML100K)", input.display());
         return;
@@ -141,7 +168,10 @@ fn ml_100k_matches_the_independent_counts() {
     let tmp = tempfile::tempdir().unwrap();
     ok(curec(&["prepare", "--input", input.to_str().unwrap(), "--out", tmp.path().to_str().unwrap()]));
     let s = read_json(&tmp.path().join("stats.json"));
-    assert_eq!((s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()), (Some(542), Some(785), Some(46078)));
+    assert_eq!(
+        (s["users"].as_u64(), s["items"].as_u64(), s["interactions"].as_u64()),
+        (Some(542), Some(785), Some(46078))
+    );
 }
 
 /// A copy of a fixture folder with one file replaced (None removes it).
@@ -177,15 +207,25 @@ fn bad_input_fails_with_one_line_naming_file_and_row() {
 
     let bad = dat.replacen("978", "x978", 1);
     let e = prep(&broken(tmp.path(), "ml-1m", "ratings.dat", Some(bad.as_bytes())), &[]);
-    assert!(e.contains("ratings.dat:1: column Timestamp: expected a integer") || e.contains("ratings.dat:1: column Timestamp"), "{e}");
+    assert!(
+        e.contains("ratings.dat:1: column Timestamp: expected a integer")
+            || e.contains("ratings.dat:1: column Timestamp"),
+        "{e}"
+    );
 
-    let e = prep(&broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId;movieId;rating;timestamp\n1;2;4;5\n")), &[]);
+    let e = prep(
+        &broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId;movieId;rating;timestamp\n1;2;4;5\n")),
+        &[],
+    );
     assert!(e.contains("ratings.csv:1: header 'userId;movieId;rating;timestamp' is not comma-separated"), "{e}");
 
     let e = prep(&broken(tmp.path(), "generic", "log.csv", Some(b"user,item,rating\nu1,m1,5\n")), &[]);
     assert!(e.contains("log.csv:1: missing column 'timestamp'"), "{e}");
 
-    let e = prep(&broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId,movieId,rating,timestamp\n1,2,4,5\n1,2,4\n")), &[]);
+    let e = prep(
+        &broken(tmp.path(), "movielens-csv", "ratings.csv", Some(b"userId,movieId,rating,timestamp\n1,2,4,5\n1,2,4\n")),
+        &[],
+    );
     assert!(e.contains("ratings.csv:3: expected 4 comma-separated fields as in the header, found 3"), "{e}");
 
     let e = prep(&broken(tmp.path(), "ml-1m", "movies.dat", None), &[]);
@@ -194,7 +234,15 @@ fn bad_input_fails_with_one_line_naming_file_and_row() {
     let e = prep(&broken(tmp.path(), "ml-100k", "u.data", Some(b"")), &[]);
     assert!(e.contains("u.data: file is empty"), "{e}");
 
-    let e = prep(&broken(tmp.path(), "amazon2023", "Movies_and_TV.jsonl", Some(b"{\"user_id\":\"a\",\"parent_asin\":\"b\",\"rating\":\"5\",\"timestamp\":1}\n")), &[]);
+    let e = prep(
+        &broken(
+            tmp.path(),
+            "amazon2023",
+            "Movies_and_TV.jsonl",
+            Some(b"{\"user_id\":\"a\",\"parent_asin\":\"b\",\"rating\":\"5\",\"timestamp\":1}\n"),
+        ),
+        &[],
+    );
     assert!(e.contains("Movies_and_TV.jsonl:1: key 'rating': expected a number"), "{e}");
 
     let e = prep(&fixture("ml-1m"), &["--format", "excel"]);
@@ -217,7 +265,19 @@ fn unknown_config_key_names_file_line_and_key() {
     let data = tmp.path().join("data");
     prepare_fixture("ml-1m", &data);
     let out = tmp.path().join("run");
-    let e = fails(&["train", "sasrec", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--config", job.to_str().unwrap()], &out);
+    let e = fails(
+        &[
+            "train",
+            "sasrec",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            job.to_str().unwrap(),
+        ],
+        &out,
+    );
     assert!(e.contains("job.toml:5: unknown field `max_lenn`"), "{e}");
     assert!(!out.join("metrics.json").exists());
 }

@@ -93,7 +93,8 @@ fn strings(v: Option<&Value>) -> Vec<&str> {
 }
 
 fn parse_object(path: &Path, line: usize, l: &str) -> Result<Value, DataError> {
-    let v: Value = serde_json::from_str(l).map_err(|e| DataError::row(path, line, format!("expected one JSON object per line: {e}")))?;
+    let v: Value = serde_json::from_str(l)
+        .map_err(|e| DataError::row(path, line, format!("expected one JSON object per line: {e}")))?;
     if !v.is_object() {
         return Err(DataError::row(path, line, "expected one JSON object per line"));
     }
@@ -110,7 +111,9 @@ fn string_key<'a>(path: &Path, line: usize, v: &'a Value, key: &str) -> Result<&
 
 fn number_key(path: &Path, line: usize, v: &Value, key: &str) -> Result<f64, DataError> {
     match v.get(key) {
-        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| DataError::row(path, line, format!("key '{key}': expected a number"))),
+        Some(Value::Number(n)) => {
+            n.as_f64().ok_or_else(|| DataError::row(path, line, format!("key '{key}': expected a number")))
+        }
         Some(_) => Err(DataError::row(path, line, format!("key '{key}': expected a number"))),
         None => Err(DataError::row(path, line, format!("missing key '{key}'"))),
     }

@@ -71,7 +71,8 @@ fn add_info(log: &mut RawLog, item: &str, title: &str, text: &str) {
 fn read_parquet(path: &Path) -> Result<RawLog, DataError> {
     let file = File::open(path).map_err(|e| DataError::io(path, e))?;
     let perr = |e: parquet::errors::ParquetError| DataError::file(path, format!("not a readable Parquet file: {e}"));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(65536).build().map_err(perr)?;
+    let reader =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(perr)?.with_batch_size(65536).build().map_err(perr)?;
     let mut log = RawLog::default();
     let mut row = 0usize;
     for batch in reader {
@@ -86,13 +87,16 @@ fn read_parquet(path: &Path) -> Result<RawLog, DataError> {
                 Err(_) => Ok(None),
             }
         };
-        let cols: Vec<Vec<Option<String>>> = REQUIRED.iter().map(|n| col(n, true).map(Option::unwrap)).collect::<Result<_, _>>()?;
+        let cols: Vec<Vec<Option<String>>> =
+            REQUIRED.iter().map(|n| col(n, true).map(Option::unwrap)).collect::<Result<_, _>>()?;
         let title = col("title", false)?;
         let text = col("text", false)?;
         for r in 0..batch.num_rows() {
             let line = row + r + 1;
             let get = |c: usize| -> Result<&str, DataError> {
-                cols[c][r].as_deref().ok_or_else(|| DataError::row(path, line, format!("column {}: null value", REQUIRED[c])))
+                cols[c][r]
+                    .as_deref()
+                    .ok_or_else(|| DataError::row(path, line, format!("column {}: null value", REQUIRED[c])))
             };
             let ts: i64 = field(path, line, "timestamp", get(2)?)?;
             let rating: f32 = field(path, line, "rating", get(3)?)?;
@@ -131,7 +135,10 @@ fn column_strings(path: &Path, name: &str, a: &dyn Array) -> Result<Vec<Option<S
         DataType::Utf8 => a.as_string::<i32>().iter().map(|v| v.map(str::to_string)).collect(),
         DataType::LargeUtf8 => a.as_string::<i64>().iter().map(|v| v.map(str::to_string)).collect(),
         other => {
-            return Err(DataError::file(path, format!("column '{name}': unsupported type {other}, expected integer, float or string")))
+            return Err(DataError::file(
+                path,
+                format!("column '{name}': unsupported type {other}, expected integer, float or string"),
+            ))
         }
     })
 }
@@ -170,7 +177,15 @@ impl CsvRows {
         let mut idx = Vec::new();
         for want in required {
             let i = names.iter().position(|n| n == want).ok_or_else(|| {
-                DataError::row(path, 1, format!("missing column '{want}': expected columns {} (found {})", required.join(","), names.join(",")))
+                DataError::row(
+                    path,
+                    1,
+                    format!(
+                        "missing column '{want}': expected columns {} (found {})",
+                        required.join(","),
+                        names.join(",")
+                    ),
+                )
             })?;
             idx.push(Some(i));
         }
@@ -206,7 +221,7 @@ fn csv_error(path: &Path, e: csv::Error) -> DataError {
         _ => e.to_string(),
     };
     match line {
-        Some(l) => DataError::row(path, l as usize, msg),
+        Some(l) => DataError::row(path, l, msg),
         None => DataError::file(path, msg),
     }
 }

@@ -28,10 +28,7 @@ pub fn read_text(path: &Path, enc: Encoding) -> Result<String, DataError> {
 
 /// Non-blank lines with their 1-based line numbers, trailing `\r` removed.
 pub fn numbered(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
-        .filter(|(_, l)| !l.trim().is_empty())
+    text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r'))).filter(|(_, l)| !l.trim().is_empty())
 }
 
 /// Parse one field, with an error that names the column and what was expected.

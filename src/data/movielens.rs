@@ -8,8 +8,25 @@ use super::{required_file, DataError, ItemInfo, RawLog};
 
 /// ML-100K genre columns of `u.item`, in file order (from its `u.genre`).
 const ML100K_GENRES: [&str; 19] = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 /// ML-1M: `ratings.dat` `UserID::MovieID::Rating::Timestamp`, `movies.dat` `MovieID::Title::Genres`.
@@ -74,7 +91,10 @@ pub fn read_ml100k(dir: &Path) -> Result<RawLog, DataError> {
             return Err(DataError::row(
                 &items,
                 line,
-                format!("expected 24 '|'-separated fields (id|title|date|video date|url|19 genre flags), found {}", f.len()),
+                format!(
+                    "expected 24 '|'-separated fields (id|title|date|video date|url|19 genre flags), found {}",
+                    f.len()
+                ),
             ));
         }
         let genres: Vec<&str> =

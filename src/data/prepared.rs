@@ -79,10 +79,18 @@ fn arrow_select_concat(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<
     let mut cols: Vec<ArrayRef> = Vec::new();
     for (c, field) in schema.fields().iter().enumerate() {
         let arr: ArrayRef = match field.data_type() {
-            DataType::UInt32 => Arc::new(UInt32Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<UInt32Type>().iter()))),
-            DataType::Int64 => Arc::new(Int64Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<Int64Type>().iter()))),
-            DataType::Float32 => Arc::new(Float32Array::from_iter(batches.iter().flat_map(|b| b.column(c).as_primitive::<Float32Type>().iter()))),
-            DataType::Utf8 => Arc::new(StringArray::from_iter(batches.iter().flat_map(|b| b.column(c).as_string::<i32>().iter()))),
+            DataType::UInt32 => Arc::new(UInt32Array::from_iter(
+                batches.iter().flat_map(|b| b.column(c).as_primitive::<UInt32Type>().iter()),
+            )),
+            DataType::Int64 => Arc::new(Int64Array::from_iter(
+                batches.iter().flat_map(|b| b.column(c).as_primitive::<Int64Type>().iter()),
+            )),
+            DataType::Float32 => Arc::new(Float32Array::from_iter(
+                batches.iter().flat_map(|b| b.column(c).as_primitive::<Float32Type>().iter()),
+            )),
+            DataType::Utf8 => {
+                Arc::new(StringArray::from_iter(batches.iter().flat_map(|b| b.column(c).as_string::<i32>().iter())))
+            }
             t => return Err(format!("column '{}': unsupported type {t}", field.name())),
         };
         cols.push(arr);
@@ -116,7 +124,12 @@ pub fn interactions_batch(xs: &[Interaction]) -> RecordBatch {
 
 fn items_batch(items: &[ItemRow]) -> RecordBatch {
     batch(
-        vec![("item", DataType::UInt32), ("raw_id", DataType::Utf8), ("title", DataType::Utf8), ("text", DataType::Utf8)],
+        vec![
+            ("item", DataType::UInt32),
+            ("raw_id", DataType::Utf8),
+            ("title", DataType::Utf8),
+            ("text", DataType::Utf8),
+        ],
         vec![
             Arc::new(UInt32Array::from_iter_values(0..items.len() as u32)),
             Arc::new(StringArray::from_iter_values(items.iter().map(|i| i.raw_id.as_str()))),
@@ -174,9 +187,16 @@ pub fn read_interactions(path: &Path) -> Result<Vec<Interaction>, DataError> {
     (0..b.num_rows())
         .map(|r| {
             let s = split.value(r);
-            let split = Split::parse(s)
-                .ok_or_else(|| DataError::row(path, r + 1, format!("column split: expected train, valid or test, found '{s}'")))?;
-            Ok(Interaction { user: user.value(r), item: item.value(r), timestamp: ts.value(r), rating: rating.value(r), split })
+            let split = Split::parse(s).ok_or_else(|| {
+                DataError::row(path, r + 1, format!("column split: expected train, valid or test, found '{s}'"))
+            })?;
+            Ok(Interaction {
+                user: user.value(r),
+                item: item.value(r),
+                timestamp: ts.value(r),
+                rating: rating.value(r),
+                split,
+            })
         })
         .collect()
 }
@@ -210,14 +230,16 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
     let xs = read_interactions(&dir.join(INTERACTIONS))?;
     for (r, x) in xs.iter().enumerate() {
         if x.user as usize >= users.len() || x.item as usize >= items.len() {
-            return Err(DataError::row(&dir.join(INTERACTIONS), r + 1, "user or item id out of range of users/items.parquet"));
+            return Err(DataError::row(
+                &dir.join(INTERACTIONS),
+                r + 1,
+                "user or item id out of range of users/items.parquet",
+            ));
         }
     }
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
-    let stats: serde_json::Value = std::fs::read_to_string(dir.join(STATS))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let stats: serde_json::Value =
+        std::fs::read_to_string(dir.join(STATS)).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
     let name = stats.get("dataset").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(name);
     Ok(Dataset::from_interactions(&name, users, items, &xs))
 }

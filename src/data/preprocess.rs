@@ -111,7 +111,8 @@ pub fn preprocess(log: &RawLog, cfg: &PrepareConfig) -> Result<Prepared, DataErr
         .iter()
         .map(|&i| {
             let raw_id = log.items.name(i).to_string();
-            let info = log.info.get(&i).cloned().unwrap_or_else(|| ItemInfo { title: raw_id.clone(), text: raw_id.clone() });
+            let info =
+                log.info.get(&i).cloned().unwrap_or_else(|| ItemInfo { title: raw_id.clone(), text: raw_id.clone() });
             ItemRow { raw_id, info }
         })
         .collect();
@@ -174,10 +175,18 @@ mod tests {
         // Users a,b,c rate x,y; user d rates x,y,z; item z has one rating → dropped, then d has 2 → still ≥ 2.
         // With user_core 3: after z goes, d has 2 < 3 and must go too; x,y keep 3 ratings each.
         let rows = [
-            ("a", "x", 1, 5.0), ("a", "y", 2, 5.0), ("a", "w", 3, 5.0),
-            ("b", "x", 1, 5.0), ("b", "y", 2, 5.0), ("b", "w", 3, 5.0),
-            ("c", "x", 1, 5.0), ("c", "y", 2, 5.0), ("c", "w", 3, 5.0),
-            ("d", "x", 1, 5.0), ("d", "y", 2, 5.0), ("d", "z", 3, 5.0),
+            ("a", "x", 1, 5.0),
+            ("a", "y", 2, 5.0),
+            ("a", "w", 3, 5.0),
+            ("b", "x", 1, 5.0),
+            ("b", "y", 2, 5.0),
+            ("b", "w", 3, 5.0),
+            ("c", "x", 1, 5.0),
+            ("c", "y", 2, 5.0),
+            ("c", "w", 3, 5.0),
+            ("d", "x", 1, 5.0),
+            ("d", "y", 2, 5.0),
+            ("d", "z", 3, 5.0),
         ];
         let cfg = PrepareConfig { user_core: 3, item_core: 3, ..Default::default() };
         let p = preprocess(&log(&rows), &cfg).unwrap();
@@ -189,9 +198,7 @@ mod tests {
 
     #[test]
     fn ratings_at_threshold_are_dropped_and_ties_keep_file_order() {
-        let rows = [
-            ("1", "b", 5, 4.0), ("1", "a", 5, 4.0), ("1", "c", 1, 3.5), ("1", "d", 9, 3.0), ("1", "e", 0, 5.0),
-        ];
+        let rows = [("1", "b", 5, 4.0), ("1", "a", 5, 4.0), ("1", "c", 1, 3.5), ("1", "d", 9, 3.0), ("1", "e", 0, 5.0)];
         let cfg = PrepareConfig { user_core: 3, item_core: 1, ..Default::default() };
         let p = preprocess(&log(&rows), &cfg).unwrap();
         let raw: Vec<&str> = p.interactions.iter().map(|x| p.items[x.item as usize].raw_id.as_str()).collect();
@@ -203,8 +210,13 @@ mod tests {
     #[test]
     fn numeric_ids_sort_numerically_and_duplicates_keep_the_earliest() {
         let rows = [
-            ("10", "7", 3, 5.0), ("9", "7", 1, 5.0), ("10", "7", 1, 5.0), ("9", "8", 2, 5.0), ("10", "8", 4, 5.0),
-            ("9", "70", 3, 5.0), ("10", "70", 5, 5.0),
+            ("10", "7", 3, 5.0),
+            ("9", "7", 1, 5.0),
+            ("10", "7", 1, 5.0),
+            ("9", "8", 2, 5.0),
+            ("10", "8", 4, 5.0),
+            ("9", "70", 3, 5.0),
+            ("10", "70", 5, 5.0),
         ];
         let cfg = PrepareConfig { user_core: 3, item_core: 1, ..Default::default() };
         let p = preprocess(&log(&rows), &cfg).unwrap();

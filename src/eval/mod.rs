@@ -82,7 +82,12 @@ pub fn ranks(scorer: &dyn Scorer, ds: &Dataset, split: Split, batch: usize) -> a
     let mut mask = Vec::new();
     for chunk in users.chunks(batch.max(1)) {
         let scores = scorer.score(ds, chunk, split)?;
-        anyhow::ensure!(scores.len() == chunk.len() * ds.n_items, "scorer returned {} scores for {} users", scores.len(), chunk.len());
+        anyhow::ensure!(
+            scores.len() == chunk.len() * ds.n_items,
+            "scorer returned {} scores for {} users",
+            scores.len(),
+            chunk.len()
+        );
         for (row, &u) in scores.chunks(ds.n_items).zip(chunk) {
             out.push(rank_of_target(row, ds.target(u, split), &ds.history(u, split), &mut mask));
         }

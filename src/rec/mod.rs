@@ -2,8 +2,8 @@
 //! early stopping on validation NDCG@10, and safetensors checkpoints.
 
 pub mod ncf;
-pub mod ops;
 pub mod nn;
+pub mod ops;
 pub mod pop;
 pub mod sasrec;
 pub mod train;

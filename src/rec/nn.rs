@@ -58,6 +58,13 @@ impl Params {
         Ok(candle_nn::Linear::new(w, Some(bias)))
     }
 
+    /// A linear layer with N(0, std²) weights and zero bias (BERT/RecBole initialisation).
+    pub fn linear_normal(&mut self, name: &str, d_in: usize, d_out: usize, std: f32) -> Result<candle_nn::Linear> {
+        let w = self.normal(&format!("{name}.weight"), &[d_out, d_in], std)?;
+        let bias = self.constant(&format!("{name}.bias"), &[d_out], 0.0)?;
+        Ok(candle_nn::Linear::new(w, Some(bias)))
+    }
+
     pub fn layer_norm(&mut self, name: &str, d: usize) -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: self.constant(&format!("{name}.weight"), &[d], 1.0)?,
@@ -111,7 +118,7 @@ pub fn bce_with_logits(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 /// Additive attention bias `B × 1 × T × T`: 0 where query t may see key s (s ≤ t and s is not
-/// padding), a large negative number elsewhere (not −∞, so all-padding rows stay finite).
+/// padding), a large negative number elsewhere (not −∞, so rows of padding queries stay finite).
 pub fn causal_padding_bias(valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
     let b = valid.len();
     let t = valid.first().map_or(0, Vec::len);
@@ -154,7 +161,12 @@ mod tests {
         for (a, b) in v.iter().zip(want) {
             assert!((a - b).abs() < 1e-5);
         }
-        let g = (y.sqr().unwrap() * Tensor::new(&[[1f32, 0., 0., 2.]], &dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (y.sqr().unwrap() * Tensor::new(&[[1f32, 0., 0., 2.]], &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(g.get(x.as_tensor()).is_some());
         for var in p.varmap.all_vars() {
             assert!(g.get(var.as_tensor()).is_some());
@@ -174,6 +186,9 @@ mod tests {
     fn same_seed_same_parameters() {
         let a = Params::new(5, &Device::Cpu).normal("w", &[3, 3], 0.02).unwrap();
         let b = Params::new(5, &Device::Cpu).normal("w", &[3, 3], 0.02).unwrap();
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }

@@ -110,11 +110,13 @@ impl CustomOp3 for CrossEntropyGrad {
         let g = contiguous_f32(s3, l3, "cross-entropy grad")?;
         let n = l1.dims()[1];
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).zip(t.par_iter().zip(g.par_iter())).for_each(|((o, r), (&ti, &gi))| {
-            softmax_row(r, o);
-            o[ti as usize] -= 1.0;
-            o.iter_mut().for_each(|v| *v *= gi);
-        });
+        out.par_chunks_mut(n).zip(x.par_chunks(n)).zip(t.par_iter().zip(g.par_iter())).for_each(
+            |((o, r), (&ti, &gi))| {
+                softmax_row(r, o);
+                o[ti as usize] -= 1.0;
+                o.iter_mut().for_each(|v| *v *= gi);
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -144,7 +146,9 @@ mod tests {
     #[test]
     fn fused_softmax_and_cross_entropy_match_composite_ops_with_gradients() {
         let dev = Device::Cpu;
-        let x = Var::from_vec((0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect::<Vec<f32>>(), (2, 3, 4), &dev).unwrap();
+        let x =
+            Var::from_vec((0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect::<Vec<f32>>(), (2, 3, 4), &dev)
+                .unwrap();
         let w = Tensor::from_vec((0..24).map(|i| (i % 5) as f32).collect::<Vec<f32>>(), (2, 3, 4), &dev).unwrap();
         let fused = softmax_last_dim(x.as_tensor()).unwrap();
         let reference = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
@@ -153,7 +157,8 @@ mod tests {
         let g2 = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
         grads_close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
 
-        let logits = Var::from_vec((0..15).map(|i| ((i * 5 % 7) as f32) * 0.4).collect::<Vec<f32>>(), (3, 5), &dev).unwrap();
+        let logits =
+            Var::from_vec((0..15).map(|i| ((i * 5 % 7) as f32) * 0.4).collect::<Vec<f32>>(), (3, 5), &dev).unwrap();
         let t = Tensor::new(&[4u32, 0, 2], &dev).unwrap();
         let a = cross_entropy(logits.as_tensor(), &t).unwrap();
         let b = candle_nn::loss::cross_entropy(logits.as_tensor(), &t).unwrap();

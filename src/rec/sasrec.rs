@@ -1,8 +1,9 @@
 //! SASRec (Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018), trained with
 //! softmax cross-entropy over all items at every position of the sequence (CUREC paper Eq. 11).
 //!
-//! Sequences are left-padded so the most recent item is always the last column; position
-//! embeddings count from that end. Post-LN blocks (as in RecBole) with a ReLU feed-forward (as in the
+//! Sequences are right-padded and positions count from the oldest item, so with the causal mask
+//! the output at position j is exactly a prediction from the prefix of j + 1 items (as when
+//! training on one prefix per sample, RecBole-style, but all prefixes in one pass). Post-LN blocks (as in RecBole) with a ReLU feed-forward (as in the
 //! original; GELU's tanh cost 20% of an epoch on CPU).
 //! Training covers every target of every user once per epoch: a user's train sequence is cut
 //! into windows of `max_len` inputs from the end, each window predicting all of its next items.
@@ -15,11 +16,14 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::ops::{cross_entropy, softmax_last_dim};
 use super::nn::{causal_padding_bias, dropout, position_mask, rng_for, LayerNorm, Params};
+use super::ops::{cross_entropy, softmax_last_dim};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
+
+/// Standard deviation of every weight at initialisation (biases start at zero), as in RecBole.
+const INIT_STD: f32 = 0.02;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -82,24 +86,29 @@ pub struct SasRec {
 
 impl SasRec {
     pub fn new(cfg: &SasRecConfig, n_items: usize, seed: u64, device: &Device) -> anyhow::Result<Self> {
-        anyhow::ensure!(cfg.dim % cfg.heads == 0, "sasrec.dim = {} must be divisible by sasrec.heads = {}", cfg.dim, cfg.heads);
+        anyhow::ensure!(
+            cfg.dim % cfg.heads == 0,
+            "sasrec.dim = {} must be divisible by sasrec.heads = {}",
+            cfg.dim,
+            cfg.heads
+        );
         anyhow::ensure!(cfg.max_len > 0 && cfg.batch_size > 0, "sasrec.max_len and sasrec.batch_size must be positive");
         let mut p = Params::new(seed, device);
         let d = cfg.dim;
-        let item_emb = p.normal("item_emb", &[n_items + 1, d], 0.02)?;
-        let pos_emb = p.normal("pos_emb", &[cfg.max_len, d], 0.02)?;
+        let item_emb = p.normal("item_emb", &[n_items + 1, d], INIT_STD)?;
+        let pos_emb = p.normal("pos_emb", &[cfg.max_len, d], INIT_STD)?;
         let emb_ln = p.layer_norm("emb_ln", d)?;
         let mut blocks = Vec::new();
         for b in 0..cfg.blocks {
             let n = |s: &str| format!("blocks.{b}.{s}");
             blocks.push(Block {
-                q: p.linear(&n("q"), d, d)?,
-                k: p.linear(&n("k"), d, d)?,
-                v: p.linear(&n("v"), d, d)?,
-                o: p.linear(&n("o"), d, d)?,
+                q: p.linear_normal(&n("q"), d, d, INIT_STD)?,
+                k: p.linear_normal(&n("k"), d, d, INIT_STD)?,
+                v: p.linear_normal(&n("v"), d, d, INIT_STD)?,
+                o: p.linear_normal(&n("o"), d, d, INIT_STD)?,
                 ln1: p.layer_norm(&n("ln1"), d)?,
-                ff1: p.linear(&n("ff1"), d, cfg.inner)?,
-                ff2: p.linear(&n("ff2"), cfg.inner, d)?,
+                ff1: p.linear_normal(&n("ff1"), d, cfg.inner, INIT_STD)?,
+                ff2: p.linear_normal(&n("ff2"), cfg.inner, d, INIT_STD)?,
                 ln2: p.layer_norm(&n("ln2"), d)?,
             });
         }
@@ -107,7 +116,7 @@ impl SasRec {
         Ok(SasRec { cfg: cfg.clone(), n_items, seed, params: p, item_emb, pos_emb, emb_ln, blocks, opt })
     }
 
-    /// Hidden states `B × T × d` for left-padded sequences (T = longest sequence in the batch).
+    /// Hidden states `B × T × d` for right-padded sequences (T = longest sequence in the batch).
     fn encode(&self, seqs: &[&[u32]], mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
         let dev = self.item_emb.device();
         let (b, d, p) = (seqs.len(), self.cfg.dim, self.cfg.dropout);
@@ -116,17 +125,16 @@ impl SasRec {
         let mut valid = vec![vec![false; t]; b];
         for (r, s) in seqs.iter().enumerate() {
             let s = &s[s.len().saturating_sub(t)..];
-            let off = t - s.len();
             for (j, &item) in s.iter().enumerate() {
-                ids[r * t + off + j] = item + 1;
-                valid[r][off + j] = true;
+                ids[r * t + j] = item + 1;
+                valid[r][j] = true;
             }
         }
         let ids = Tensor::from_vec(ids, b * t, dev)?;
         let mask = position_mask(&valid, dev)?;
         let bias = causal_padding_bias(&valid, dev)?;
         let x = self.item_emb.index_select(&ids, 0)?.reshape((b, t, d))?;
-        let pos = self.pos_emb.narrow(0, self.cfg.max_len - t, t)?;
+        let pos = self.pos_emb.narrow(0, 0, t)?;
         let x = self.emb_ln.forward(&x.broadcast_add(&pos)?)?;
         let mut x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&mask)?;
         let (h, dh) = (self.cfg.heads, d / self.cfg.heads);
@@ -174,8 +182,9 @@ impl Scorer for SasRec {
         let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, split)).collect();
         let refs: Vec<&[u32]> = hist.iter().map(|h| &h[h.len().saturating_sub(self.cfg.max_len)..]).collect();
         let x = self.encode(&refs, None)?;
-        let t = x.dim(1)?;
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let (b, t) = (x.dim(0)?, x.dim(1)?);
+        let rows: Vec<u32> = refs.iter().enumerate().map(|(r, s)| (r * t + s.len().clamp(1, t) - 1) as u32).collect();
+        let last = x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
         let scores = last.matmul(&self.item_table()?.t()?)?;
         Ok(scores.flatten_all()?.to_vec1()?)
     }
@@ -202,15 +211,15 @@ impl Model for SasRec {
             // Rows of the flattened B × T hidden states that have a target, and those targets.
             let (mut rows, mut targets) = (Vec::new(), Vec::new());
             for (r, &(u, a, e)) in batch.iter().enumerate() {
-                let off = t - (e - a);
                 for j in 0..e - a {
-                    rows.push((r * t + off + j) as u32);
+                    rows.push((r * t + j) as u32);
                     targets.push(ds.train[u as usize][a + 1 + j]);
                 }
             }
             let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
             let x = self.encode(&inputs, Some(&mut rng))?;
-            let h = x.reshape((batch.len() * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let h =
+                x.reshape((batch.len() * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
             let logits = h.matmul(&self.item_table()?.t()?)?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
@@ -247,7 +256,7 @@ mod tests {
 
     #[test]
     fn batched_scores_equal_one_user_at_a_time() {
-        // Left padding and masks must make a user's scores independent of the batch it is in.
+        // Padding and masks must make a user's scores independent of the batch it is in.
         let ds = toy(30, &[3, 12, 7, 25]);
         let cfg = SasRecConfig { max_len: 16, ..Default::default() };
         let m = SasRec::new(&cfg, 30, 3, &Device::Cpu).unwrap();
@@ -278,7 +287,10 @@ mod tests {
 
     fn named_values(m: &SasRec) -> Vec<(String, Vec<f32>)> {
         let data = m.params.varmap.data().lock().unwrap();
-        let mut v: Vec<_> = data.iter().map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect();
+        let mut v: Vec<_> = data
+            .iter()
+            .map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
