@@ -33,15 +33,16 @@ pub fn numbered(text: &str) -> impl Iterator<Item = (usize, &str)> {
 
 /// Parse one field, with an error that names the column and what was expected.
 pub fn field<T: std::str::FromStr>(path: &Path, line: usize, name: &str, value: &str) -> Result<T, DataError> {
-    value.trim().parse().map_err(|_| {
-        DataError::row(path, line, format!("column {name}: expected a {}, found '{value}'", kind_of::<T>()))
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|_| DataError::row(path, line, format!("column {name}: expected {}, found '{value}'", kind_of::<T>())))
 }
 
 fn kind_of<T>() -> &'static str {
     if std::any::type_name::<T>().starts_with('f') {
-        "number"
+        "a number"
     } else {
-        "integer"
+        "an integer"
     }
 }

@@ -68,10 +68,10 @@ pub fn read_parquet(path: &Path) -> Result<RecordBatch, DataError> {
     let reader = builder.with_batch_size(1 << 16).build().map_err(perr)?;
     let batches: Vec<RecordBatch> =
         reader.collect::<Result<_, _>>().map_err(|e| DataError::file(path, format!("reading Parquet: {e}")))?;
-    arrow_select_concat(&schema, &batches).map_err(|e| DataError::file(path, e))
+    concat_batches(&schema, &batches).map_err(|e| DataError::file(path, e))
 }
 
-fn arrow_select_concat(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<RecordBatch, String> {
+fn concat_batches(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<RecordBatch, String> {
     if batches.len() == 1 {
         return Ok(batches[0].clone());
     }
