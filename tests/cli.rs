@@ -15,8 +15,29 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Path of a fixture in a copy of `datasets/fixtures` where `*.fixture` files have their real
+/// names (`ratings.dat`, `u.data` are not committed under names reserved for licensed data).
 fn fixture(name: &str) -> String {
-    root().join("datasets/fixtures").join(name).display().to_string()
+    static COPY: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let copy = COPY.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = root().join("datasets/fixtures");
+        for dir in std::fs::read_dir(&src).unwrap() {
+            let dir = dir.unwrap().path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let dst = tmp.path().join(dir.file_name().unwrap());
+            std::fs::create_dir_all(&dst).unwrap();
+            for f in std::fs::read_dir(&dir).unwrap() {
+                let f = f.unwrap();
+                let name = f.file_name().to_string_lossy().to_string();
+                std::fs::copy(f.path(), dst.join(name.trim_end_matches(".fixture"))).unwrap();
+            }
+        }
+        tmp
+    });
+    copy.path().join(name).display().to_string()
 }
 
 fn ok(out: Output) -> String {
