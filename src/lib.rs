@@ -1,12 +1,16 @@
 //! curec: CUREC (an LLM-in-the-loop recommender) as a dataflow engine.
 //!
 //! Stages, one module each: [`data`] (raw logs → prepared Parquet), [`eval`] (full-ranking
-//! metrics), [`rec`] (recommenders in candle), [`config`] (job files) and [`jobs`] (the CLI's
-//! commands as functions).
+//! metrics), [`rec`] (recommenders in candle), [`llm`] (the LLM runtime: loading, tokenizer,
+//! generation, log-probs, LoRA, prompts), [`ops`] (fused kernels with backward passes),
+//! [`config`] (job files) and [`jobs`] (the CLI's commands as functions).
 
 pub mod alloc;
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod eval;
 pub mod jobs;
+pub mod llm;
+pub mod ops;
 pub mod rec;

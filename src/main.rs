@@ -82,6 +82,48 @@ enum Command {
         #[arg(long, default_value = "test")]
         split: String,
     },
+    /// Pinned models: fetch (download, verify sha256, assemble) or list.
+    Model {
+        #[command(subcommand)]
+        action: ModelAction,
+    },
+    /// Generate text with an LLM (chat template applied unless --raw).
+    Generate {
+        /// A pinned model name, a GGUF file or a Hugging Face model directory.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 2024)]
+        seed: u64,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// System prompt (default: the model's own).
+        #[arg(long)]
+        system: Option<String>,
+        /// Feed the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// LoRA adapter file to apply.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// Stop string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// cpu or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Throughput benchmarks; each prints one JSON line.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// Run a job file: prepare the data if needed, then train and evaluate every listed model.
     Run {
         job: PathBuf,
@@ -91,6 +133,54 @@ enum Command {
         #[arg(long = "set")]
         sets: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ModelAction {
+    /// Download and verify a pinned model into $CUREC_HOME (idempotent).
+    Fetch {
+        /// smollm2-135m-instruct, qwen2.5-0.5b-instruct, minilm-l6-v2 (or `all`).
+        names: Vec<String>,
+    },
+    /// List the pinned models and whether they are cached.
+    List,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Aggregate generation tokens/s for a batch.
+    Generate {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Per-token log-prob throughput for batch × seq_len (half prompt, half completion).
+    Logprobs {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Also run the backward pass through fresh LoRA adapters (rank 8, all projections).
+        #[arg(long)]
+        backward: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn load_llm(spec: &str, device: &str) -> anyhow::Result<curec::llm::Llm> {
+    let dev = curec::llm::device(device)?;
+    let path = curec::llm::resolve(spec)?;
+    curec::llm::Llm::load(&path, &dev, curec::llm::default_dtype(&dev))
 }
 
 fn main() -> ExitCode {
@@ -135,6 +225,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
             let m = jobs::eval_run(&run, data.as_deref(), split)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+        }
+        Command::Model { action: ModelAction::List } => {
+            for m in curec::llm::fetch::Pins::builtin().model {
+                let state = if m.is_cached() { "cached" } else { "not fetched" };
+                println!("{:<24} {:<8} {:<12} {}", m.name, m.kind, state, m.dir().display());
+            }
+        }
+        Command::Model { action: ModelAction::Fetch { names } } => {
+            let pins = curec::llm::fetch::Pins::builtin();
+            if names.is_empty() {
+                anyhow::bail!("model fetch: name a model ({}) or `all`", pins.names().join(", "));
+            }
+            let list: Vec<String> = if names.iter().any(|n| n == "all") {
+                pins.names().iter().map(|s| s.to_string()).collect()
+            } else {
+                names
+            };
+            for n in &list {
+                let m = pins.find(n).ok_or_else(|| {
+                    anyhow::anyhow!("model fetch: unknown model '{n}', expected one of {}", pins.names().join(", "))
+                })?;
+                let p = curec::llm::fetch::fetch(m)?;
+                println!("{}", p.display());
+            }
+        }
+        Command::Generate { model, prompt, max_new_tokens, seed, temperature, top_p, system, raw, lora, stop, device } => {
+            let mut llm = load_llm(&model, &device)?;
+            if let Some(l) = lora {
+                llm.model.load_lora(&l)?;
+            }
+            let ids = if raw { llm.tokenizer.encode(&prompt)? } else { llm.chat_ids(system.as_deref(), &prompt)? };
+            let cfg = curec::llm::SamplingConfig { temperature, top_p, max_new_tokens, stop, seed };
+            let out = curec::llm::generate(&llm.model, &llm.tokenizer, &[ids], &[0], &cfg, true)?;
+            println!("{}", out[0].text);
+        }
+        Command::Bench { what: BenchWhat::Generate { model, batch, new_tokens, prompt_tokens, device } } => {
+            let mut llm = load_llm(&model, &device)?;
+            let v = curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?;
+            println!("{v}");
+        }
+        Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, backward, device } } => {
+            let mut llm = load_llm(&model, &device)?;
+            if backward {
+                llm.model.add_lora(&curec::llm::LoraConfig::default())?;
+            }
+            let v = curec::bench::logprob_throughput(&llm, batch, seq_len, backward)?;
+            println!("{v}");
         }
         Command::Run { job, force, sets } => {
             let cfg = JobConfig::load(Some(&job), &sets)?;

@@ -3,7 +3,6 @@
 
 pub mod ncf;
 pub mod nn;
-pub mod ops;
 pub mod pop;
 pub mod sasrec;
 pub mod train;

@@ -74,7 +74,7 @@ impl Params {
     }
 }
 
-fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
+pub fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
     // Box–Muller; u1 in (0, 1] so the log is finite.
     let u1: f64 = 1.0 - rng.random::<f64>();
     let u2: f64 = rng.random::<f64>();

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::nn::{causal_padding_bias, dropout, position_mask, rng_for, LayerNorm, Params};
-use super::ops::{cross_entropy, softmax_last_dim};
+use crate::ops::{cross_entropy, softmax_last_dim};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;

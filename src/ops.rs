@@ -130,6 +130,16 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Per-row log-probability of `targets` under softmax(`logits`) (rows × classes), differentiable.
+pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyRows)?.neg()
+    } else {
+        let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+        lsm.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,94 @@
+//! `curec bench …`: throughput measurements that print one JSON line each, so runs can be
+//! compared side by side (and with the Hugging Face reference in `benches/hf_reference.py`).
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Tensor;
+use serde_json::json;
+
+use crate::llm::{completion_log_probs, generate, Llm, SamplingConfig};
+
+/// A fixed English prompt, repeated/cut to `tokens` tokens (without chat template).
+pub fn prompt_ids(llm: &Llm, tokens: usize) -> Result<Vec<u32>> {
+    let text = "The user watched Toy Story (1995), Jumanji (1995), Heat (1995) and GoldenEye (1995). \
+                Describe what kind of films this user enjoys and suggest what to watch next. ";
+    let mut ids = Vec::new();
+    while ids.len() < tokens {
+        ids.extend(llm.tokenizer.encode(text)?);
+    }
+    ids.truncate(tokens.max(1));
+    Ok(ids)
+}
+
+/// Generation throughput: `batch` copies of a `prompt_tokens` prompt, exactly `new_tokens` new
+/// tokens each (EOS ignored by sampling with no stop ids), aggregate tokens/s.
+pub fn generate_throughput(llm: &mut Llm, batch: usize, new_tokens: usize, prompt_tokens: usize) -> Result<serde_json::Value> {
+    let ids = prompt_ids(llm, prompt_tokens)?;
+    let prompts = vec![ids; batch];
+    let keys: Vec<u64> = (0..batch as u64).collect();
+    let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: new_tokens, stop: vec![], seed: 1 };
+    let saved = std::mem::take(&mut llm.tokenizer.stop_ids);
+    // Warm-up (allocations, page faults) outside the timing.
+    generate(&llm.model, &llm.tokenizer, &prompts[..1], &keys[..1], &SamplingConfig { max_new_tokens: 2, ..cfg.clone() }, true)?;
+    let t0 = Instant::now();
+    let out = generate(&llm.model, &llm.tokenizer, &prompts, &keys, &cfg, true);
+    let secs = t0.elapsed().as_secs_f64();
+    llm.tokenizer.stop_ids = saved;
+    let out = out?;
+    let generated: usize = out.iter().map(|g| g.tokens.len()).sum();
+    Ok(json!({
+        "bench": "generate",
+        "model": llm.source.display().to_string(),
+        "params": llm.model.cfg.num_params(),
+        "device": format!("{:?}", llm.model.device()),
+        "dtype": format!("{:?}", llm.model.dtype()),
+        "threads": rayon::current_num_threads(),
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "generated_tokens": generated,
+        "seconds": secs,
+        "tokens_per_s": generated as f64 / secs,
+    }))
+}
+
+/// Log-prob throughput: a batch of `batch` sequences of `seq_len` tokens (half prompt, half
+/// completion), with and without gradient (LoRA adapters attached when `lora`).
+pub fn logprob_throughput(llm: &Llm, batch: usize, seq_len: usize, backward: bool) -> Result<serde_json::Value> {
+    let ids = prompt_ids(llm, seq_len)?;
+    let half = seq_len / 2;
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..batch).map(|_| (ids[..half].to_vec(), ids[half..].to_vec())).collect();
+    let t0 = Instant::now();
+    let lp = completion_log_probs(&llm.model, &pairs, true)?;
+    let fwd = t0.elapsed().as_secs_f64();
+    let mut bwd = 0.0;
+    if backward {
+        let t1 = Instant::now();
+        let loss = (lp.log_probs.sum_all()? / (batch * (seq_len - half)) as f64)?;
+        let grads = loss.backward()?;
+        bwd = t1.elapsed().as_secs_f64();
+        drop(grads);
+    }
+    let mean: f32 = (lp.log_probs.sum_all()? / lp.mask.sum_all()?)?.to_scalar()?;
+    let _ = Tensor::zeros(1, candle_core::DType::F32, llm.model.device())?;
+    Ok(json!({
+        "bench": "logprobs",
+        "model": llm.source.display().to_string(),
+        "batch": batch,
+        "seq_len": seq_len,
+        "forward_seconds": fwd,
+        "backward_seconds": bwd,
+        "tokens_per_s": (batch * seq_len) as f64 / fwd,
+        "mean_log_prob": mean,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,209 @@
+//! Batched sampling with a KV cache. Prompts of different lengths are left-padded; every row has
+//! its own positions (counted from its first real token) and a mask that hides its padding, so a
+//! sequence generates the same tokens alone or in any batch. Each row draws from its own RNG,
+//! seeded by (seed, row key), so results do not depend on batch composition or worker count.
+//! Finished rows are dropped from the batch (and from the cache) as they stop.
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::model::{padded_bias, CausalLm, KvCache};
+use super::tokenizer::Tokenizer;
+use crate::rec::nn::rng_for;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling mass (1 keeps the whole distribution).
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    /// Generation stops when the decoded completion contains one of these (it is cut before it).
+    pub stop: Vec<String>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 0.7, top_p: 0.9, max_new_tokens: 256, stop: Vec::new(), seed: 2024 }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { temperature: 0.0, top_p: 1.0, max_new_tokens, ..Self::default() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Completion token ids (without the stop token).
+    pub tokens: Vec<u32>,
+    /// Decoded completion, cut before any stop string.
+    pub text: String,
+    pub finish: Finish,
+}
+
+/// Pick a token from one row of logits.
+pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / temperature;
+    let mut p: Vec<(f32, u32)> = logits.iter().enumerate().map(|(i, &v)| (((v - m) * inv_t).exp(), i as u32)).collect();
+    let total: f32 = p.iter().map(|x| x.0).sum();
+    if top_p < 1.0 {
+        // Only tokens above total·(1-top_p)/V·… can matter; a cheap prefilter keeps the sort short.
+        p.retain(|x| x.0 > total * 1e-7);
+        p.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut cum = 0.0;
+        let mut keep = p.len();
+        for (i, x) in p.iter().enumerate() {
+            cum += x.0;
+            if cum >= top_p * total {
+                keep = i + 1;
+                break;
+            }
+        }
+        p.truncate(keep);
+    }
+    let mass: f32 = p.iter().map(|x| x.0).sum();
+    let mut r = rng.random::<f32>() * mass;
+    for x in &p {
+        r -= x.0;
+        if r <= 0.0 {
+            return x.1;
+        }
+    }
+    p.last().map_or_else(argmax, |x| x.1)
+}
+
+/// Generate completions for tokenized prompts. `keys[i]` picks row i's random stream (use a
+/// stable record id, e.g. the interaction index, so that batching does not change results).
+pub fn generate(
+    model: &CausalLm,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    keys: &[u64],
+    cfg: &SamplingConfig,
+    adapters: bool,
+) -> Result<Vec<Generation>> {
+    let n = prompts.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    assert_eq!(keys.len(), n, "one key per prompt");
+    let dev = model.device();
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(n * len);
+    let mut pos = Vec::with_capacity(n * len);
+    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(n);
+    let mut next_pos: Vec<u32> = Vec::with_capacity(n);
+    for p in prompts {
+        let pad = len - p.len();
+        ids.extend(std::iter::repeat_n(tok.pad_id, pad).chain(p.iter().copied()));
+        pos.extend((0..len).map(|j| j.saturating_sub(pad) as u32));
+        valid.push((0..len).map(|j| j >= pad).collect());
+        next_pos.push(p.len() as u32);
+    }
+    let mut rngs: Vec<ChaCha8Rng> = keys.iter().map(|&k| rng_for(cfg.seed, 0x6e6, k)).collect();
+    let mut out: Vec<Option<Generation>> = vec![None; n];
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut active: Vec<usize> = (0..n).collect();
+    let mut cache = KvCache::new(model.cfg.num_layers);
+
+    let ids_t = Tensor::from_vec(ids, (n, len), dev)?;
+    let pos_t = Tensor::from_vec(pos, (n, len), dev)?;
+    let bias = padded_bias(&valid, len, dev)?;
+    let hidden = model.forward(&ids_t, &pos_t, Some(&bias), Some(&mut cache), adapters)?;
+    let mut logits = model.logits(&hidden.narrow(1, len - 1, 1)?.squeeze(1)?)?;
+
+    for step in 0..cfg.max_new_tokens {
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut still = Vec::with_capacity(active.len());
+        let mut keep_rows = Vec::with_capacity(active.len());
+        let mut next_ids = Vec::with_capacity(active.len());
+        for (r, &i) in active.iter().enumerate() {
+            let t = sample(&rows[r], cfg.temperature, cfg.top_p, &mut rngs[i]);
+            let mut finished = None;
+            if tok.stop_ids.contains(&t) {
+                finished = Some(Finish::Stop);
+            } else {
+                tokens[i].push(t);
+                if !cfg.stop.is_empty() {
+                    let text = tok.decode(&tokens[i], true)?;
+                    if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                        finished = Some(Finish::Stop);
+                    }
+                }
+                if finished.is_none() && step + 1 == cfg.max_new_tokens {
+                    finished = Some(Finish::Length);
+                }
+            }
+            match finished {
+                Some(f) => {
+                    let mut text = tok.decode(&tokens[i], true)?;
+                    if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(cut);
+                    }
+                    out[i] = Some(Generation { tokens: std::mem::take(&mut tokens[i]), text, finish: f });
+                }
+                None => {
+                    still.push(i);
+                    keep_rows.push(r as u32);
+                    next_ids.push(t);
+                }
+            }
+        }
+        if still.is_empty() {
+            break;
+        }
+        if still.len() != active.len() {
+            let keep = Tensor::new(keep_rows.as_slice(), dev)?;
+            cache.select_rows(&keep)?;
+            valid = keep_rows.iter().map(|&r| valid[r as usize].clone()).collect();
+        }
+        active = still;
+        for v in valid.iter_mut() {
+            v.push(true);
+        }
+        let b = active.len();
+        let pos: Vec<u32> = active.iter().map(|&i| next_pos[i]).collect();
+        for &i in &active {
+            next_pos[i] += 1;
+        }
+        let ids_t = Tensor::from_vec(next_ids, (b, 1), dev)?;
+        let pos_t = Tensor::from_vec(pos, (b, 1), dev)?;
+        let bias = padded_bias(&valid, 1, dev)?;
+        let hidden = model.forward(&ids_t, &pos_t, Some(&bias), Some(&mut cache), adapters)?;
+        logits = model.logits(&hidden.squeeze(1)?)?;
+        let _ = D::Minus1;
+    }
+    Ok(out
+        .into_iter()
+        .map(|g| g.unwrap_or(Generation { tokens: Vec::new(), text: String::new(), finish: Finish::Length }))
+        .collect())
+}

@@ -1,0 +1,111 @@
+//! The LLM runtime: real Qwen2/Llama-family weights (GGUF dequantized, or Hugging Face
+//! safetensors) in a trainable candle model of our own, the tokenizer (tokenizer.json or built
+//! from GGUF metadata), batched generation with a KV cache, per-token log-probs, LoRA, chat
+//! templates, CUREC's prompts and their parser, and the pinned-model fetcher.
+
+pub mod chat;
+pub mod config;
+pub mod fetch;
+pub mod generate;
+pub mod logprob;
+pub mod lora;
+pub mod model;
+pub mod prompts;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+pub use chat::ChatTemplate;
+pub use config::{Family, LlmConfig};
+pub use generate::{generate, Generation, SamplingConfig};
+pub use logprob::{completion_log_probs, CompletionLogProbs};
+pub use lora::LoraConfig;
+pub use model::{CausalLm, KvCache};
+pub use tokenizer::Tokenizer;
+
+/// A model, its tokenizer and its chat template.
+pub struct Llm {
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub chat: ChatTemplate,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// `cpu` or `cuda[:N]`; `cuda` needs a build with `--features cuda`.
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").map(str::parse).transpose().context("--device cuda:N: N must be an integer")?;
+            if !cfg!(feature = "cuda") {
+                bail!("--device {s}: this curec was built without CUDA; rebuild with `cargo build --release --features cuda`");
+            }
+            Ok(Device::new_cuda(ordinal.unwrap_or(0))?)
+        }
+        other => bail!("--device '{other}': expected cpu or cuda[:N]"),
+    }
+}
+
+/// f32 on CPU (candle's CPU matmuls are fastest and exact in f32), bf16 on GPU.
+pub fn default_dtype(dev: &Device) -> DType {
+    if dev.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+/// Resolve `--model`: an existing GGUF file or HF directory, or a pinned name (fetched on first use).
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    let p = Path::new(spec);
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let pins = fetch::Pins::builtin();
+    match pins.find(spec) {
+        Some(m) if m.is_cached() => Ok(m.main_path()),
+        Some(m) => fetch::fetch(m),
+        None => bail!(
+            "--model '{spec}': no such file or directory, and not a pinned model (expected a GGUF file, a Hugging Face model directory or one of {})",
+            pins.names().join(", ")
+        ),
+    }
+}
+
+impl Llm {
+    /// Load from a GGUF file or a Hugging Face directory.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        if path.is_dir() {
+            let (cfg, w) = weights::load_hf_dir(path, dtype, device)?;
+            let tok_path = path.join("tokenizer.json");
+            let tokenizer = Tokenizer::from_file(&tok_path)?;
+            let jinja = std::fs::read_to_string(path.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["chat_template"].as_str().map(String::from));
+            let model = CausalLm::from_weights(cfg, w, dtype, device)?;
+            Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
+        } else {
+            let (content, cfg, w) = weights::load_gguf(path, dtype, device)?;
+            let sibling = path.with_file_name("tokenizer.json");
+            let tokenizer = if sibling.exists() {
+                Tokenizer::from_file(&sibling)?
+            } else {
+                Tokenizer::from_gguf(&content).with_context(|| format!("{}", path.display()))?
+            };
+            let jinja = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+            let model = CausalLm::from_weights(cfg, w, dtype, device)?;
+            Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
+        }
+    }
+
+    /// Apply the chat template and tokenize.
+    pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(&self.chat.render(system, user))
+    }
+}

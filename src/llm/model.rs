@@ -1,0 +1,432 @@
+//! The decoder-only transformer shared by the Qwen2 and Llama families, written with
+//! differentiable ops only (candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` have no
+//! backward pass and would silently cut the graph): RMSNorm, rotate-half RoPE at per-sequence
+//! positions, grouped-query attention with an additive mask, SwiGLU MLP, tied or separate head.
+//!
+//! `forward` returns the final hidden states at every position (GRPO scores every completion
+//! token); `logits` applies the head to any subset of them. Generation owns its [`KvCache`].
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::config::LlmConfig;
+use super::lora::{Adapter, LoraConfig, ALL_TARGETS};
+use super::weights::Weights;
+use crate::rec::nn::{rng_for, standard_normal};
+
+/// Additive mask value for a key a query must not see (finite so fully masked rows stay finite).
+pub const MASKED: f32 = -1e9;
+
+/// A projection with an optional bias and an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Adapter>,
+}
+
+impl Linear {
+    /// `x` is 2-D (rows × in).
+    pub fn forward(&self, x: &Tensor, adapters: bool) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if adapters {
+            if let Some(l) = &self.lora {
+                y = (y + l.delta(x)?)?;
+            }
+        }
+        Ok(y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    proj: [Linear; 7], // q k v o gate up down, in ALL_TARGETS order
+}
+
+/// Per-layer cached keys and values ([batch, kv_heads, past, head_dim]).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Cached positions (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keep only the given batch rows (drops finished sequences from a generation batch).
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// A Qwen2- or Llama-family causal LM.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub cfg: LlmConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
+    w.remove(name).with_context(|| format!("weights lack tensor '{name}'"))
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+impl CausalLm {
+    /// Build from a Hugging Face–named weight map (see [`super::weights`]).
+    pub fn from_weights(cfg: LlmConfig, mut w: Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let embed = take(&mut w, "model.embed_tokens.weight")?;
+        if embed.dims2()? != (cfg.vocab_size, cfg.hidden_size) {
+            bail!("embed_tokens has shape {:?}, expected [{}, {}]", embed.dims(), cfg.vocab_size, cfg.hidden_size);
+        }
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |w: &mut Weights, name: &str| -> Result<Linear> {
+                let sub = if name.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&name) {
+                    "mlp"
+                } else {
+                    "self_attn"
+                };
+                let weight = take(w, &format!("{p}.{sub}.{name}.weight"))?;
+                let bias = w.remove(&format!("{p}.{sub}.{name}.bias"));
+                Ok(Linear { weight, bias, lora: None })
+            };
+            let proj = [
+                lin(&mut w, "q_proj")?,
+                lin(&mut w, "k_proj")?,
+                lin(&mut w, "v_proj")?,
+                lin(&mut w, "o_proj")?,
+                lin(&mut w, "gate_proj")?,
+                lin(&mut w, "up_proj")?,
+                lin(&mut w, "down_proj")?,
+            ];
+            layers.push(Layer {
+                input_norm: take(&mut w, &format!("{p}.input_layernorm.weight"))?,
+                post_norm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"))?,
+                proj,
+            });
+        }
+        let norm = take(&mut w, "model.norm.weight")?;
+        let lm_head = if cfg.tie_embeddings { None } else { Some(take(&mut w, "lm_head.weight")?) };
+        let (cos, sin) = rope_tables(&cfg, cfg.max_position.min(32_768), device)?;
+        Ok(Self { cfg, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
+    }
+
+    /// A randomly initialised model (normal(0, 0.02) matrices, unit norms), seeded; for tests.
+    pub fn random(cfg: LlmConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut w = Weights::new();
+        let mut idx = 0u64;
+        let mut normal = |shape: &[usize]| -> Result<Tensor> {
+            idx += 1;
+            let mut rng = rng_for(seed, 0x11a, idx);
+            let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| 0.02 * standard_normal(&mut rng)).collect();
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        w.insert("model.embed_tokens.weight".into(), normal(&[v, h])?);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            for (name, o, n) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
+                w.insert(format!("{p}.self_attn.{name}.weight"), normal(&[o, n])?);
+                if cfg.attention_bias && name != "o_proj" {
+                    w.insert(format!("{p}.self_attn.{name}.bias"), normal(&[o])?);
+                }
+            }
+            for (name, o, n) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                w.insert(format!("{p}.mlp.{name}.weight"), normal(&[o, n])?);
+            }
+            w.insert(format!("{p}.input_layernorm.weight"), Tensor::ones(h, dtype, device)?);
+            w.insert(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(h, dtype, device)?);
+        }
+        w.insert("model.norm.weight".into(), Tensor::ones(h, dtype, device)?);
+        if !cfg.tie_embeddings {
+            w.insert("lm_head.weight".into(), normal(&[v, h])?);
+        }
+        Self::from_weights(cfg, w, dtype, device)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Hidden states after the final norm, [batch, t, hidden].
+    ///
+    /// `ids` and `positions` are [batch, t] u32; `bias` is the additive attention mask
+    /// [batch, 1, t, past + t] (None: plain causal, no padding). With a cache, the new keys and
+    /// values are appended to it.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rep = nh / nkv;
+        let pos = positions.flatten_all()?;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let own_bias;
+        let bias = match bias {
+            Some(m) => m.clone(),
+            None => {
+                own_bias = causal_bias(b, t, past, &self.device)?;
+                own_bias
+            }
+        };
+        let bias = bias.to_dtype(self.dtype)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                *c = KvCache::new(self.layers.len());
+            }
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let [qp, kp, vp, op, gp, up, dp] = &layer.proj;
+            let h = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let q = qp.forward(&h, adapters)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+            let k = kp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            let v = vp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
+            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = match &c.layers[li] {
+                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                        None => (k, v),
+                    };
+                    c.layers[li] = Some(kv.clone());
+                    kv
+                }
+                None => (k, v),
+            };
+            let total = k.dim(2)?;
+            // Grouped-query attention without repeating K/V: the `rep` query heads that share a
+            // KV head are stacked along the query axis.
+            let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+            let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&bias)?;
+            let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
+            let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            x = (x + op.forward(&att, adapters)?)?;
+            let h = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
+            let g = gp.forward(&h, adapters)?.silu()?;
+            let u = up.forward(&h, adapters)?;
+            x = (x + dp.forward(&(g * u)?, adapters)?)?;
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        Ok(x.reshape((b, t, cfg.hidden_size))?)
+    }
+
+    /// Logits for hidden states of any leading shape, in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let h = hidden.reshape(((), self.cfg.hidden_size))?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let l = h.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(self.cfg.vocab_size);
+        Ok(l.reshape(out)?)
+    }
+
+    /// Attach fresh LoRA adapters to the configured projections of every layer.
+    pub fn add_lora(&mut self, cfg: &LoraConfig) -> Result<()> {
+        cfg.validate()?;
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for (pi, name) in ALL_TARGETS.iter().enumerate() {
+                if cfg.targets.iter().any(|t| t == name) {
+                    let lin = &mut layer.proj[pi];
+                    let (d_out, d_in) = lin.weight.dims2()?;
+                    let index = (li * ALL_TARGETS.len() + pi) as u64;
+                    lin.lora = Some(Adapter::new(cfg, index, d_in, d_out, self.dtype, &self.device)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Load adapters saved by [`Self::save_lora`] (attaching them first).
+    pub fn load_lora(&mut self, path: &std::path::Path) -> Result<LoraConfig> {
+        let (cfg, tensors) = super::lora::load(path)?;
+        self.add_lora(&cfg)?;
+        let mut named: HashMap<String, &mut Adapter> = HashMap::new();
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for (pi, lin) in layer.proj.iter_mut().enumerate() {
+                if let Some(a) = lin.lora.as_mut() {
+                    named.insert(proj_name(li, pi), a);
+                }
+            }
+        }
+        for (name, a) in named.iter_mut() {
+            let (ta, tb) = tensors.get(name).with_context(|| format!("{}: lacks adapter {name}", path.display()))?;
+            if ta.dims() != a.a.dims() || tb.dims() != a.b.dims() {
+                bail!("{}: adapter {name} has shape {:?}/{:?}, expected {:?}/{:?}", path.display(), ta.dims(), tb.dims(), a.a.dims(), a.b.dims());
+            }
+            a.a.set(&ta.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+            a.b.set(&tb.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+        }
+        Ok(cfg)
+    }
+
+    pub fn save_lora(&self, path: &std::path::Path, cfg: &LoraConfig) -> Result<()> {
+        let list: Vec<(String, &Adapter)> = self.lora_adapters();
+        if list.is_empty() {
+            bail!("the model has no LoRA adapters to save");
+        }
+        super::lora::save(path, cfg, &list)
+    }
+
+    fn lora_adapters(&self) -> Vec<(String, &Adapter)> {
+        let mut out = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for (pi, lin) in layer.proj.iter().enumerate() {
+                if let Some(a) = &lin.lora {
+                    out.push((proj_name(li, pi), a));
+                }
+            }
+        }
+        out
+    }
+
+    /// The trainable LoRA variables, named.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (name, a) in self.lora_adapters() {
+            out.push((format!("{name}.lora_A.weight"), a.a.clone()));
+            out.push((format!("{name}.lora_B.weight"), a.b.clone()));
+        }
+        out
+    }
+
+    /// Full fine-tuning: turn every base weight into a trainable `Var` and return them, named.
+    pub fn train_full(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut out = Vec::new();
+        let mut to_var = |name: String, t: &mut Tensor| -> Result<()> {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            out.push((name, v));
+            Ok(())
+        };
+        to_var("model.embed_tokens.weight".into(), &mut self.embed)?;
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{li}");
+            to_var(format!("{p}.input_layernorm.weight"), &mut layer.input_norm)?;
+            to_var(format!("{p}.post_attention_layernorm.weight"), &mut layer.post_norm)?;
+            for (pi, lin) in layer.proj.iter_mut().enumerate() {
+                let n = proj_name(li, pi);
+                to_var(format!("{n}.weight"), &mut lin.weight)?;
+                if let Some(b) = lin.bias.as_mut() {
+                    to_var(format!("{n}.bias"), b)?;
+                }
+            }
+        }
+        to_var("model.norm.weight".into(), &mut self.norm)?;
+        if let Some(h) = self.lm_head.as_mut() {
+            to_var("lm_head.weight".into(), h)?;
+        }
+        Ok(out)
+    }
+}
+
+fn proj_name(layer: usize, proj: usize) -> String {
+    let sub = if proj < 4 { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{sub}.{}", ALL_TARGETS[proj])
+}
+
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        Ok(crate::ops::softmax_last_dim(x)?)
+    } else {
+        Ok(candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype())?)
+    }
+}
+
+fn rope_tables(cfg: &LlmConfig, max_pos: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd as f32)).collect();
+    let mut cos = Vec::with_capacity(max_pos * hd);
+    let mut sin = Vec::with_capacity(max_pos * hd);
+    for p in 0..max_pos {
+        for _ in 0..2 {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    Ok((Tensor::from_vec(cos, (max_pos, hd), dev)?, Tensor::from_vec(sin, (max_pos, hd), dev)?))
+}
+
+/// Plain causal mask for `t` new queries after `past` cached keys, all rows unpadded.
+pub fn causal_bias(b: usize, t: usize, past: usize, dev: &Device) -> Result<Tensor> {
+    let total = past + t;
+    let v: Vec<f32> =
+        (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
+    Ok(Tensor::from_vec(v, (1, 1, t, total), dev)?.broadcast_as((b, 1, t, total))?.contiguous()?)
+}
+
+/// Mask for `t` new queries whose absolute slot is `past + i`, where `valid[row][j]` says whether
+/// key slot j holds a real token (false for padding), over `valid[row].len()` = past + t slots.
+pub fn padded_bias(valid: &[Vec<bool>], t: usize, dev: &Device) -> Result<Tensor> {
+    let b = valid.len();
+    let total = valid.first().map_or(0, |r| r.len());
+    let past = total - t;
+    let mut v = Vec::with_capacity(b * t * total);
+    for row in valid {
+        for i in 0..t {
+            v.extend((0..total).map(|j| if j <= past + i && row[j] { 0.0 } else { MASKED }));
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, 1, t, total), dev)?)
+}
