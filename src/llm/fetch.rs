@@ -84,7 +84,11 @@ impl PinnedModel {
 
     /// The path `--model <name>` loads.
     pub fn main_path(&self) -> PathBuf {
-        self.dir().join(&self.main)
+        if self.main == "." {
+            self.dir()
+        } else {
+            self.dir().join(&self.main)
+        }
     }
 
     /// True when every file is present (hashes are checked by [`fetch`]).

@@ -338,6 +338,28 @@ impl CausalLm {
         out
     }
 
+    /// Every base weight, named as in Hugging Face checkpoints (a tied head is not listed twice).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (li, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{li}");
+            out.push((format!("{p}.input_layernorm.weight"), layer.input_norm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_norm.clone()));
+            for (pi, lin) in layer.proj.iter().enumerate() {
+                let n = proj_name(li, pi);
+                out.push((format!("{n}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{n}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+
     /// The trainable LoRA variables, named.
     pub fn lora_vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();

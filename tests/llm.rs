@@ -1,0 +1,321 @@
+//! The LLM runtime on tiny randomly initialised models of both families (no downloads), a tiny
+//! GGUF written in the test (config, llama.cpp q/k permutation, tokenizer from metadata), and —
+//! when the pinned models are in the cache — the real SmolLM2/Qwen files against reference
+//! values from Hugging Face transformers (`datasets/fixtures/llm/*.json`).
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use curec::llm::model::{causal_bias, padded_bias};
+use curec::llm::prompts::{parse_completion, parse_pattern_update, Prompt, PromptKind};
+use curec::llm::{
+    completion_log_probs, generate, CausalLm, ChatTemplate, Family, KvCache, LlmConfig, LoraConfig, SamplingConfig,
+};
+
+fn tiny(family: Family) -> CausalLm {
+    CausalLm::random(LlmConfig::tiny(family), 7, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn tensor_ids(ids: &[u32]) -> (Tensor, Tensor) {
+    let n = ids.len();
+    let t = Tensor::new(ids, &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let p = Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    (t, p)
+}
+
+fn full_logits(m: &CausalLm, ids: &[u32], adapters: bool) -> Vec<Vec<f32>> {
+    let (t, p) = tensor_ids(ids);
+    let h = m.forward(&t, &p, None, None, adapters).unwrap();
+    m.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A tokenizer over the tiny vocabulary: byte-level BPE with no merges is enough for padding
+/// and stop ids; generation tests work on ids.
+fn tiny_tokenizer() -> curec::llm::Tokenizer {
+    use serde_json::json;
+    let mut vocab = serde_json::Map::new();
+    for i in 0..97u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.json");
+    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let mut t = curec::llm::Tokenizer::from_file(&p).unwrap();
+    t.stop_ids = vec![];
+    t.pad_id = 0;
+    t
+}
+
+#[test]
+fn shapes_for_both_families() {
+    for fam in [Family::Qwen2, Family::Llama] {
+        let m = tiny(fam);
+        let ids = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &Device::Cpu).unwrap();
+        let pos = Tensor::new(&[[0u32, 1, 2, 3, 4], [0, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+        let h = m.forward(&ids, &pos, None, None, true).unwrap();
+        assert_eq!(h.dims(), &[2, 5, 32]);
+        assert_eq!(m.logits(&h).unwrap().dims(), &[2, 5, 97]);
+        let n: usize = m.named_weights().iter().map(|(_, t)| t.elem_count()).sum();
+        assert_eq!(n, m.cfg.num_params(), "{fam:?}: parameter count");
+    }
+}
+
+#[test]
+fn kv_cache_equals_full_recomputation() {
+    for fam in [Family::Qwen2, Family::Llama] {
+        let m = tiny(fam);
+        let ids: Vec<u32> = vec![5, 17, 3, 88, 42, 9, 61, 23];
+        let full = full_logits(&m, &ids, true);
+        // Prefill 3 tokens, then feed one at a time.
+        let mut cache = KvCache::new(m.cfg.num_layers);
+        let (t, p) = tensor_ids(&ids[..3]);
+        let h = m.forward(&t, &p, None, Some(&mut cache), true).unwrap();
+        let mut inc: Vec<Vec<f32>> = m.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (i, &id) in ids.iter().enumerate().skip(3) {
+            let t = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+            let p = Tensor::new(&[[i as u32]], &Device::Cpu).unwrap();
+            let bias = causal_bias(1, 1, i, &Device::Cpu).unwrap();
+            let h = m.forward(&t, &p, Some(&bias), Some(&mut cache), true).unwrap();
+            inc.push(m.logits(&h).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        for (a, b) in full.iter().zip(&inc) {
+            assert!(max_abs_diff(a, b) < 1e-4, "{fam:?}: cached logits differ by {}", max_abs_diff(a, b));
+        }
+    }
+}
+
+#[test]
+fn batched_generation_equals_unbatched() {
+    let tok = tiny_tokenizer();
+    for fam in [Family::Qwen2, Family::Llama] {
+        let m = tiny(fam);
+        let prompts: Vec<Vec<u32>> = vec![vec![3, 4, 5, 6, 7, 8, 9], vec![11, 12], vec![20, 30, 40, 50]];
+        let keys = [10u64, 11, 12];
+        for cfg in [SamplingConfig::greedy(12), SamplingConfig { temperature: 1.0, top_p: 0.9, max_new_tokens: 12, stop: vec![], seed: 5 }]
+        {
+            let batched = generate(&m, &tok, &prompts, &keys, &cfg, true).unwrap();
+            for (i, p) in prompts.iter().enumerate() {
+                let single = generate(&m, &tok, &[p.clone()], &[keys[i]], &cfg, true).unwrap();
+                assert_eq!(single[0].tokens, batched[i].tokens, "{fam:?} prompt {i} temperature {}", cfg.temperature);
+                assert_eq!(single[0].tokens.len(), 12);
+            }
+            // Same seed, same bytes; another seed, other samples.
+            assert_eq!(generate(&m, &tok, &prompts, &keys, &cfg, true).unwrap(), batched);
+        }
+        let a = generate(&m, &tok, &prompts, &keys, &SamplingConfig { temperature: 1.0, seed: 1, ..Default::default() }, true);
+        let b = generate(&m, &tok, &prompts, &keys, &SamplingConfig { temperature: 1.0, seed: 2, ..Default::default() }, true);
+        assert_ne!(a.unwrap(), b.unwrap(), "different seeds must give different samples");
+    }
+}
+
+#[test]
+fn left_padded_batch_matches_single_sequence_logits() {
+    let m = tiny(Family::Qwen2);
+    let short = [7u32, 8, 9];
+    let long = [1u32, 2, 3, 4, 5, 6];
+    // Row 0 left-padded by 3.
+    let ids = Tensor::new(&[[0u32, 0, 0, 7, 8, 9], [1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+    let pos = Tensor::new(&[[0u32, 0, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+    let valid = vec![vec![false, false, false, true, true, true], vec![true; 6]];
+    let bias = padded_bias(&valid, 6, &Device::Cpu).unwrap();
+    let h = m.forward(&ids, &pos, Some(&bias), None, true).unwrap();
+    let l: Vec<Vec<Vec<f32>>> = m.logits(&h).unwrap().to_vec3().unwrap();
+    let s = full_logits(&m, &short, true);
+    let g = full_logits(&m, &long, true);
+    for k in 0..3 {
+        assert!(max_abs_diff(&l[0][3 + k], &s[k]) < 1e-4);
+    }
+    for k in 0..6 {
+        assert!(max_abs_diff(&l[1][k], &g[k]) < 1e-4);
+    }
+}
+
+#[test]
+fn log_probs_equal_direct_softmax() {
+    let m = tiny(Family::Llama);
+    let pairs = vec![(vec![1u32, 2, 3], vec![4u32, 5, 6, 7]), (vec![9u32, 8, 7, 6, 5], vec![40u32, 41])];
+    let lp = completion_log_probs(&m, &pairs, true).unwrap();
+    let got: Vec<Vec<f32>> = lp.log_probs.to_vec2().unwrap();
+    let mask: Vec<Vec<f32>> = lp.mask.to_vec2().unwrap();
+    for (r, (p, c)) in pairs.iter().enumerate() {
+        let seq: Vec<u32> = p.iter().chain(c).copied().collect();
+        let logits = full_logits(&m, &seq, true);
+        for (k, &target) in c.iter().enumerate() {
+            let row = &logits[p.len() + k - 1];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            let want = row[target as usize] as f64 - lse;
+            assert!((got[r][k] as f64 - want).abs() < 1e-4, "row {r} token {k}: {} vs {want}", got[r][k]);
+            assert_eq!(mask[r][k], 1.0);
+        }
+        for k in c.len()..got[r].len() {
+            assert_eq!((got[r][k], mask[r][k]), (0.0, 0.0), "padding must be masked");
+        }
+    }
+}
+
+#[test]
+fn zero_init_lora_leaves_outputs_unchanged_and_trains_only_adapters() {
+    for fam in [Family::Qwen2, Family::Llama] {
+        let mut m = tiny(fam);
+        let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+        let before = full_logits(&m, &ids, false);
+        m.add_lora(&LoraConfig::default()).unwrap();
+        let after = full_logits(&m, &ids, true);
+        for (a, b) in before.iter().zip(&after) {
+            assert_eq!(a, b, "{fam:?}: a fresh adapter (B = 0) must not change the logits");
+        }
+        let vars = m.lora_vars();
+        assert_eq!(vars.len(), 2 * 7 * m.cfg.num_layers);
+        let pairs = vec![(ids[..4].to_vec(), ids[4..].to_vec())];
+        let loss = completion_log_probs(&m, &pairs, true).unwrap().log_probs.sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            // B gets a gradient at once; A only once B is non-zero.
+            if name.ends_with("lora_B.weight") {
+                assert!(norm > 0.0, "{fam:?} {name}: zero gradient");
+            }
+        }
+        for (name, w) in m.named_weights() {
+            assert!(grads.get(&w).is_none(), "{fam:?}: frozen base weight {name} received a gradient");
+        }
+        // After one step on B, A's gradient is non-zero too.
+        for (name, v) in &vars {
+            if name.ends_with("lora_B.weight") {
+                let g = grads.get(v.as_tensor()).unwrap();
+                v.set(&(v.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+            }
+        }
+        let loss = completion_log_probs(&m, &pairs, true).unwrap().log_probs.sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let norm: f32 = grads.get(v.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0, "{fam:?} {name}: zero gradient after a step");
+        }
+        // Adapters off = the reference policy = the base model.
+        assert_eq!(full_logits(&m, &ids, false), before);
+        assert_ne!(full_logits(&m, &ids, true), before);
+    }
+}
+
+#[test]
+fn full_fine_tuning_reaches_every_weight() {
+    for fam in [Family::Qwen2, Family::Llama] {
+        let mut m = tiny(fam);
+        let vars = m.train_full().unwrap();
+        assert_eq!(vars.len(), m.named_weights().len());
+        let pairs = vec![(vec![1u32, 2, 3, 4], vec![5u32, 6, 7, 8, 9])];
+        let loss = completion_log_probs(&m, &pairs, false).unwrap().log_probs.sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{fam:?} {name}: no gradient"));
+            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0, "{fam:?} {name}: zero gradient (graph cut?)");
+        }
+    }
+}
+
+#[test]
+fn lora_adapters_round_trip_through_safetensors() {
+    let mut m = tiny(Family::Qwen2);
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, targets: vec!["q_proj".into(), "down_proj".into()], seed: 3 };
+    m.add_lora(&cfg).unwrap();
+    for (_, v) in m.lora_vars() {
+        let noise = v.as_tensor().randn_like(0.0, 0.1).unwrap();
+        v.set(&noise).unwrap();
+    }
+    let ids = [5u32, 6, 7, 8];
+    let want = full_logits(&m, &ids, true);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter.safetensors");
+    m.save_lora(&path, &cfg).unwrap();
+    let mut fresh = tiny(Family::Qwen2);
+    let loaded = fresh.load_lora(&path).unwrap();
+    assert_eq!(loaded, cfg);
+    assert_eq!(fresh.lora_vars().len(), 2 * 2 * fresh.cfg.num_layers);
+    assert_eq!(full_logits(&fresh, &ids, true), want);
+    // A file that is not an adapter is a one-line error naming it.
+    let bogus = dir.path().join("bogus.safetensors");
+    std::fs::write(&bogus, b"not safetensors").unwrap();
+    let err = format!("{:#}", fresh.load_lora(&bogus).unwrap_err());
+    assert!(err.contains("bogus.safetensors"), "{err}");
+}
+
+#[test]
+fn chat_templates_render_both_families() {
+    let qwen = ChatTemplate::from_jinja(Some("{% if messages[0]['role'] == 'system' %}… You are Qwen, created by Alibaba Cloud. You are a helpful assistant. <|im_start|>"));
+    assert_eq!(
+        qwen.render(None, "Hi"),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let smol = ChatTemplate::from_jinja(Some("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"));
+    assert!(smol.render(Some("Be brief."), "Hi").starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
+    let llama3 = ChatTemplate::from_jinja(Some("<|start_header_id|>"));
+    assert!(llama3.render(None, "Hi").ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
+}
+
+#[test]
+fn prompts_render_and_completions_parse() {
+    for kind in PromptKind::ALL {
+        let p = Prompt::builtin(kind);
+        let values: BTreeMap<&str, String> = kind.placeholders().iter().map(|k| (*k, format!("<<{k}>>"))).collect();
+        let text = p.render(&values).unwrap();
+        for k in kind.placeholders() {
+            assert!(text.contains(&format!("<<{k}>>")), "{kind:?} lacks {k}");
+        }
+        assert!(text.contains("<think>") && text.contains("<answer>"), "{kind:?} must ask for think/answer");
+    }
+    let err = Prompt::parse(PromptKind::Pattern, "About {history} and {item}".into()).unwrap_err().to_string();
+    assert!(err.contains("unknown placeholder {item}"), "{err}");
+    let err = Prompt::parse(PromptKind::Reason, "About {history}".into()).unwrap_err().to_string();
+    assert!(err.contains("missing placeholder {item}"), "{err}");
+
+    let ok = parse_completion("<think>\n The user likes\n sci-fi.\n</think>\n\n<answer> Alien (1979) </answer>\n");
+    assert_eq!(ok.think.as_deref(), Some("The user likes\n sci-fi."));
+    assert_eq!(ok.answer.as_deref(), Some("Alien (1979)"));
+    assert!(ok.well_formed);
+    let upper = parse_completion("<THINK>x</THINK><Answer>y</Answer>");
+    assert_eq!((upper.answer.as_deref(), upper.well_formed), (Some("y"), true));
+    let no_think = parse_completion("<answer>Heat</answer>");
+    assert_eq!((no_think.think, no_think.answer.as_deref(), no_think.well_formed), (None, Some("Heat"), false));
+    let cut = parse_completion("<think>hmm</think><answer>Heat (1995)");
+    assert_eq!((cut.answer.as_deref(), cut.well_formed), (Some("Heat (1995)"), false));
+    let chatter = parse_completion("Sure! <think>a</think><answer>b</answer>");
+    assert!(!chatter.well_formed);
+    let twice = parse_completion("<think>a</think><answer>b</answer><answer>c</answer>");
+    assert!(!twice.well_formed);
+    let none = parse_completion("I think Heat.");
+    assert_eq!(none, Default::default());
+    assert_eq!(
+        parse_pattern_update("Pattern: Likes 90s action.\nReason: Heat is a 90s heist film."),
+        Some(("Likes 90s action.".into(), "Heat is a 90s heist film.".into()))
+    );
+    assert_eq!(parse_pattern_update("Pattern: only"), None);
+}
+
+#[test]
+fn sampler_respects_greedy_and_top_p() {
+    use curec::llm::generate::sample;
+    let logits = [0.0f32, 5.0, 4.9, -3.0];
+    let mut rng = curec::rec::nn::rng_for(1, 2, 3);
+    assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
+    // top_p tiny keeps only the best token.
+    for _ in 0..50 {
+        assert_eq!(sample(&logits, 1.0, 0.01, &mut rng), 1);
+    }
+    // top_p = 1 at high temperature reaches the tail.
+    let seen: std::collections::HashSet<u32> = (0..2000).map(|_| sample(&logits, 5.0, 1.0, &mut rng)).collect();
+    assert_eq!(seen.len(), 4);
+    let _ = D::Minus1;
+}

@@ -1,0 +1,85 @@
+//! The real pinned models against reference values from Hugging Face transformers on the same
+//! GGUF files (`datasets/fixtures/llm/*.json`, written by `benches/hf_reference.py reference`):
+//! tokenizer ids built from GGUF metadata, prompt logits, greedy continuation.
+//!
+//! Tests never download: they run when the model is in the cache (`curec model fetch …`; `.ci/run`
+//! fetches them first) and otherwise say that they were skipped.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use curec::llm::fetch::Pins;
+use curec::llm::{generate, Llm, SamplingConfig};
+
+fn cached(name: &str) -> Option<PathBuf> {
+    let pins = Pins::builtin();
+    let m = pins.find(name).unwrap();
+    if m.is_cached() {
+        Some(m.main_path())
+    } else {
+        eprintln!("SKIPPED: {name} is not in {} (run `curec model fetch {name}`)", m.dir().display());
+        None
+    }
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/fixtures/llm/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn check_model(name: &str, eos: u32) {
+    let Some(path) = cached(name) else { return };
+    let r = reference(name);
+    let llm = Llm::load(&path, &Device::Cpu, DType::F32).unwrap();
+    // Tokenizer from GGUF metadata = the transformers tokenizer, and it round-trips.
+    for (text, want) in r["texts"].as_array().unwrap().iter().zip(r["ids"].as_array().unwrap()) {
+        let text = text.as_str().unwrap();
+        let got = llm.tokenizer.encode(text).unwrap();
+        assert_eq!(got, ids(want), "{name}: ids of {text:?}");
+        assert_eq!(llm.tokenizer.decode(&got, false).unwrap(), text, "{name}: round trip of {text:?}");
+    }
+    let prompt = r["prompt"].as_str().unwrap();
+    let prompt_ids = llm.tokenizer.encode(prompt).unwrap();
+    assert_eq!(prompt_ids, ids(&r["prompt_ids"]));
+    assert_eq!(llm.chat.render(None, "What is the capital of France?").ends_with(prompt), true);
+    // Logits of the last prompt position: same top 5, values within 1e-2.
+    let n = prompt_ids.len();
+    let t = candle_core::Tensor::new(prompt_ids.as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let p = candle_core::Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let h = llm.model.forward(&t, &p, None, None, false).unwrap();
+    let logits: Vec<Vec<f32>> = llm.model.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let last = &logits[n - 1];
+    let mut order: Vec<usize> = (0..last.len()).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+    assert_eq!(top5, ids(&r["top5_ids"]), "{name}: top-5 next tokens");
+    for (i, want) in top5.iter().zip(r["top5_logits"].as_array().unwrap()) {
+        let d = (last[*i as usize] as f64 - want.as_f64().unwrap()).abs();
+        assert!(d < 1e-2, "{name}: logit of {i} differs by {d}");
+    }
+    for (got, want) in logits[0].iter().zip(r["logits_first_pos_first8"].as_array().unwrap()) {
+        assert!((*got as f64 - want.as_f64().unwrap()).abs() < 1e-2, "{name}: first-position logits");
+    }
+    // Greedy continuation.
+    let out = generate(&llm.model, &llm.tokenizer, &[prompt_ids], &[0], &SamplingConfig::greedy(16), false).unwrap();
+    let mut want = ids(&r["greedy_ids"]);
+    if want.last() == Some(&eos) {
+        want.pop();
+    }
+    assert_eq!(out[0].tokens, want, "{name}: greedy continuation {:?}", out[0].text);
+    assert!(out[0].text.contains("Paris"), "{name}: {:?}", out[0].text);
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    check_model("smollm2-135m-instruct", 2);
+}
+
+#[test]
+fn qwen_matches_transformers() {
+    check_model("qwen2.5-0.5b-instruct", 151645);
+}
