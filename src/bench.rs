@@ -23,14 +23,26 @@ pub fn prompt_ids(llm: &Llm, tokens: usize) -> Result<Vec<u32>> {
 
 /// Generation throughput: `batch` copies of a `prompt_tokens` prompt, exactly `new_tokens` new
 /// tokens each (EOS ignored by sampling with no stop ids), aggregate tokens/s.
-pub fn generate_throughput(llm: &mut Llm, batch: usize, new_tokens: usize, prompt_tokens: usize) -> Result<serde_json::Value> {
+pub fn generate_throughput(
+    llm: &mut Llm,
+    batch: usize,
+    new_tokens: usize,
+    prompt_tokens: usize,
+) -> Result<serde_json::Value> {
     let ids = prompt_ids(llm, prompt_tokens)?;
     let prompts = vec![ids; batch];
     let keys: Vec<u64> = (0..batch as u64).collect();
     let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: new_tokens, stop: vec![], seed: 1 };
     let saved = std::mem::take(&mut llm.tokenizer.stop_ids);
     // Warm-up (allocations, page faults) outside the timing.
-    generate(&llm.model, &llm.tokenizer, &prompts[..1], &keys[..1], &SamplingConfig { max_new_tokens: 2, ..cfg.clone() }, true)?;
+    generate(
+        &llm.model,
+        &llm.tokenizer,
+        &prompts[..1],
+        &keys[..1],
+        &SamplingConfig { max_new_tokens: 2, ..cfg.clone() },
+        true,
+    )?;
     let t0 = Instant::now();
     let out = generate(&llm.model, &llm.tokenizer, &prompts, &keys, &cfg, true);
     let secs = t0.elapsed().as_secs_f64();

@@ -185,6 +185,7 @@ fn load_llm(spec: &str, device: &str) -> anyhow::Result<curec::llm::Llm> {
 
 fn main() -> ExitCode {
     curec::alloc::tune();
+    curec::alloc::tune_gemm();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUREC_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -250,7 +251,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", p.display());
             }
         }
-        Command::Generate { model, prompt, max_new_tokens, seed, temperature, top_p, system, raw, lora, stop, device } => {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            seed,
+            temperature,
+            top_p,
+            system,
+            raw,
+            lora,
+            stop,
+            device,
+        } => {
             let mut llm = load_llm(&model, &device)?;
             if let Some(l) = lora {
                 llm.model.load_lora(&l)?;

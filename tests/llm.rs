@@ -100,19 +100,35 @@ fn batched_generation_equals_unbatched() {
         let m = tiny(fam);
         let prompts: Vec<Vec<u32>> = vec![vec![3, 4, 5, 6, 7, 8, 9], vec![11, 12], vec![20, 30, 40, 50]];
         let keys = [10u64, 11, 12];
-        for cfg in [SamplingConfig::greedy(12), SamplingConfig { temperature: 1.0, top_p: 0.9, max_new_tokens: 12, stop: vec![], seed: 5 }]
-        {
+        for cfg in [
+            SamplingConfig::greedy(12),
+            SamplingConfig { temperature: 1.0, top_p: 0.9, max_new_tokens: 12, stop: vec![], seed: 5 },
+        ] {
             let batched = generate(&m, &tok, &prompts, &keys, &cfg, true).unwrap();
             for (i, p) in prompts.iter().enumerate() {
-                let single = generate(&m, &tok, &[p.clone()], &[keys[i]], &cfg, true).unwrap();
+                let single = generate(&m, &tok, std::slice::from_ref(p), &[keys[i]], &cfg, true).unwrap();
                 assert_eq!(single[0].tokens, batched[i].tokens, "{fam:?} prompt {i} temperature {}", cfg.temperature);
                 assert_eq!(single[0].tokens.len(), 12);
             }
             // Same seed, same bytes; another seed, other samples.
             assert_eq!(generate(&m, &tok, &prompts, &keys, &cfg, true).unwrap(), batched);
         }
-        let a = generate(&m, &tok, &prompts, &keys, &SamplingConfig { temperature: 1.0, seed: 1, ..Default::default() }, true);
-        let b = generate(&m, &tok, &prompts, &keys, &SamplingConfig { temperature: 1.0, seed: 2, ..Default::default() }, true);
+        let a = generate(
+            &m,
+            &tok,
+            &prompts,
+            &keys,
+            &SamplingConfig { temperature: 1.0, seed: 1, ..Default::default() },
+            true,
+        );
+        let b = generate(
+            &m,
+            &tok,
+            &prompts,
+            &keys,
+            &SamplingConfig { temperature: 1.0, seed: 2, ..Default::default() },
+            true,
+        );
         assert_ne!(a.unwrap(), b.unwrap(), "different seeds must give different samples");
     }
 }
@@ -259,7 +275,9 @@ fn chat_templates_render_both_families() {
         qwen.render(None, "Hi"),
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let smol = ChatTemplate::from_jinja(Some("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"));
+    let smol = ChatTemplate::from_jinja(Some(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    ));
     assert!(smol.render(Some("Be brief."), "Hi").starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"));
     let llama3 = ChatTemplate::from_jinja(Some("<|start_header_id|>"));
     assert!(llama3.render(None, "Hi").ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));

@@ -45,11 +45,14 @@ fn check_model(name: &str, eos: u32) {
     let prompt = r["prompt"].as_str().unwrap();
     let prompt_ids = llm.tokenizer.encode(prompt).unwrap();
     assert_eq!(prompt_ids, ids(&r["prompt_ids"]));
-    assert_eq!(llm.chat.render(None, "What is the capital of France?").ends_with(prompt), true);
+    assert!(llm.chat.render(None, "What is the capital of France?").ends_with(prompt), "{name}: chat template");
     // Logits of the last prompt position: same top 5, values within 1e-2.
     let n = prompt_ids.len();
     let t = candle_core::Tensor::new(prompt_ids.as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
-    let p = candle_core::Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let p = candle_core::Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)
+        .unwrap()
+        .reshape((1, n))
+        .unwrap();
     let h = llm.model.forward(&t, &p, None, None, false).unwrap();
     let logits: Vec<Vec<f32>> = llm.model.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
     let last = &logits[n - 1];

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ChatTemplate {
-    ChatMl { default_system: Option<String> },
+    ChatMl {
+        default_system: Option<String>,
+    },
     Llama3,
     /// No template: the prompt is used as is.
     Raw,

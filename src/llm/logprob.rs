@@ -15,7 +15,11 @@ pub struct CompletionLogProbs {
 }
 
 /// `pairs[i] = (prompt ids, completion ids)`; every prompt must be non-empty.
-pub fn completion_log_probs(model: &CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], adapters: bool) -> Result<CompletionLogProbs> {
+pub fn completion_log_probs(
+    model: &CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    adapters: bool,
+) -> Result<CompletionLogProbs> {
     let dev = model.device();
     let b = pairs.len();
     let t = pairs.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(1);

@@ -92,17 +92,21 @@ pub fn save(path: &Path, cfg: &LoraConfig, adapters: &[(String, &Adapter)]) -> R
     Ok(())
 }
 
+/// Name prefix → (A, B) as read from an adapter file.
+pub type AdapterTensors = HashMap<String, (Tensor, Tensor)>;
+
 /// Read adapters written by [`save`]: the config and name prefix → (A, B).
-pub fn load(path: &Path) -> Result<(LoraConfig, HashMap<String, (Tensor, Tensor)>)> {
+pub fn load(path: &Path) -> Result<(LoraConfig, AdapterTensors)> {
     let shown = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("{shown}: cannot read"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{shown}: not safetensors"))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{shown}: not safetensors"))?;
     let cfg: LoraConfig = match meta.metadata().as_ref().and_then(|m| m.get("lora")) {
         Some(s) => serde_json::from_str(s).with_context(|| format!("{shown}: bad 'lora' metadata"))?,
         None => bail!("{shown}: expected a LoRA adapter file (no 'lora' metadata)"),
     };
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    let mut out: HashMap<String, (Tensor, Tensor)> = HashMap::new();
+    let mut out = AdapterTensors::new();
     for (k, a) in &tensors {
         if let Some(prefix) = k.strip_suffix(".lora_A.weight") {
             let b = tensors

@@ -41,7 +41,8 @@ pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map(str::parse).transpose().context("--device cuda:N: N must be an integer")?;
+            let ordinal =
+                s.strip_prefix("cuda:").map(str::parse).transpose().context("--device cuda:N: N must be an integer")?;
             if !cfg!(feature = "cuda") {
                 bail!("--device {s}: this curec was built without CUDA; rebuild with `cargo build --release --features cuda`");
             }

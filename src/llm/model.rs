@@ -19,7 +19,7 @@ use crate::rec::nn::{rng_for, standard_normal};
 /// Additive mask value for a key a query must not see (finite so fully masked rows stay finite).
 pub const MASKED: f32 = -1e9;
 
-/// A projection with an optional bias and an optional LoRA adapter.
+/// A projection with an optional bias and an optional LoRA adapter; the weight is [out, in].
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
@@ -30,7 +30,7 @@ pub struct Linear {
 impl Linear {
     /// `x` is 2-D (rows × in).
     pub fn forward(&self, x: &Tensor, adapters: bool) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
+        let mut y = crate::ops::linear_rows(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -273,7 +273,7 @@ impl CausalLm {
         let dims = hidden.dims().to_vec();
         let h = hidden.reshape(((), self.cfg.hidden_size))?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let l = h.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let l = crate::ops::linear_rows(&h, head)?.to_dtype(DType::F32)?;
         let mut out = dims[..dims.len() - 1].to_vec();
         out.push(self.cfg.vocab_size);
         Ok(l.reshape(out)?)
@@ -310,7 +310,14 @@ impl CausalLm {
         for (name, a) in named.iter_mut() {
             let (ta, tb) = tensors.get(name).with_context(|| format!("{}: lacks adapter {name}", path.display()))?;
             if ta.dims() != a.a.dims() || tb.dims() != a.b.dims() {
-                bail!("{}: adapter {name} has shape {:?}/{:?}, expected {:?}/{:?}", path.display(), ta.dims(), tb.dims(), a.a.dims(), a.b.dims());
+                bail!(
+                    "{}: adapter {name} has shape {:?}/{:?}, expected {:?}/{:?}",
+                    path.display(),
+                    ta.dims(),
+                    tb.dims(),
+                    a.a.dims(),
+                    a.b.dims()
+                );
             }
             a.a.set(&ta.to_dtype(self.dtype)?.to_device(&self.device)?)?;
             a.b.set(&tb.to_dtype(self.dtype)?.to_device(&self.device)?)?;
@@ -433,8 +440,7 @@ fn rope_tables(cfg: &LlmConfig, max_pos: usize, dev: &Device) -> Result<(Tensor,
 /// Plain causal mask for `t` new queries after `past` cached keys, all rows unpadded.
 pub fn causal_bias(b: usize, t: usize, past: usize, dev: &Device) -> Result<Tensor> {
     let total = past + t;
-    let v: Vec<f32> =
-        (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
+    let v: Vec<f32> = (0..t).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { MASKED })).collect();
     Ok(Tensor::from_vec(v, (1, 1, t, total), dev)?.broadcast_as((b, 1, t, total))?.contiguous()?)
 }
 

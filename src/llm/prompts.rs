@@ -23,7 +23,8 @@ pub enum PromptKind {
 }
 
 impl PromptKind {
-    pub const ALL: [PromptKind; 4] = [PromptKind::Alignment, PromptKind::Pattern, PromptKind::Reason, PromptKind::PatternUpdate];
+    pub const ALL: [PromptKind; 4] =
+        [PromptKind::Alignment, PromptKind::Pattern, PromptKind::Reason, PromptKind::PatternUpdate];
 
     pub fn file_name(self) -> &'static str {
         match self {
@@ -193,11 +194,8 @@ pub fn parse_pattern_update(answer: &str) -> Option<(String, String)> {
     let lower = answer.to_ascii_lowercase();
     let p = lower.find("pattern:")?;
     let r = lower.find("reason:")?;
-    let (pattern, reason) = if p < r {
-        (&answer[p + 8..r], &answer[r + 7..])
-    } else {
-        (&answer[p + 8..], &answer[r + 7..p])
-    };
+    let (pattern, reason) =
+        if p < r { (&answer[p + 8..r], &answer[r + 7..]) } else { (&answer[p + 8..], &answer[r + 7..p]) };
     let (pattern, reason) = (pattern.trim(), reason.trim());
     (!pattern.is_empty() && !reason.is_empty()).then(|| (pattern.to_string(), reason.to_string()))
 }

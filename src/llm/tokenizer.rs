@@ -10,7 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A loaded tokenizer plus the ids the runtime needs.
@@ -125,9 +126,10 @@ pub fn gguf_tokenizer_json(c: &gguf_file::Content) -> Result<(Value, Option<u32>
                 {"type": "Digits", "individual_digits": true},
                 {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}),
         ),
-        "gpt2" | "default" | "" => {
-            (Value::Null, json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}))
-        }
+        "gpt2" | "default" | "" => (
+            Value::Null,
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+        ),
         other => bail!("GGUF pre-tokenizer '{other}' is not supported: expected qwen2, llama-bpe, smollm or gpt2"),
     };
     let doc = json!({

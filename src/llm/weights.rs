@@ -92,7 +92,8 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(LlmConf
     let files: Vec<std::path::PathBuf> = if index.exists() {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
             .with_context(|| format!("{}: not valid JSON", index.display()))?;
-        let map = v["weight_map"].as_object().with_context(|| format!("{}: expected a 'weight_map'", index.display()))?;
+        let map =
+            v["weight_map"].as_object().with_context(|| format!("{}: expected a 'weight_map'", index.display()))?;
         let mut f: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
         f.sort();
         f.dedup();

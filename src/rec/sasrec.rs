@@ -17,10 +17,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::nn::{causal_padding_bias, dropout, position_mask, rng_for, LayerNorm, Params};
-use crate::ops::{cross_entropy, softmax_last_dim};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
+use crate::ops::{cross_entropy, softmax_last_dim};
 
 /// Standard deviation of every weight at initialisation (biases start at zero), as in RecBole.
 const INIT_STD: f32 = 0.02;
