@@ -4,10 +4,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::Tensor;
 use serde_json::json;
 
-use crate::llm::{completion_log_probs, generate, Llm, SamplingConfig};
+use crate::llm::{generate, log_probs_with, Grad, Llm, SamplingConfig};
 
 /// A fixed English prompt, repeated/cut to `tokens` tokens (without chat template).
 pub fn prompt_ids(llm: &Llm, tokens: usize) -> Result<Vec<u32>> {
@@ -66,24 +65,25 @@ pub fn generate_throughput(
 }
 
 /// Log-prob throughput: a batch of `batch` sequences of `seq_len` tokens (half prompt, half
-/// completion), with and without gradient (LoRA adapters attached when `lora`).
+/// completion): without gradient, or (`backward`) a LoRA training step's forward and backward
+/// with activation checkpointing.
 pub fn logprob_throughput(llm: &Llm, batch: usize, seq_len: usize, backward: bool) -> Result<serde_json::Value> {
     let ids = prompt_ids(llm, seq_len)?;
     let half = seq_len / 2;
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..batch).map(|_| (ids[..half].to_vec(), ids[half..].to_vec())).collect();
     let t0 = Instant::now();
-    let lp = completion_log_probs(&llm.model, &pairs, true)?;
+    let mode = if backward { Grad::Checkpointed } else { Grad::None };
+    let (lp, ck) = log_probs_with(&llm.model, &pairs, true, mode)?;
     let fwd = t0.elapsed().as_secs_f64();
     let mut bwd = 0.0;
-    if backward {
+    if let Some(ck) = ck {
         let t1 = Instant::now();
         let loss = (lp.log_probs.sum_all()? / (batch * (seq_len - half)) as f64)?;
-        let grads = loss.backward()?;
+        let grads = llm.model.backward_checkpointed(&loss, ck)?;
         bwd = t1.elapsed().as_secs_f64();
         drop(grads);
     }
     let mean: f32 = (lp.log_probs.sum_all()? / lp.mask.sum_all()?)?.to_scalar()?;
-    let _ = Tensor::zeros(1, candle_core::DType::F32, llm.model.device())?;
     Ok(json!({
         "bench": "logprobs",
         "model": llm.source.display().to_string(),

@@ -207,6 +207,36 @@ impl candle_core::CustomOp2 for SkinnyMatmul {
         let w = contiguous_f32(s2, l2, "skinny matmul rhs")?;
         let (m, k) = (l1.dims()[0], l1.dims()[1]);
         let n = l2.dims()[0];
+        if m > SKINNY_MAX_ROWS {
+            let mut out = vec![0f32; m * n];
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // SAFETY: the slices hold m·k, n·k and m·n elements laid out as the strides say.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+            return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+        }
         // Output column-major by chunks of weight rows, transposed at the end.
         const CHUNK: usize = 64;
         let mut t = vec![0f32; n * m];
@@ -242,11 +272,12 @@ impl candle_core::CustomOp2 for SkinnyMatmul {
     }
 }
 
-/// `x · wᵀ` for 2-D `x` [m, k] and `w` [n, k]: the skinny kernel for few rows of f32 on the CPU,
-/// candle's gemm otherwise. Differentiable either way.
+/// `x · wᵀ` for 2-D `x` [m, k] and `w` [n, k]: on the CPU in f32 the skinny kernel for few rows,
+/// gemm for more; candle's matmul elsewhere. Differentiable, and unlike candle's matmul the
+/// backward pass computes no gradient for a weight that does not need one (a frozen LoRA base):
+/// that gradient costs a full-size matmul and a full-size buffer per projection.
 pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (m, _) = x.dims2()?;
-    if m <= SKINNY_MAX_ROWS && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.is_contiguous() {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.is_contiguous() {
         x.contiguous()?.apply_op2(w, SkinnyMatmul)
     } else {
         x.matmul(&w.t()?)
@@ -302,8 +333,8 @@ mod tests {
     #[test]
     fn skinny_matmul_matches_gemm_with_gradients() {
         let dev = Device::Cpu;
-        // k = 83 exercises the non-multiple-of-16 tails; m = 1..7 every row grouping.
-        for m in [1usize, 3, 4, 7, 16] {
+        // k = 83 exercises the non-multiple-of-16 tails; m up to 16 the skinny kernel, 40 gemm.
+        for m in [1usize, 3, 4, 7, 16, 40] {
             let x = Var::from_vec(
                 (0..m * 83).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.1).collect::<Vec<f32>>(),
                 (m, 83),

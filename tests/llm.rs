@@ -337,3 +337,52 @@ fn sampler_respects_greedy_and_top_p() {
     assert_eq!(seen.len(), 4);
     let _ = D::Minus1;
 }
+
+#[test]
+fn checkpointed_backward_equals_full_graph_backward() {
+    use curec::llm::{log_probs_with, Grad};
+    let pairs = vec![(vec![1u32, 2, 3], vec![4u32, 5, 6, 7]), (vec![9u32, 8, 7, 6, 5], vec![40u32, 41])];
+    for full_ft in [false, true] {
+        let mut m = tiny(Family::Qwen2);
+        let vars = if full_ft {
+            m.train_full().unwrap()
+        } else {
+            m.add_lora(&LoraConfig::default()).unwrap();
+            // Non-zero B so that every adapter matrix has a gradient.
+            for (_, v) in m.lora_vars() {
+                v.set(&v.as_tensor().randn_like(0.0, 0.05).unwrap()).unwrap();
+            }
+            m.lora_vars()
+        };
+        let loss =
+            |lp: &curec::llm::CompletionLogProbs| (lp.log_probs.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        let (full, _) = log_probs_with(&m, &pairs, true, Grad::Full).unwrap();
+        let g_full = loss(&full).backward().unwrap();
+        let (ck_lp, ck) = log_probs_with(&m, &pairs, true, Grad::Checkpointed).unwrap();
+        let g_ck = m.backward_checkpointed(&loss(&ck_lp), ck.unwrap()).unwrap();
+        let (none, ck) = log_probs_with(&m, &pairs, true, Grad::None).unwrap();
+        assert!(ck.is_none() && !none.log_probs.track_op(), "Grad::None must not keep a graph");
+        assert!(
+            max_abs_diff(
+                &none.log_probs.flatten_all().unwrap().to_vec1().unwrap(),
+                &full.log_probs.flatten_all().unwrap().to_vec1().unwrap()
+            ) < 1e-5
+        );
+        for (name, v) in &vars {
+            let a: Vec<f32> = g_full.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = g_ck
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no checkpointed gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            assert!(
+                max_abs_diff(&a, &b) / scale < 1e-4,
+                "full_ft={full_ft} {name}: gradients differ by {}",
+                max_abs_diff(&a, &b)
+            );
+        }
+    }
+}

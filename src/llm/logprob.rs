@@ -6,7 +6,19 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
-use super::model::{padded_bias, CausalLm};
+use super::model::{padded_bias, CausalLm, Checkpoints};
+
+/// How much of the autograd graph a log-prob pass keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grad {
+    /// No gradient (old / reference policy): layers run detached, memory stays at one layer's.
+    None,
+    /// The whole graph, for `loss.backward()`.
+    Full,
+    /// Activation checkpointing: call [`CausalLm::backward_checkpointed`] with the returned
+    /// checkpoints (training on CPU within a small memory budget).
+    Checkpointed,
+}
 
 /// Log-probs [batch, max completion length] and the mask of real tokens (1.0 / 0.0), same shape.
 pub struct CompletionLogProbs {
@@ -14,12 +26,23 @@ pub struct CompletionLogProbs {
     pub mask: Tensor,
 }
 
-/// `pairs[i] = (prompt ids, completion ids)`; every prompt must be non-empty.
+/// `pairs[i] = (prompt ids, completion ids)`; every prompt must be non-empty. Differentiable
+/// (the whole graph is kept).
 pub fn completion_log_probs(
     model: &CausalLm,
     pairs: &[(Vec<u32>, Vec<u32>)],
     adapters: bool,
 ) -> Result<CompletionLogProbs> {
+    Ok(log_probs_with(model, pairs, adapters, Grad::Full)?.0)
+}
+
+/// [`completion_log_probs`] choosing what to keep for the backward pass.
+pub fn log_probs_with(
+    model: &CausalLm,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    adapters: bool,
+    grad: Grad,
+) -> Result<(CompletionLogProbs, Option<Checkpoints>)> {
     let dev = model.device();
     let b = pairs.len();
     let t = pairs.iter().map(|(p, c)| p.len() + c.len()).max().unwrap_or(1);
@@ -44,13 +67,23 @@ pub fn completion_log_probs(
     let ids = Tensor::from_vec(ids, (b, t), dev)?;
     let pos = Tensor::from_vec((0..b).flat_map(|_| 0..t as u32).collect::<Vec<u32>>(), (b, t), dev)?;
     let bias = padded_bias(&valid, t, dev)?;
-    let hidden = model.forward(&ids, &pos, Some(&bias), None, adapters)?;
+    let (hidden, ck) = match grad {
+        Grad::Full => (model.forward(&ids, &pos, Some(&bias), None, adapters)?, None),
+        Grad::None => (model.forward_checkpointed(&ids, &pos, Some(&bias), adapters)?.0.detach(), None),
+        Grad::Checkpointed => {
+            let (h, ck) = model.forward_checkpointed(&ids, &pos, Some(&bias), adapters)?;
+            (h, Some(ck))
+        }
+    };
     let h = hidden.reshape((b * t, model.cfg.hidden_size))?.index_select(&Tensor::new(gather.as_slice(), dev)?, 0)?;
     let logits = model.logits(&h)?;
     let lp = crate::ops::token_log_probs(&logits, &Tensor::new(targets.as_slice(), dev)?)?;
     let mask = Tensor::from_vec(mask, (b, cmax), dev)?;
-    let log_probs = (lp.reshape((b, cmax))? * &mask)?;
-    Ok(CompletionLogProbs { log_probs, mask: mask.to_dtype(DType::F32)? })
+    let mut log_probs = (lp.reshape((b, cmax))? * &mask)?;
+    if grad == Grad::None {
+        log_probs = log_probs.detach();
+    }
+    Ok((CompletionLogProbs { log_probs, mask: mask.to_dtype(DType::F32)? }, ck))
 }
 
 impl CompletionLogProbs {

@@ -22,7 +22,7 @@ use candle_core::{DType, Device};
 pub use chat::ChatTemplate;
 pub use config::{Family, LlmConfig};
 pub use generate::{generate, Generation, SamplingConfig};
-pub use logprob::{completion_log_probs, CompletionLogProbs};
+pub use logprob::{completion_log_probs, log_probs_with, CompletionLogProbs, Grad};
 pub use lora::LoraConfig;
 pub use model::{CausalLm, KvCache};
 pub use tokenizer::Tokenizer;

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::config::LlmConfig;
@@ -78,6 +79,25 @@ impl KvCache {
         }
         Ok(())
     }
+}
+
+/// Per-call inputs shared by all layers.
+#[derive(Debug, Clone)]
+struct Step {
+    b: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
+
+/// What [`CausalLm::forward_checkpointed`] keeps for the backward pass.
+pub struct Checkpoints {
+    inputs: Vec<Tensor>,
+    ids: Tensor,
+    st: Step,
+    adapters: bool,
+    last: Var,
 }
 
 /// A Qwen2- or Llama-family causal LM.
@@ -195,6 +215,60 @@ impl CausalLm {
         self.dtype
     }
 
+    /// RoPE tables at the given positions and the mask, in the model's dtype.
+    fn prepare(&self, positions: &Tensor, bias: Option<&Tensor>, past: usize) -> Result<Step> {
+        let (b, t) = positions.dims2()?;
+        let hd = self.cfg.head_dim;
+        let pos = positions.flatten_all()?;
+        let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
+        let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
+        let bias = match bias {
+            Some(m) => m.to_dtype(self.dtype)?,
+            None => causal_bias(b, t, past, &self.device)?.to_dtype(self.dtype)?,
+        };
+        Ok(Step { b, t, cos, sin, bias })
+    }
+
+    /// One decoder layer on the residual stream `x` ([b·t, hidden]).
+    fn layer(&self, li: usize, x: &Tensor, st: &Step, cache: Option<&mut KvCache>, adapters: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, t) = (st.b, st.t);
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let rep = nh / nkv;
+        let layer = &self.layers[li];
+        let [qp, kp, vp, op, gp, up, dp] = &layer.proj;
+        let h = rms_norm(x, &layer.input_norm, cfg.rms_norm_eps)?;
+        let q = qp.forward(&h, adapters)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = kp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = vp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = (q.broadcast_mul(&st.cos)? + rotate_half(&q)?.broadcast_mul(&st.sin)?)?;
+        let k = (k.broadcast_mul(&st.cos)? + rotate_half(&k)?.broadcast_mul(&st.sin)?)?;
+        let (k, v) = match cache {
+            Some(c) => {
+                let kv = match &c.layers[li] {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                c.layers[li] = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without repeating K/V: the `rep` query heads that share a
+        // KV head are stacked along the query axis.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&st.bias)?;
+        let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
+        let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let x = (x + op.forward(&att, adapters)?)?;
+        let h = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
+        let g = gp.forward(&h, adapters)?.silu()?;
+        let u = up.forward(&h, adapters)?;
+        Ok((&x + dp.forward(&(g * u)?, adapters)?)?)
+    }
+
     /// Hidden states after the final norm, [batch, t, hidden].
     ///
     /// `ids` and `positions` are [batch, t] u32; `bias` is the additive attention mask
@@ -208,64 +282,97 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
         adapters: bool,
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let rep = nh / nkv;
-        let pos = positions.flatten_all()?;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let own_bias;
-        let bias = match bias {
-            Some(m) => m.clone(),
-            None => {
-                own_bias = causal_bias(b, t, past, &self.device)?;
-                own_bias
-            }
-        };
-        let bias = bias.to_dtype(self.dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 *c = KvCache::new(self.layers.len());
             }
         }
-        for (li, layer) in self.layers.iter().enumerate() {
-            let [qp, kp, vp, op, gp, up, dp] = &layer.proj;
-            let h = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = qp.forward(&h, adapters)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-            let k = kp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let v = vp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = (q.broadcast_mul(&cos)? + rotate_half(&q)?.broadcast_mul(&sin)?)?;
-            let k = (k.broadcast_mul(&cos)? + rotate_half(&k)?.broadcast_mul(&sin)?)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => {
-                    let kv = match &c.layers[li] {
-                        Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                        None => (k, v),
-                    };
-                    c.layers[li] = Some(kv.clone());
-                    kv
-                }
-                None => (k, v),
-            };
-            let total = k.dim(2)?;
-            // Grouped-query attention without repeating K/V: the `rep` query heads that share a
-            // KV head are stacked along the query axis.
-            let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-            let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&bias)?;
-            let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
-            let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
-            x = (x + op.forward(&att, adapters)?)?;
-            let h = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
-            let g = gp.forward(&h, adapters)?.silu()?;
-            let u = up.forward(&h, adapters)?;
-            x = (x + dp.forward(&(g * u)?, adapters)?)?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let st = self.prepare(positions, bias, past)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
+        for li in 0..self.layers.len() {
+            x = self.layer(li, &x, &st, cache.as_deref_mut(), adapters)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        Ok(x.reshape((b, t, cfg.hidden_size))?)
+        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(x.reshape((st.b, st.t, self.cfg.hidden_size))?)
+    }
+
+    /// [`Self::forward`] for training with activation checkpointing: only each layer's input is
+    /// kept; [`Self::backward_checkpointed`] recomputes one layer at a time. Peak memory is the
+    /// weights plus one layer's activations instead of all of them (Qwen 0.5B, 4 × 256 tokens,
+    /// LoRA: see README).
+    pub fn forward_checkpointed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: Option<&Tensor>,
+        adapters: bool,
+    ) -> Result<(Tensor, Checkpoints)> {
+        let st = self.prepare(positions, bias, 0)?;
+        let ids = ids.flatten_all()?;
+        let mut x = self.embed.index_select(&ids, 0)?.detach();
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
+            inputs.push(x.clone());
+            x = self.layer(li, &x, &st, None, adapters)?.detach();
+        }
+        let last = Var::from_tensor(&x)?;
+        let h = rms_norm(last.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
+        let hidden = h.reshape((st.b, st.t, self.cfg.hidden_size))?;
+        Ok((hidden, Checkpoints { inputs, ids, st, adapters, last }))
+    }
+
+    /// Gradients of `loss` (built on the hidden states of [`Self::forward_checkpointed`]) for
+    /// every trainable variable of the model: LoRA adapters, or all weights after
+    /// [`Self::train_full`].
+    pub fn backward_checkpointed(&self, loss: &Tensor, ck: Checkpoints) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        let Some(mut g) = grads.remove(ck.last.as_tensor()) else { return Ok(grads) };
+        let add = |grads: &mut GradStore, t: &Tensor, gr: &Tensor| -> Result<()> {
+            let sum = match grads.get(t) {
+                Some(prev) => (prev + gr)?,
+                None => gr.clone(),
+            };
+            grads.insert(t, sum);
+            Ok(())
+        };
+        for li in (0..self.layers.len()).rev() {
+            let xin = Var::from_tensor(&ck.inputs[li])?;
+            let out = self.layer(li, xin.as_tensor(), &ck.st, None, ck.adapters)?;
+            let lg = (out * &g)?.sum_all()?.backward()?;
+            for t in self.layer_tensors(li) {
+                if t.is_variable() {
+                    if let Some(gr) = lg.get(&t) {
+                        add(&mut grads, &t, gr)?;
+                    }
+                }
+            }
+            g = match lg.get(xin.as_tensor()) {
+                Some(gx) => gx.clone(),
+                None => return Ok(grads),
+            };
+        }
+        if self.embed.is_variable() {
+            let lg = (self.embed.index_select(&ck.ids, 0)? * &g)?.sum_all()?.backward()?;
+            if let Some(gr) = lg.get(&self.embed) {
+                add(&mut grads, &self.embed, gr)?;
+            }
+        }
+        Ok(grads)
+    }
+
+    fn layer_tensors(&self, li: usize) -> Vec<Tensor> {
+        let l = &self.layers[li];
+        let mut out = vec![l.input_norm.clone(), l.post_norm.clone()];
+        for p in &l.proj {
+            out.push(p.weight.clone());
+            out.extend(p.bias.clone());
+            if let Some(a) = &p.lora {
+                out.push(a.a.as_tensor().clone());
+                out.push(a.b.as_tensor().clone());
+            }
+        }
+        out
     }
 
     /// Logits for hidden states of any leading shape, in f32.
