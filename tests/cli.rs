@@ -346,3 +346,32 @@ fn same_seed_gives_identical_models_and_metrics() {
         assert_eq!(a["valid"], b["valid"]);
     }
 }
+
+/// LLM commands: bad models and bad names stop with one line naming what was wrong.
+#[test]
+fn llm_commands_reject_bad_models_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one_line = |args: &[&str], want: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_curec"))
+            .args(args)
+            .env("CUREC_LOG", "warn")
+            .env("CUREC_HOME", tmp.path().join("home"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line expected, got {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    one_line(&["generate", "--model", "no-such-model", "--prompt", "hi"], "not a pinned model");
+    one_line(&["model", "fetch", "gpt-17"], "unknown model 'gpt-17'");
+    let fake = tmp.path().join("fake.gguf");
+    std::fs::write(&fake, b"definitely not a gguf file").unwrap();
+    one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi"], "fake.gguf: not a GGUF file");
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"architectures": ["GPT2LMHeadModel"]}"#).unwrap();
+    one_line(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"], "'GPT2LMHeadModel' is not supported");
+    one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi", "--device", "tpu"], "--device 'tpu'");
+    assert!(!tmp.path().join("home").join("models").exists(), "nothing may be left half-fetched");
+}
