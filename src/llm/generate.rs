@@ -5,7 +5,7 @@
 //! Finished rows are dropped from the batch (and from the cache) as they stop.
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -200,7 +200,6 @@ pub fn generate(
         let bias = padded_bias(&valid, 1, dev)?;
         let hidden = model.forward(&ids_t, &pos_t, Some(&bias), Some(&mut cache), adapters)?;
         logits = model.logits(&hidden.squeeze(1)?)?;
-        let _ = D::Minus1;
     }
     Ok(out
         .into_iter()
