@@ -10,14 +10,3 @@ pub fn tune() {
     // SAFETY: sets a process-wide integer option; valid at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
-
-/// gemm tuning for small-batch LLM decoding. With 8 activation rows the gemm splits the columns
-/// into register tiles of 6 and 2 and, without packing, streams every weight from memory once
-/// per tile: twice per step. Packing the weight block once (into L2) for all tiles made batch-8
-/// decoding of SmolLM2 faster (see README, benches). `CUREC_GEMM_LHS_PACK` overrides (a multiple
-/// of the tile width above which gemm packs; gemm's default is 16).
-pub fn tune_gemm() {
-    let t = std::env::var("CUREC_GEMM_LHS_PACK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    gemm_common::gemm::set_lhs_packing_threshold_multi_thread(t);
-    gemm_common::gemm::set_lhs_packing_threshold_single_thread(t);
-}

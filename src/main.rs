@@ -185,7 +185,6 @@ fn load_llm(spec: &str, device: &str) -> anyhow::Result<curec::llm::Llm> {
 
 fn main() -> ExitCode {
     curec::alloc::tune();
-    curec::alloc::tune_gemm();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUREC_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

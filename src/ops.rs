@@ -1,7 +1,8 @@
-//! Fused CPU kernels with backward passes for the two hottest element-wise spots of training:
-//! the attention softmax and the softmax cross-entropy over all items. candle's fused
-//! `softmax_last_dim` has no backward and its composite `softmax` makes five passes and
-//! allocations over B·H·T² elements; these make one (and fall back to composite ops off the CPU).
+//! Fused CPU kernels with backward passes: the attention softmax and the softmax cross-entropy
+//! over all items (candle's fused `softmax_last_dim` has no backward and its composite `softmax`
+//! makes five passes and allocations over B·H·T² elements; these make one), per-token
+//! log-probs, and the linear projection of the LLM (`linear_rows`). All fall back to candle's
+//! ops off the CPU.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -140,13 +141,13 @@ pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `x · wᵀ` for few rows of `x` (LLM decoding: one row per sequence), `w` [n, k] row-major
-/// (the Hugging Face layout of a projection).
+/// `x · wᵀ` with `w` [n, k] row-major (the Hugging Face layout of a projection).
 ///
-/// With 8 rows, gemm splits them into register tiles of 6 and 2 and streams the (transposed)
-/// weight through memory once per tile, packing it each time. This kernel reads every weight row
-/// once, contiguously, and dots it with all rows of `x`, which stay in L1.
-struct SkinnyMatmul;
+/// For few rows of `x` (LLM decoding: one row per sequence) a skinny kernel: with 8 rows, gemm
+/// splits them into register tiles of 6 and 2 and streams the (transposed) weight through memory
+/// once per tile; this reads every weight row once, contiguously, and dots it with all rows of
+/// `x`, which stay in L1. For more rows, gemm. Its backward skips inputs that need no gradient.
+struct LinearOp;
 
 /// Rows up to which [`linear_rows`] uses the skinny kernel.
 pub const SKINNY_MAX_ROWS: usize = 16;
@@ -197,14 +198,14 @@ fn dot4(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
     ]
 }
 
-impl candle_core::CustomOp2 for SkinnyMatmul {
+impl candle_core::CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "curec-skinny-matmul"
+        "curec-linear"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, "skinny matmul lhs")?;
-        let w = contiguous_f32(s2, l2, "skinny matmul rhs")?;
+        let x = contiguous_f32(s1, l1, "linear input")?;
+        let w = contiguous_f32(s2, l2, "linear weight")?;
         let (m, k) = (l1.dims()[0], l1.dims()[1]);
         let n = l2.dims()[0];
         if m > SKINNY_MAX_ROWS {
@@ -278,7 +279,7 @@ impl candle_core::CustomOp2 for SkinnyMatmul {
 /// that gradient costs a full-size matmul and a full-size buffer per projection.
 pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.is_contiguous() {
-        x.contiguous()?.apply_op2(w, SkinnyMatmul)
+        x.contiguous()?.apply_op2(w, LinearOp)
     } else {
         x.matmul(&w.t()?)
     }
