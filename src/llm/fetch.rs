@@ -5,7 +5,7 @@
 //! fetching a model that is already there only re-checks its hashes.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -99,20 +99,10 @@ impl PinnedModel {
 
 /// sha256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut r = BufReader::with_capacity(
-        1 << 20,
-        File::open(path).with_context(|| format!("{}: cannot open", path.display()))?,
-    );
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut w = HashingWriter { inner: std::io::sink(), hash: Sha256::new() };
+    std::io::copy(&mut f, &mut w).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(hex(&w.hash.finalize()))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -149,6 +149,7 @@ pub fn generate(
         for (r, &i) in active.iter().enumerate() {
             let t = sample(&rows[r], cfg.temperature, cfg.top_p, &mut rngs[i]);
             let mut finished = None;
+            let mut decoded = None;
             if tok.stop_ids.contains(&t) {
                 finished = Some(Finish::Stop);
             } else {
@@ -158,6 +159,7 @@ pub fn generate(
                     if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
                         finished = Some(Finish::Stop);
                     }
+                    decoded = Some(text);
                 }
                 if finished.is_none() && step + 1 == cfg.max_new_tokens {
                     finished = Some(Finish::Length);
@@ -165,7 +167,10 @@ pub fn generate(
             }
             match finished {
                 Some(f) => {
-                    let mut text = tok.decode(&tokens[i], true)?;
+                    let mut text = match decoded {
+                        Some(text) => text,
+                        None => tok.decode(&tokens[i], true)?,
+                    };
                     if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                         text.truncate(cut);
                     }

@@ -4,7 +4,7 @@
 //! token, so memory scales with completion tokens × vocabulary, not the whole batch.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::model::{padded_bias, CausalLm, Checkpoints};
 
@@ -69,7 +69,7 @@ pub fn log_probs_with(
     let bias = padded_bias(&valid, t, dev)?;
     let (hidden, ck) = match grad {
         Grad::Full => (model.forward(&ids, &pos, Some(&bias), None, adapters)?, None),
-        Grad::None => (model.forward_checkpointed(&ids, &pos, Some(&bias), adapters)?.0.detach(), None),
+        Grad::None => (model.forward_no_grad(&ids, &pos, Some(&bias), adapters)?, None),
         Grad::Checkpointed => {
             let (h, ck) = model.forward_checkpointed(&ids, &pos, Some(&bias), adapters)?;
             (h, Some(ck))
@@ -83,7 +83,7 @@ pub fn log_probs_with(
     if grad == Grad::None {
         log_probs = log_probs.detach();
     }
-    Ok((CompletionLogProbs { log_probs, mask: mask.to_dtype(DType::F32)? }, ck))
+    Ok((CompletionLogProbs { log_probs, mask }, ck))
 }
 
 impl CompletionLogProbs {

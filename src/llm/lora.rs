@@ -78,14 +78,13 @@ impl Adapter {
 
 /// Write adapters (name prefix → adapter) plus the config as safetensors metadata.
 pub fn save(path: &Path, cfg: &LoraConfig, adapters: &[(String, &Adapter)]) -> Result<()> {
-    let mut map: HashMap<String, Tensor> = HashMap::new();
+    let mut data: Vec<(String, Tensor)> = Vec::with_capacity(2 * adapters.len());
     for (name, a) in adapters {
-        map.insert(format!("{name}.lora_A.weight"), a.a.as_tensor().to_dtype(DType::F32)?);
-        map.insert(format!("{name}.lora_B.weight"), a.b.as_tensor().to_dtype(DType::F32)?);
+        data.push((format!("{name}.lora_A.weight"), a.a.as_tensor().to_dtype(DType::F32)?));
+        data.push((format!("{name}.lora_B.weight"), a.b.as_tensor().to_dtype(DType::F32)?));
     }
     let meta: HashMap<String, String> = [("lora".to_string(), serde_json::to_string(cfg)?)].into();
     let tmp = crate::data::prepared::tmp_path(path);
-    let data: Vec<(String, Tensor)> = map.into_iter().collect();
     safetensors::serialize_to_file(data.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path)?;

@@ -81,16 +81,14 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
 impl Llm {
     /// Load from a GGUF file or a Hugging Face directory.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        if path.is_dir() {
+        let (cfg, w, tokenizer, jinja) = if path.is_dir() {
             let (cfg, w) = weights::load_hf_dir(path, dtype, device)?;
-            let tok_path = path.join("tokenizer.json");
-            let tokenizer = Tokenizer::from_file(&tok_path)?;
+            let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
             let jinja = std::fs::read_to_string(path.join("tokenizer_config.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                 .and_then(|v| v["chat_template"].as_str().map(String::from));
-            let model = CausalLm::from_weights(cfg, w, dtype, device)?;
-            Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
+            (cfg, w, tokenizer, jinja)
         } else {
             let (content, cfg, w) = weights::load_gguf(path, dtype, device)?;
             let sibling = path.with_file_name("tokenizer.json");
@@ -100,9 +98,10 @@ impl Llm {
                 Tokenizer::from_gguf(&content).with_context(|| format!("{}", path.display()))?
             };
             let jinja = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-            let model = CausalLm::from_weights(cfg, w, dtype, device)?;
-            Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
-        }
+            (cfg, w, tokenizer, jinja)
+        };
+        let model = CausalLm::from_weights(cfg, w, dtype, device)?;
+        Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
     }
 
     /// Apply the chat template and tokenize.

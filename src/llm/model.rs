@@ -142,25 +142,16 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
-            let lin = |w: &mut Weights, name: &str| -> Result<Linear> {
-                let sub = if name.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&name) {
-                    "mlp"
-                } else {
-                    "self_attn"
-                };
-                let weight = take(w, &format!("{p}.{sub}.{name}.weight"))?;
-                let bias = w.remove(&format!("{p}.{sub}.{name}.bias"));
-                Ok(Linear { weight, bias, lora: None })
-            };
-            let proj = [
-                lin(&mut w, "q_proj")?,
-                lin(&mut w, "k_proj")?,
-                lin(&mut w, "v_proj")?,
-                lin(&mut w, "o_proj")?,
-                lin(&mut w, "gate_proj")?,
-                lin(&mut w, "up_proj")?,
-                lin(&mut w, "down_proj")?,
-            ];
+            let mut proj = Vec::with_capacity(ALL_TARGETS.len());
+            for pi in 0..ALL_TARGETS.len() {
+                let n = proj_name(i, pi);
+                proj.push(Linear {
+                    weight: take(&mut w, &format!("{n}.weight"))?,
+                    bias: w.remove(&format!("{n}.bias")),
+                    lora: None,
+                });
+            }
+            let proj: [Linear; 7] = proj.try_into().expect("one Linear per target");
             layers.push(Layer {
                 input_norm: take(&mut w, &format!("{p}.input_layernorm.weight"))?,
                 post_norm: take(&mut w, &format!("{p}.post_attention_layernorm.weight"))?,
@@ -297,6 +288,35 @@ impl CausalLm {
         Ok(x.reshape((st.b, st.t, self.cfg.hidden_size))?)
     }
 
+    /// Every layer run on a detached residual stream, so that no layer's autograd graph outlives
+    /// it; returns the last layer's output and, when `keep`, each layer's input.
+    fn layers_detached(&self, ids: &Tensor, st: &Step, adapters: bool, keep: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = self.embed.index_select(ids, 0)?.detach();
+        let mut inputs = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        for li in 0..self.layers.len() {
+            if keep {
+                inputs.push(x.clone());
+            }
+            x = self.layer(li, &x, st, None, adapters)?.detach();
+        }
+        Ok((x, inputs))
+    }
+
+    /// [`Self::forward`] without any gradient (old and reference policies): memory stays at one
+    /// layer's activations even when adapters are trainable variables.
+    pub fn forward_no_grad(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        bias: Option<&Tensor>,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let st = self.prepare(positions, bias, 0)?;
+        let (x, _) = self.layers_detached(&ids.flatten_all()?, &st, adapters, false)?;
+        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?.detach();
+        Ok(h.reshape((st.b, st.t, self.cfg.hidden_size))?)
+    }
+
     /// [`Self::forward`] for training with activation checkpointing: only each layer's input is
     /// kept; [`Self::backward_checkpointed`] recomputes one layer at a time. Peak memory is the
     /// weights plus one layer's activations instead of all of them (Qwen 0.5B, 4 × 256 tokens,
@@ -310,12 +330,7 @@ impl CausalLm {
     ) -> Result<(Tensor, Checkpoints)> {
         let st = self.prepare(positions, bias, 0)?;
         let ids = ids.flatten_all()?;
-        let mut x = self.embed.index_select(&ids, 0)?.detach();
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        for li in 0..self.layers.len() {
-            inputs.push(x.clone());
-            x = self.layer(li, &x, &st, None, adapters)?.detach();
-        }
+        let (x, inputs) = self.layers_detached(&ids, &st, adapters, true)?;
         let last = Var::from_tensor(&x)?;
         let h = rms_norm(last.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
         let hidden = h.reshape((st.b, st.t, self.cfg.hidden_size))?;

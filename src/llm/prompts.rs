@@ -94,26 +94,43 @@ impl Prompt {
     /// Fill the placeholders.
     pub fn render(&self, values: &BTreeMap<&str, String>) -> Result<String> {
         let mut out = String::with_capacity(self.text.len() + 256);
-        let mut rest = self.text.as_str();
-        while let Some(open) = rest.find('{') {
-            out.push_str(&rest[..open]);
-            let after = &rest[open + 1..];
-            match after.find('}') {
-                Some(close) if is_name(&after[..close]) => {
-                    let name = &after[..close];
-                    let v = values.get(name).with_context(|| format!("prompt value {{{name}}} not given"))?;
-                    out.push_str(v);
-                    rest = &after[close + 1..];
-                }
-                _ => {
-                    out.push('{');
-                    rest = after;
+        for part in parts(&self.text) {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Name(name) => {
+                    out.push_str(values.get(name).with_context(|| format!("prompt value {{{name}}} not given"))?)
                 }
             }
         }
-        out.push_str(rest);
         Ok(out)
     }
+}
+
+/// A template split into literal text and `{placeholder}` names.
+enum Part<'a> {
+    Text(&'a str),
+    Name(&'a str),
+}
+
+/// Split at `{name}` (lowercase letters and `_`); any other brace is literal text.
+fn parts(text: &str) -> Vec<Part<'_>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut from = 0;
+    while let Some(open) = text[from..].find('{').map(|o| from + o) {
+        let after = &text[open + 1..];
+        match after.find('}') {
+            Some(close) if is_name(&after[..close]) => {
+                out.push(Part::Text(&text[start..open]));
+                out.push(Part::Name(&after[..close]));
+                start = open + close + 2;
+                from = start;
+            }
+            _ => from = open + 1,
+        }
+    }
+    out.push(Part::Text(&text[start..]));
+    out
 }
 
 fn list(kind: PromptKind) -> String {
@@ -125,19 +142,13 @@ fn is_name(s: &str) -> bool {
 }
 
 fn placeholders_in(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        match after.find('}') {
-            Some(close) if is_name(&after[..close]) => {
-                out.push(after[..close].to_string());
-                rest = &after[close + 1..];
-            }
-            _ => rest = after,
-        }
-    }
-    out
+    parts(text)
+        .into_iter()
+        .filter_map(|p| match p {
+            Part::Name(n) => Some(n.to_string()),
+            Part::Text(_) => None,
+        })
+        .collect()
 }
 
 /// What a completion said.
@@ -150,23 +161,21 @@ pub struct Parsed {
     pub well_formed: bool,
 }
 
-fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<(usize, &'a str, usize)> {
-    let lower = text.to_ascii_lowercase();
+/// The first `open … close` section: (start of `open`, body, end of `close`). Tags are found in
+/// `lower` (the ASCII-lowercased `text`, which keeps byte offsets).
+fn between<'a>(text: &'a str, lower: &str, open: &str, close: &str) -> Option<(usize, &'a str, usize)> {
     let a = lower.find(open)?;
     let start = a + open.len();
-    let b = lower[start..].find(close).map(|b| start + b);
-    match b {
-        Some(b) => Some((a, &text[start..b], b + close.len())),
-        None => None,
-    }
+    let b = start + lower[start..].find(close)?;
+    Some((a, &text[start..b], b + close.len()))
 }
 
 /// Parse `<think>` and `<answer>` sections: case-insensitive tags, multi-line bodies, trimmed.
 /// An answer without its closing tag (generation cut at the stop string) is taken to the end.
 pub fn parse_completion(text: &str) -> Parsed {
-    let think = between(text, "<think>", "</think>");
-    let answer = between(text, "<answer>", "</answer>");
     let lower = text.to_ascii_lowercase();
+    let think = between(text, &lower, "<think>", "</think>");
+    let answer = between(text, &lower, "<answer>", "</answer>");
     let answer_text = match answer {
         Some((_, body, _)) => Some(body.trim().to_string()),
         None => lower.rfind("<answer>").map(|a| text[a + "<answer>".len()..].trim().to_string()),
