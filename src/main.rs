@@ -118,6 +118,9 @@ enum Command {
         /// cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Weight/activation dtype: auto (f32), f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
     /// Throughput benchmarks; each prints one JSON line.
     Bench {
@@ -160,6 +163,9 @@ enum BenchWhat {
         prompt_tokens: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Weight/activation dtype: auto (f32), f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
     /// Per-token log-prob throughput for batch × seq_len (half prompt, half completion).
     Logprobs {
@@ -174,13 +180,23 @@ enum BenchWhat {
         backward: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Weight/activation dtype: auto (f32), f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
     },
 }
 
-fn load_llm(spec: &str, device: &str) -> anyhow::Result<curec::llm::Llm> {
+fn load_llm(spec: &str, device: &str, dtype: &str) -> anyhow::Result<curec::llm::Llm> {
     let dev = curec::llm::device(device)?;
+    let dtype = match dtype {
+        "auto" => curec::llm::default_dtype(&dev),
+        "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => anyhow::bail!("--dtype '{other}': expected auto, f32, bf16 or f16"),
+    };
     let path = curec::llm::resolve(spec)?;
-    curec::llm::Llm::load(&path, &dev, curec::llm::default_dtype(&dev))
+    curec::llm::Llm::load(&path, &dev, dtype)
 }
 
 fn main() -> ExitCode {
@@ -262,8 +278,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lora,
             stop,
             device,
+            dtype,
         } => {
-            let mut llm = load_llm(&model, &device)?;
+            let mut llm = load_llm(&model, &device, &dtype)?;
             if let Some(l) = lora {
                 llm.model.load_lora(&l)?;
             }
@@ -272,13 +289,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = curec::llm::generate(&llm.model, &llm.tokenizer, &[ids], &[0], &cfg, true)?;
             println!("{}", out[0].text);
         }
-        Command::Bench { what: BenchWhat::Generate { model, batch, new_tokens, prompt_tokens, device } } => {
-            let mut llm = load_llm(&model, &device)?;
+        Command::Bench { what: BenchWhat::Generate { model, batch, new_tokens, prompt_tokens, device, dtype } } => {
+            let mut llm = load_llm(&model, &device, &dtype)?;
             let v = curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?;
             println!("{v}");
         }
-        Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, backward, device } } => {
-            let mut llm = load_llm(&model, &device)?;
+        Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, backward, device, dtype } } => {
+            let mut llm = load_llm(&model, &device, &dtype)?;
             if backward {
                 llm.model.add_lora(&curec::llm::LoraConfig::default())?;
             }

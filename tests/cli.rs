@@ -373,5 +373,6 @@ fn llm_commands_reject_bad_models_with_one_line() {
     std::fs::write(dir.join("config.json"), br#"{"architectures": ["GPT2LMHeadModel"]}"#).unwrap();
     one_line(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"], "'GPT2LMHeadModel' is not supported");
     one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi", "--device", "tpu"], "--device 'tpu'");
+    one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi", "--dtype", "f8"], "--dtype 'f8'");
     assert!(!tmp.path().join("home").join("models").exists(), "nothing may be left half-fetched");
 }
