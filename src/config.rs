@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+use crate::align::PretrainConfig;
 use crate::data::preprocess::PrepareConfig;
+use crate::grpo::GrpoConfig;
+use crate::llm::LoraConfig;
 use crate::rec::ncf::NcfConfig;
 use crate::rec::sasrec::SasRecConfig;
 
@@ -19,6 +22,9 @@ pub struct JobConfig {
     pub train: TrainJob,
     pub ncf: NcfConfig,
     pub sasrec: SasRecConfig,
+    pub pretrain: PretrainConfig,
+    pub grpo: GrpoConfig,
+    pub lora: LoraConfig,
 }
 
 /// Where the raw log is and where the prepared dataset goes.

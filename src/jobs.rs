@@ -217,7 +217,45 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     }
     let table = std::iter::once(table_header()).chain(rows.iter().map(table_row)).collect::<Vec<_>>().join("\n");
     write_text(&out.join("table.md"), &(table + "\n"))?;
+    if let Some(model) = &cfg.pretrain.model {
+        let dir = out.join("pretrain");
+        let eval = match read_json(&dir.join("eval.json")) {
+            Ok(v) => {
+                tracing::info!("{}: pretraining already done (delete it to redo)", dir.display());
+                v
+            }
+            Err(_) => crate::align::pretrain(&data_dir, model, &dir, &cfg.pretrain, &cfg.grpo, &cfg.lora)?,
+        };
+        let table = pretrain_table(model, &eval);
+        println!("{table}");
+        write_text(&out.join("pretrain.md"), &(table + "\n"))?;
+    }
     Ok(rows)
+}
+
+/// Aligned vs base vs random on the validation prompts, as Markdown.
+pub fn pretrain_table(model: &str, eval: &Value) -> String {
+    let f = |k: &str| eval[k].as_f64().unwrap_or(f64::NAN);
+    let ci = |k: &str| {
+        let v = &eval[k];
+        format!("[{:.3}, {:.3}]", v[0].as_f64().unwrap_or(f64::NAN), v[1].as_f64().unwrap_or(f64::NAN))
+    };
+    format!(
+        "| model | policy | format rate | legal rate | hit rate (95% CI) |\n|---|---|---|---|---|\n\
+         | {model} | aligned (GRPO, {} steps) | {:.3} | {:.3} | {:.3} {} |\n\
+         | {model} | base | {:.3} | {:.3} | {:.3} {} |\n\
+         | — | random choice | — | 1.000 | {:.3} |",
+        eval["steps"],
+        f("format_rate"),
+        f("legal_rate"),
+        f("hit_rate"),
+        ci("hit_rate_ci95"),
+        f("base_format_rate"),
+        f("base_legal_rate"),
+        f("base_hit_rate"),
+        ci("base_hit_rate_ci95"),
+        f("random_hit_rate"),
+    )
 }
 
 pub fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {

@@ -2,14 +2,17 @@
 //!
 //! Stages, one module each: [`data`] (raw logs → prepared Parquet), [`eval`] (full-ranking
 //! metrics), [`rec`] (recommenders in candle), [`llm`] (the LLM runtime: loading, tokenizer,
-//! generation, log-probs, LoRA, prompts), [`ops`] (fused kernels with backward passes),
+//! generation, log-probs, LoRA, prompts), [`grpo`] (the GRPO trainer), [`align`]
+//! (recommendation-alignment pretraining), [`ops`] (fused kernels with backward passes),
 //! [`config`] (job files) and [`jobs`] (the CLI's commands as functions).
 
+pub mod align;
 pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod grpo;
 pub mod jobs;
 pub mod llm;
 pub mod ops;

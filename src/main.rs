@@ -71,6 +71,25 @@ enum Command {
         #[arg(long = "set")]
         sets: Vec<String>,
     },
+    /// Recommendation-alignment pretraining (GRPO with the rule reward, paper §4.2); writes
+    /// eval.json, the adapter, steps.jsonl and curve.svg. Resumes after a kill.
+    Pretrain {
+        /// Prepared dataset directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// GGUF file, Hugging Face directory or pinned name (default: pretrain.model of the job file).
+        #[arg(long)]
+        model: Option<String>,
+        /// Run directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Job file with [pretrain], [grpo], [lora] tables.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override any job-file key: section.key=value (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
     /// Re-evaluate a trained run from its checkpoint.
     Eval {
         /// Run directory written by `curec train`.
@@ -188,13 +207,7 @@ enum BenchWhat {
 
 fn load_llm(spec: &str, device: &str, dtype: &str) -> anyhow::Result<curec::llm::Llm> {
     let dev = curec::llm::device(device)?;
-    let dtype = match dtype {
-        "auto" => curec::llm::default_dtype(&dev),
-        "f32" => candle_core::DType::F32,
-        "bf16" => candle_core::DType::BF16,
-        "f16" => candle_core::DType::F16,
-        other => anyhow::bail!("--dtype '{other}': expected auto, f32, bf16 or f16"),
-    };
+    let dtype = curec::llm::parse_dtype(dtype, &dev)?;
     let path = curec::llm::resolve(spec)?;
     curec::llm::Llm::load(&path, &dev, dtype)
 }
@@ -234,6 +247,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = JobConfig::load(config.as_deref(), &sets)?;
             let m = jobs::train(model, &data, &out, &cfg)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+        }
+        Command::Pretrain { data, model, out, config, sets } => {
+            let cfg = JobConfig::load(config.as_deref(), &sets)?;
+            let Some(model) = model.or(cfg.pretrain.model.clone()) else {
+                anyhow::bail!("pretrain: no model; pass --model or set pretrain.model in the job file");
+            };
+            let eval = curec::align::pretrain(&data, &model, &out, &cfg.pretrain, &cfg.grpo, &cfg.lora)?;
+            println!("{}", jobs::pretrain_table(&model, &eval));
         }
         Command::Eval { run, data, split } => {
             let split = Split::parse(&split)

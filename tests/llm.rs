@@ -222,7 +222,35 @@ fn zero_init_lora_leaves_outputs_unchanged_and_trains_only_adapters() {
         // Adapters off = the reference policy = the base model.
         assert_eq!(full_logits(&m, &ids, false), before);
         assert_ne!(full_logits(&m, &ids, true), before);
+        // Folding the adapters into the weights gives the adapted model; a frozen copy does not
+        // follow later updates.
+        let merged = m.merged().unwrap();
+        let frozen = m.frozen_copy().unwrap();
+        let adapted = full_logits(&m, &ids, true);
+        for (a, b) in full_logits(&merged, &ids, false).iter().zip(&adapted) {
+            assert!(max_abs_diff(a, b) < 1e-4, "{fam:?}: merged weights differ from adapters on");
+        }
+        for (_, v) in &vars {
+            v.set(&(v.as_tensor() * 2.0).unwrap()).unwrap();
+        }
+        assert_eq!(full_logits(&frozen, &ids, false), full_logits(&merged, &ids, false).clone());
+        assert_ne!(full_logits(&m, &ids, true), adapted);
     }
+}
+
+#[test]
+fn identical_prompts_prefilled_once_generate_as_if_alone() {
+    let tok = tiny_tokenizer();
+    let m = tiny(Family::Qwen2);
+    let p = vec![5u32, 6, 7, 8];
+    let q = vec![9u32, 10];
+    let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: 10, stop: vec![], seed: 3 };
+    let grouped = generate(&m, &tok, &[p.clone(), q.clone(), p.clone(), p.clone()], &[1, 2, 3, 4], &cfg, true).unwrap();
+    for (i, (prompt, key)) in [(&p, 1u64), (&q, 2), (&p, 3), (&p, 4)].into_iter().enumerate() {
+        let alone = generate(&m, &tok, std::slice::from_ref(prompt), &[key], &cfg, true).unwrap();
+        assert_eq!(alone[0].tokens, grouped[i].tokens, "row {i}");
+    }
+    assert_ne!(grouped[0].tokens, grouped[2].tokens, "different keys, different samples");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! its own positions (counted from its first real token) and a mask that hides its padding, so a
 //! sequence generates the same tokens alone or in any batch. Each row draws from its own RNG,
 //! seeded by (seed, row key), so results do not depend on batch composition or worker count.
-//! Finished rows are dropped from the batch (and from the cache) as they stop.
+//! Finished rows are dropped from the batch (and from the cache) as they stop; identical prompts
+//! are prefilled once.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -55,6 +56,8 @@ pub struct Generation {
     /// Decoded completion, cut before any stop string.
     pub text: String,
     pub finish: Finish,
+    /// The end-of-sequence token that stopped it, if one did (GRPO trains on it too).
+    pub eos: Option<u32>,
 }
 
 /// Pick a token from one row of logits.
@@ -117,29 +120,47 @@ pub fn generate(
     }
     assert_eq!(keys.len(), n, "one key per prompt");
     let dev = model.device();
-    let len = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(n * len);
-    let mut pos = Vec::with_capacity(n * len);
-    let mut valid: Vec<Vec<bool>> = Vec::with_capacity(n);
-    let mut next_pos: Vec<u32> = Vec::with_capacity(n);
-    for p in prompts {
+    // Identical prompts (a GRPO group) are prefilled once and their cache rows copied.
+    let mut first_of: std::collections::HashMap<&[u32], u32> = std::collections::HashMap::new();
+    let mut unique: Vec<&[u32]> = Vec::new();
+    let row_of: Vec<u32> = prompts
+        .iter()
+        .map(|p| {
+            *first_of.entry(p.as_slice()).or_insert_with(|| {
+                unique.push(p.as_slice());
+                unique.len() as u32 - 1
+            })
+        })
+        .collect();
+    let len = unique.iter().map(|p| p.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(unique.len() * len);
+    let mut pos = Vec::with_capacity(unique.len() * len);
+    let mut valid_u: Vec<Vec<bool>> = Vec::with_capacity(unique.len());
+    for p in &unique {
         let pad = len - p.len();
         ids.extend(std::iter::repeat_n(tok.pad_id, pad).chain(p.iter().copied()));
         pos.extend((0..len).map(|j| j.saturating_sub(pad) as u32));
-        valid.push((0..len).map(|j| j >= pad).collect());
-        next_pos.push(p.len() as u32);
+        valid_u.push((0..len).map(|j| j >= pad).collect());
     }
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut rngs: Vec<ChaCha8Rng> = keys.iter().map(|&k| rng_for(cfg.seed, 0x6e6, k)).collect();
     let mut out: Vec<Option<Generation>> = vec![None; n];
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut active: Vec<usize> = (0..n).collect();
     let mut cache = KvCache::new(model.cfg.num_layers);
 
-    let ids_t = Tensor::from_vec(ids, (n, len), dev)?;
-    let pos_t = Tensor::from_vec(pos, (n, len), dev)?;
-    let bias = padded_bias(&valid, len, dev)?;
+    let u = unique.len();
+    let ids_t = Tensor::from_vec(ids, (u, len), dev)?;
+    let pos_t = Tensor::from_vec(pos, (u, len), dev)?;
+    let bias = padded_bias(&valid_u, len, dev)?;
     let hidden = model.forward(&ids_t, &pos_t, Some(&bias), Some(&mut cache), adapters)?;
     let mut logits = model.logits(&hidden.narrow(1, len - 1, 1)?.squeeze(1)?)?;
+    let mut valid: Vec<Vec<bool>> = row_of.iter().map(|&r| valid_u[r as usize].clone()).collect();
+    if u < n {
+        let rows = Tensor::new(row_of.as_slice(), dev)?;
+        cache.select_rows(&rows)?;
+        logits = logits.index_select(&rows, 0)?;
+    }
 
     for step in 0..cfg.max_new_tokens {
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
@@ -150,8 +171,10 @@ pub fn generate(
             let t = sample(&rows[r], cfg.temperature, cfg.top_p, &mut rngs[i]);
             let mut finished = None;
             let mut decoded = None;
+            let mut eos = None;
             if tok.stop_ids.contains(&t) {
                 finished = Some(Finish::Stop);
+                eos = Some(t);
             } else {
                 tokens[i].push(t);
                 if !cfg.stop.is_empty() {
@@ -174,7 +197,7 @@ pub fn generate(
                     if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
                         text.truncate(cut);
                     }
-                    out[i] = Some(Generation { tokens: std::mem::take(&mut tokens[i]), text, finish: f });
+                    out[i] = Some(Generation { tokens: std::mem::take(&mut tokens[i]), text, finish: f, eos });
                 }
                 None => {
                     still.push(i);
@@ -208,6 +231,6 @@ pub fn generate(
     }
     Ok(out
         .into_iter()
-        .map(|g| g.unwrap_or(Generation { tokens: Vec::new(), text: String::new(), finish: Finish::Length }))
+        .map(|g| g.unwrap_or(Generation { tokens: Vec::new(), text: String::new(), finish: Finish::Length, eos: None }))
         .collect())
 }

@@ -59,6 +59,17 @@ pub fn default_dtype(_dev: &Device) -> DType {
     DType::F32
 }
 
+/// `auto` (see [`default_dtype`]), `f32`, `bf16` or `f16`.
+pub fn parse_dtype(spec: &str, dev: &Device) -> Result<DType> {
+    Ok(match spec {
+        "auto" => default_dtype(dev),
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => bail!("--dtype '{other}': expected auto, f32, bf16 or f16"),
+    })
+}
+
 /// Resolve `--model`: an existing GGUF file or HF directory, or a pinned name (fetched on first use).
 pub fn resolve(spec: &str) -> Result<PathBuf> {
     let p = Path::new(spec);

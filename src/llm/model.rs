@@ -240,7 +240,7 @@ impl CausalLm {
                     Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                     None => (k, v),
                 };
-                c.layers[li] = Some(kv.clone());
+                c.layers[li] = Some((kv.0.detach(), kv.1.detach()));
                 kv
             }
             None => (k, v),
@@ -263,8 +263,9 @@ impl CausalLm {
     /// Hidden states after the final norm, [batch, t, hidden].
     ///
     /// `ids` and `positions` are [batch, t] u32; `bias` is the additive attention mask
-    /// [batch, 1, t, past + t] (None: plain causal, no padding). With a cache, the new keys and
-    /// values are appended to it.
+    /// [batch, 1, t, past + t] (None: plain causal, no padding). With a cache (inference), the new
+    /// keys and values are appended to it and no autograd graph is kept, even when adapters are
+    /// trainable: generation with a model under training would otherwise hold every step's graph.
     pub fn forward(
         &self,
         ids: &Tensor,
@@ -281,8 +282,12 @@ impl CausalLm {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let st = self.prepare(positions, bias, past)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*t, h]
+        let inference = cache.is_some();
         for li in 0..self.layers.len() {
             x = self.layer(li, &x, &st, cache.as_deref_mut(), adapters)?;
+            if inference {
+                x = x.detach();
+            }
         }
         let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(x.reshape((st.b, st.t, self.cfg.hidden_size))?)
@@ -487,6 +492,41 @@ impl CausalLm {
             out.push(("lm_head.weight".to_string(), h.clone()));
         }
         out
+    }
+
+    /// A copy for inference with every adapter folded into its weight (W + s·B·A) and nothing
+    /// trainable: generation from a model under LoRA training runs at the base model's speed.
+    /// Unfolded weights share storage with this model.
+    pub fn merged(&self) -> Result<CausalLm> {
+        self.map_weights(|t| Ok(t.detach()))
+    }
+
+    /// A frozen deep copy (new storage, adapters folded in): the reference policy of full
+    /// fine-tuning, which later updates must not reach.
+    pub fn frozen_copy(&self) -> Result<CausalLm> {
+        self.map_weights(|t| Ok(t.copy()?.detach()))
+    }
+
+    fn map_weights(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<CausalLm> {
+        let mut m = self.clone();
+        m.embed = f(&m.embed)?;
+        m.norm = f(&m.norm)?;
+        m.lm_head = m.lm_head.as_ref().map(&f).transpose()?;
+        for layer in m.layers.iter_mut() {
+            layer.input_norm = f(&layer.input_norm)?;
+            layer.post_norm = f(&layer.post_norm)?;
+            for lin in layer.proj.iter_mut() {
+                lin.weight = match lin.lora.take() {
+                    Some(a) => {
+                        let delta = (a.b.as_tensor().matmul(a.a.as_tensor())? * a.scale)?;
+                        f(&(&lin.weight + delta.to_dtype(lin.weight.dtype())?)?)?
+                    }
+                    None => f(&lin.weight)?,
+                };
+                lin.bias = lin.bias.as_ref().map(&f).transpose()?;
+            }
+        }
+        Ok(m)
     }
 
     /// The trainable LoRA variables, named.

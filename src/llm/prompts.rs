@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 /// Which CUREC prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PromptKind {
-    /// Recommendation alignment: {history}, {candidates} → think + answer (one candidate).
+    /// Recommendation alignment: {history}, {candidates}, {example} (a candidate title used in the
+    /// format example) → think + answer (one candidate).
     Alignment,
     /// Pattern generation: {history} → think + answer (the interest pattern).
     Pattern,
@@ -37,7 +38,7 @@ impl PromptKind {
 
     pub fn placeholders(self) -> &'static [&'static str] {
         match self {
-            PromptKind::Alignment => &["history", "candidates"],
+            PromptKind::Alignment => &["history", "candidates", "example"],
             PromptKind::Pattern => &["history"],
             PromptKind::Reason => &["history", "item"],
             PromptKind::PatternUpdate => &["pattern", "item"],

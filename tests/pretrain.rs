@@ -1,0 +1,185 @@
+//! `curec pretrain` end to end on a tiny random model written as a Hugging Face directory (no
+//! downloads) and the embedded ml-latest-small: the contract's eval.json, a kill in the middle
+//! resumed to the same bytes as an uninterrupted run, and a resume under another config refused.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use curec::align::{pretrain, pretrain_until, PretrainConfig};
+use curec::config::JobConfig;
+use curec::grpo::GrpoConfig;
+use curec::llm::{CausalLm, Family, LlmConfig, LoraConfig};
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Tiny Qwen2-shaped model: config.json, model.safetensors, a word-level tokenizer.json.
+fn tiny_model_dir(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = LlmConfig { max_position: 4096, ..LlmConfig::tiny(Family::Qwen2) };
+    let m = CausalLm::random(cfg.clone(), 11, DType::F32, &Device::Cpu).unwrap();
+    let w = m.named_weights();
+    safetensors::serialize_to_file(w.iter().map(|(k, v)| (k.as_str(), v)), None, &dir.join("model.safetensors"))
+        .unwrap();
+    let config = json!({"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": cfg.max_position,
+        "tie_word_embeddings": false});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    // Word-level vocabulary with the format tags as words, so that random completions sometimes
+    // contain them and rewards vary within a group.
+    let mut vocab = serde_json::Map::new();
+    for i in 0..93u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    for (i, tag) in ["<think>", "</think>", "<answer>", "</answer>"].iter().enumerate() {
+        vocab.insert(tag.to_string(), json!(93 + i));
+    }
+    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    model: PathBuf,
+    base: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model);
+    let base = tmp.path().to_path_buf();
+    Setup { _tmp: tmp, data, model, base }
+}
+
+fn configs() -> (PretrainConfig, GrpoConfig, LoraConfig) {
+    let p = PretrainConfig {
+        history_len: 3,
+        sample: 6,
+        prompts_per_step: 2,
+        epochs: 2,
+        checkpoint_every: 2,
+        eval_users: 4,
+        eval_max_new_tokens: 5,
+        bootstrap: 50,
+        ..Default::default()
+    };
+    let g = GrpoConfig { group_size: Some(3), max_new_tokens: 8, micro_batch: 4, lora_lr: 1e-2, ..Default::default() };
+    (p, g, LoraConfig { rank: 2, ..Default::default() })
+}
+
+/// The step log without wall-clock fields.
+fn steps_without_timing(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            for k in ["seconds", "gen_tokens_per_s", "train_tokens_per_s"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+fn eval_without_timing(v: &Value) -> Value {
+    let mut v = v.clone();
+    for k in ["train_seconds", "eval_seconds", "seconds_per_step"] {
+        v.as_object_mut().unwrap().remove(k);
+    }
+    v
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_bytes() {
+    let s = setup();
+    let (p, g, l) = configs();
+    let model = s.model.to_str().unwrap();
+    let a = s.base.join("a");
+    let ea = pretrain(&s.data, model, &a, &p, &g, &l).unwrap();
+    for k in ["format_rate", "legal_rate", "hit_rate", "base_hit_rate", "random_hit_rate"] {
+        assert!(ea[k].is_f64(), "eval.json lacks float {k}: {ea}");
+    }
+    assert_eq!(ea["random_hit_rate"], json!(0.1));
+    assert_eq!(ea["steps"], json!(6));
+    assert!(a.join("adapter.safetensors").exists() && a.join("curve.svg").exists());
+    let log = steps_without_timing(&a);
+    assert_eq!(log.len(), 6);
+    let trained: u64 = log.iter().map(|v| v["rows_trained"].as_u64().unwrap()).sum();
+    assert!(trained > 0, "no step had a group with signal: the resume check would be vacuous");
+
+    let b = s.base.join("b");
+    assert!(pretrain_until(&s.data, model, &b, &p, &g, &l, Some(4)).unwrap().is_none());
+    assert!(b.join("checkpoint-4/state.json").exists() && !b.join("eval.json").exists());
+    assert_eq!(steps_without_timing(&b).len(), 4);
+    // A half-written step after the checkpoint (killed mid-step) must not survive the resume.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(b.join("steps.jsonl"))
+        .map(|mut f| {
+            use std::io::Write;
+            writeln!(f, "{{\"step\": 5, \"partial\": true}}").unwrap();
+        })
+        .unwrap();
+    let eb = pretrain(&s.data, model, &b, &p, &g, &l).unwrap();
+    assert_eq!(
+        std::fs::read(a.join("adapter.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter.safetensors")).unwrap(),
+        "resumed adapter differs"
+    );
+    assert_eq!(steps_without_timing(&a), steps_without_timing(&b));
+    assert_eq!(eval_without_timing(&ea), eval_without_timing(&eb));
+
+    // Same directory, another config: refused with a one-line reason.
+    let other = GrpoConfig { lora_lr: 2e-2, ..g };
+    let e = pretrain(&s.data, model, &b, &p, &other, &l).unwrap_err().to_string();
+    assert!(e.contains("checkpoint-6") && e.contains("another config"), "{e}");
+}
+
+#[test]
+fn cli_pretrain_writes_the_contract_and_rejects_bad_input() {
+    let s = setup();
+    let out = s.base.join("cli");
+    let job = s.base.join("job.toml");
+    std::fs::write(
+        &job,
+        "[pretrain]\nhistory_len = 2\nsample = 2\nepochs = 1\neval_users = 2\neval_max_new_tokens = 3\nbootstrap = 10\n\n[grpo]\ngroup_size = 2\nmax_new_tokens = 3\n",
+    )
+    .unwrap();
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().unwrap();
+    let (data, model, o, j) =
+        (s.data.to_str().unwrap(), s.model.to_str().unwrap(), out.to_str().unwrap(), job.to_str().unwrap());
+    let ok = run(&["pretrain", "--data", data, "--model", model, "--out", o, "--config", j]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let eval: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    assert!(eval["hit_rate"].is_f64() && eval["base_hit_rate"].is_f64());
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("| hit rate |"));
+
+    let one_line = |args: &[&str], want: &str| {
+        let r = run(args);
+        assert!(!r.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&r.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains(want), "{err} lacks {want}");
+    };
+    let fresh = s.base.join("fresh");
+    let f = fresh.to_str().unwrap();
+    one_line(&["pretrain", "--data", "/nonexistent/data", "--model", model, "--out", f], "/nonexistent/data");
+    one_line(&["pretrain", "--data", data, "--model", model, "--out", f, "--set", "pretrain.nope=1"], "nope");
+    one_line(&["pretrain", "--data", data, "--model", model, "--out", f, "--set", "grpo.epsilon=2"], "grpo.epsilon");
+    one_line(&["pretrain", "--data", data, "--out", f], "no model");
+    one_line(&["pretrain", "--data", data, "--model", "no-such-model", "--out", f], "no-such-model");
+    assert!(!fresh.join("eval.json").exists());
+}
