@@ -165,7 +165,7 @@ fn cli_pretrain_writes_the_contract_and_rejects_bad_input() {
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let eval: Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert!(eval["hit_rate"].is_f64() && eval["base_hit_rate"].is_f64());
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("| hit rate |"));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("| hit rate (95% CI) |"));
 
     let one_line = |args: &[&str], want: &str| {
         let r = run(args);

@@ -102,6 +102,7 @@ impl PretrainConfig {
         check(self.prompts_per_step >= 1, "prompts_per_step: expected at least 1")?;
         check(self.epochs >= 1, "epochs: expected at least 1")?;
         check(self.history_len >= 1, "history_len: expected at least 1")?;
+        check(self.min_history >= 1, "min_history: expected at least 1 (the prompt shows the history)")?;
         check(self.eval_batch >= 1, "eval_batch: expected at least 1")?;
         check(self.checkpoint_every >= 1, "checkpoint_every: expected at least 1")
     }
@@ -427,6 +428,8 @@ pub fn pretrain_until(
             "reference": mean(&|s| s.seconds.reference),
             "old": mean(&|s| s.seconds.old),
             "train": mean(&|s| s.seconds.train),
+            "train_forward": mean(&|s| s.seconds.train_forward),
+            "train_backward": mean(&|s| s.seconds.train_backward),
         },
         "model": model_spec,
         "model_path": path.display().to_string(),

@@ -31,8 +31,10 @@ pub struct AlignTask {
     pub history: Vec<u32>,
     /// Shuffled; contains `target` once.
     pub candidates: Vec<u32>,
-    /// The candidate whose title fills the prompt's format example: drawn uniformly, so it says
-    /// nothing about the target, and a model that copies the example still answers legally.
+    /// The item whose title fills the prompt's format example: drawn uniformly from the shown
+    /// history, so it is never a candidate. A model that copies the example earns no legal or
+    /// correct reward (a candidate there would make copying a free legal answer, and the policy
+    /// collapses onto it at exactly the random hit rate).
     pub example: u32,
 }
 
@@ -99,6 +101,12 @@ fn candidates(ds: &Dataset, user: u32, target: u32, k: usize, rng: &mut impl Rng
     Ok(c)
 }
 
+/// One of `items` (a prompt's history is never empty: `min_history` ≥ 1, and evaluated users have
+/// train items).
+fn pick(items: &[u32], rng: &mut impl Rng) -> u32 {
+    items[rng.random_range(0..items.len())]
+}
+
 fn recent(items: &[u32], n: usize) -> Vec<u32> {
     items[items.len().saturating_sub(n)..].to_vec()
 }
@@ -124,8 +132,8 @@ pub fn train_task(ds: &Dataset, r: &Record, history_len: usize, k: usize, seed: 
 pub fn valid_task(ds: &Dataset, user: u32, history_len: usize, k: usize, seed: u64) -> Result<AlignTask> {
     let target = ds.target(user, Split::Valid);
     let candidates = candidates(ds, user, target, k, &mut rng_for(seed, EVAL, user as u64))?;
-    let example = candidates[rng_for(seed, EXAMPLE, user as u64).random_range(0..candidates.len())];
     let history = recent(&ds.train[user as usize], history_len);
+    let example = pick(&history, &mut rng_for(seed, EXAMPLE, user as u64));
     Ok(AlignTask { record: user as u64, user, target, history, candidates, example })
 }
 

@@ -123,12 +123,16 @@ pub struct Completion {
 
 /// Seconds spent in each phase of a step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Timing {
     pub generate: f64,
     pub reward: f64,
     pub reference: f64,
     pub old: f64,
+    /// Training passes in all; of which the policy's forward and the backward.
     pub train: f64,
+    pub train_forward: f64,
+    pub train_backward: f64,
 }
 
 /// What a step did (the step log's line, minus what the caller adds).
@@ -324,7 +328,9 @@ impl Grpo {
             let mut pass_stats = LossStats::default();
             for (c, r) in chunks.iter().enumerate() {
                 let grad = if self.cfg.checkpointing { Grad::Checkpointed } else { Grad::Full };
+                let tf = Instant::now();
                 let (lp, ck) = log_probs_with(model, &seqs[r.clone()], true, grad)?;
+                timing.train_forward += tf.elapsed().as_secs_f64();
                 let old_c = match &old {
                     Some(o) => o[c].clone(),
                     None => lp.log_probs.detach(),
@@ -333,10 +339,12 @@ impl Grpo {
                 let (loss, s) =
                     grpo_loss(&lp.log_probs, &old_c, ref_c, &lp.mask, &row_adv[r.clone()], &loss_cfg, norm)?;
                 pass_stats.add(&s);
+                let tb = Instant::now();
                 let grads = match ck {
                     Some(ck) => model.backward_checkpointed(&loss, ck)?,
                     None => loss.backward()?,
                 };
+                timing.train_backward += tb.elapsed().as_secs_f64();
                 for (k, v) in self.opt.vars().iter().enumerate() {
                     if let Some(gr) = grads.get(v.as_tensor()) {
                         let gr = gr.to_dtype(DType::F32)?;
