@@ -122,9 +122,7 @@ impl Reward<()> for Band {
 }
 
 fn batch(step: usize) -> Vec<Sample<()>> {
-    (0..4u64)
-        .map(|i| Sample { key: step as u64 * 4 + i, prompt: vec![1 + i as u32, 40, 41 + (step % 7) as u32], task: () })
-        .collect()
+    (0..4u64).map(|i| Sample::shared(step as u64 * 4 + i, vec![1 + i as u32, 40, 41 + (step % 7) as u32], ())).collect()
 }
 
 fn vars(m: &CausalLm) -> Vec<Var> {

@@ -16,6 +16,8 @@ pub struct EvalRow {
     pub user: u32,
     pub target: u32,
     pub choice: Option<u32>,
+    /// 1-based position of the chosen candidate in the prompt's list (position bias shows here).
+    pub position: Option<usize>,
     pub well_formed: bool,
     pub hit: bool,
     pub completion: String,
@@ -56,6 +58,7 @@ pub fn evaluate(
                 user: t.user,
                 target: t.target,
                 choice: j.choice.map(|c| t.candidates[c]),
+                position: j.choice.map(|c| c + 1),
                 well_formed: j.well_formed,
                 hit: j.correct,
                 completion: text,

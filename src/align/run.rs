@@ -39,6 +39,9 @@ pub struct PretrainConfig {
     /// Negatives per candidate list (k); the list has k + 1 items.
     pub negatives: usize,
     pub prompts_per_step: usize,
+    /// Each completion of a group sees the candidates in its own order (a policy that answers by
+    /// position then still sees its rewards vary); false: one shared prompt per group.
+    pub shuffle_per_completion: bool,
     /// Passes over the sampled interactions (the paper trains 2 epochs).
     pub epochs: usize,
     /// Stop after this many steps (0 = no cap).
@@ -75,6 +78,7 @@ impl Default for PretrainConfig {
             min_history: 3,
             negatives: 9,
             prompts_per_step: 2,
+            shuffle_per_completion: true,
             epochs: 2,
             max_steps: 0,
             sample: 40,
@@ -309,8 +313,16 @@ pub fn pretrain_until(
         let mut batch = Vec::with_capacity(chunk.len());
         for r in chunk {
             let task = train_task(&ds, r, cfg.history_len, cfg.negatives, cfg.seed, epoch)?;
-            let ids = prompt_ids(&llm, &prompt, cfg, &ds.items, &task)?;
-            batch.push(Sample { key: r.index + epoch * stream.len() as u64, prompt: ids, task });
+            let tasks = if cfg.shuffle_per_completion {
+                (0..grpo.group()).map(|j| task.reshuffled(cfg.seed, epoch, j)).collect()
+            } else {
+                vec![task]
+            };
+            let prompts = tasks
+                .into_iter()
+                .map(|t| Ok((prompt_ids(&llm, &prompt, cfg, &ds.items, &t)?, t)))
+                .collect::<Result<_>>()?;
+            batch.push(Sample { key: r.index + epoch * stream.len() as u64, prompts });
         }
         let rep = grpo.step(&llm.model, &llm.tokenizer, &batch, &reward, step)?;
         let n = rep.completions.len().max(1) as f64;

@@ -18,6 +18,7 @@ const NEGATIVES: u64 = 0xa11;
 const SAMPLE: u64 = 0xa12;
 const EVAL: u64 = 0xa13;
 const EXAMPLE: u64 = 0xa14;
+const SHUFFLE: u64 = 0xa15;
 
 /// One alignment prompt's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +100,17 @@ fn candidates(ds: &Dataset, user: u32, target: u32, k: usize, rng: &mut impl Rng
     }
     c.shuffle(rng);
     Ok(c)
+}
+
+impl AlignTask {
+    /// The same task with the candidates in the order drawn for completion `j` (seeded by
+    /// (seed, epoch, record, j)).
+    pub fn reshuffled(&self, seed: u64, epoch: u64, j: usize) -> AlignTask {
+        let mut t = self.clone();
+        let s = seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        t.candidates.shuffle(&mut rng_for(s, SHUFFLE, self.record.wrapping_mul(1024).wrapping_add(j as u64)));
+        t
+    }
 }
 
 /// One of `items` (a prompt's history is never empty: `min_history` ≥ 1, and evaluated users have

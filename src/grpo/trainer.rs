@@ -102,12 +102,24 @@ impl GrpoConfig {
     }
 }
 
-/// One prompt of a step: a stable record key (seeds its completions), its token ids and the task
-/// the reward needs.
+/// One group of a step: a stable record key (seeds its completions) and the prompt (token ids)
+/// with the task the reward needs, either one shared by all G completions or one per completion
+/// (e.g. the same candidates in another order for each, so that a policy that answers by position
+/// still sees its rewards vary).
 pub struct Sample<T> {
     pub key: u64,
-    pub prompt: Vec<u32>,
-    pub task: T,
+    pub prompts: Vec<(Vec<u32>, T)>,
+}
+
+impl<T> Sample<T> {
+    /// All completions share one prompt.
+    pub fn shared(key: u64, prompt: Vec<u32>, task: T) -> Self {
+        Self { key, prompts: vec![(prompt, task)] }
+    }
+
+    fn member(&self, j: usize) -> &(Vec<u32>, T) {
+        &self.prompts[j % self.prompts.len()]
+    }
 }
 
 /// One sampled completion.
@@ -226,7 +238,15 @@ impl Grpo {
 
         // 1. Sample G completions per prompt with the current policy.
         let t0 = Instant::now();
-        let prompts: Vec<Vec<u32>> = batch.iter().flat_map(|s| std::iter::repeat_n(s.prompt.clone(), g)).collect();
+        for s in batch {
+            anyhow::ensure!(
+                s.prompts.len() == 1 || s.prompts.len() == g,
+                "record {}: {} prompts, expected 1 or the group size {g}",
+                s.key,
+                s.prompts.len()
+            );
+        }
+        let prompts: Vec<Vec<u32>> = batch.iter().flat_map(|s| (0..g).map(move |j| s.member(j).0.clone())).collect();
         let keys: Vec<u64> =
             batch.iter().flat_map(|s| (0..g).map(move |j| completion_key(s.key, j))).collect::<Vec<_>>();
         let sampling = SamplingConfig {
@@ -248,7 +268,8 @@ impl Grpo {
         // 2. Rewards and advantages.
         let t0 = Instant::now();
         let texts: Vec<String> = gens.iter().map(|x| tok.decode(&x.tokens, true)).collect::<Result<_>>()?;
-        let pairs: Vec<(&T, &str)> = texts.iter().enumerate().map(|(i, t)| (&batch[i / g].task, t.as_str())).collect();
+        let pairs: Vec<(&T, &str)> =
+            texts.iter().enumerate().map(|(i, t)| (&batch[i / g].member(i % g).1, t.as_str())).collect();
         let scored = reward.score(&pairs)?;
         anyhow::ensure!(
             scored.len() == texts.len(),
