@@ -183,3 +183,39 @@ fn cli_pretrain_writes_the_contract_and_rejects_bad_input() {
     one_line(&["pretrain", "--data", data, "--model", "no-such-model", "--out", f], "no-such-model");
     assert!(!fresh.join("eval.json").exists());
 }
+
+#[test]
+fn run_job_pretrains_after_the_baselines_and_skips_a_finished_stage() {
+    let s = setup();
+    let out = s.base.join("job-run");
+    let job = s.base.join("run.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "[prepare]\ninput = {:?}\nout = {:?}\n\n[train]\nmodels = [\"pop\"]\nout = {:?}\nbootstrap = 10\n\n\
+             [pretrain]\nmodel = {:?}\nhistory_len = 2\nsample = 2\nepochs = 1\neval_users = 2\neval_max_new_tokens = 3\nbootstrap = 10\n\n\
+             [grpo]\ngroup_size = 2\nmax_new_tokens = 3\n",
+            s.data.to_str().unwrap(),
+            s.data.to_str().unwrap(),
+            out.to_str().unwrap(),
+            s.model.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_curec"))
+            .args(["run", job.to_str().unwrap()])
+            .env("CUREC_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let table = std::fs::read_to_string(out.join("pretrain.md")).unwrap();
+    assert!(table.contains("aligned (GRPO, 1 steps)") && table.contains("random choice"), "{table}");
+    assert!(out.join("pop/metrics.json").exists() && out.join("pretrain/adapter.safetensors").exists());
+    let stamp = std::fs::metadata(out.join("pretrain/eval.json")).unwrap().modified().unwrap();
+    let second = run();
+    assert!(second.status.success());
+    assert_eq!(std::fs::metadata(out.join("pretrain/eval.json")).unwrap().modified().unwrap(), stamp, "stage redone");
+}
