@@ -101,8 +101,12 @@ pub fn match_candidate(answer: &str, titles: &[&str]) -> Option<usize> {
 
 /// Format credit of a completion (see the module docs).
 pub fn format_score(text: &str, partial: bool) -> f32 {
-    let p = parse_completion(text);
-    if p.well_formed {
+    format_credit(text, parse_completion(text).well_formed, partial)
+}
+
+/// [`format_score`] for a completion already parsed.
+fn format_credit(text: &str, well_formed: bool, partial: bool) -> f32 {
+    if well_formed {
         return 1.0;
     }
     if !partial {
@@ -143,7 +147,8 @@ impl RuleReward<'_> {
         let titles: Vec<&str> = task.candidates.iter().map(|&i| self.items[i as usize].info.title.as_str()).collect();
         let choice = parsed.answer.as_deref().and_then(|a| match_candidate(a, &titles));
         let correct = choice.is_some_and(|c| task.candidates[c] == task.target);
-        (Judged { well_formed: parsed.well_formed, choice, correct }, format_score(&text, self.cfg.partial_format))
+        let format = format_credit(&text, parsed.well_formed, self.cfg.partial_format);
+        (Judged { well_formed: parsed.well_formed, choice, correct }, format)
     }
 }
 
