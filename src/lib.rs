@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod grpo;
 pub mod jobs;

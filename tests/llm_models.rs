@@ -86,3 +86,26 @@ fn smollm2_matches_transformers() {
 fn qwen_matches_transformers() {
     check_model("qwen2.5-0.5b-instruct", 151645);
 }
+
+#[test]
+fn minilm_matches_transformers_sentence_embeddings() {
+    use curec::embed::Encoder;
+    let Some(dir) = cached("minilm-l6-v2") else { return };
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("datasets/fixtures/minilm/reference.json");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let enc = curec::embed::minilm::MiniLm::load(&dir, &Device::Cpu).unwrap();
+    let texts: Vec<&str> = r["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for (t, want) in texts.iter().zip(r["ids"].as_array().unwrap()) {
+        assert_eq!(enc.tokenize(t).unwrap(), ids(want), "{t}");
+    }
+    // Batched (padded) and one at a time give the reference vectors.
+    let all = enc.encode(&texts).unwrap();
+    for (i, want) in r["embeddings"].as_array().unwrap().iter().enumerate() {
+        let one = &enc.encode(&texts[i..=i]).unwrap()[0];
+        for (got, w) in [&all[i], one].into_iter().zip(std::iter::repeat(want)) {
+            let w: Vec<f32> = w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let err = got.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-5, "sentence {i}: max abs error {err}");
+        }
+    }
+}
