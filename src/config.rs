@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::PretrainConfig;
 use crate::data::preprocess::PrepareConfig;
+use crate::features::FeaturesConfig;
 use crate::grpo::GrpoConfig;
 use crate::llm::LoraConfig;
+use crate::rec::curec::CurecConfig;
 use crate::rec::ncf::NcfConfig;
 use crate::rec::sasrec::SasRecConfig;
 
@@ -25,6 +27,8 @@ pub struct JobConfig {
     pub pretrain: PretrainConfig,
     pub grpo: GrpoConfig,
     pub lora: LoraConfig,
+    pub features: FeaturesConfig,
+    pub curec: CurecConfig,
 }
 
 /// Where the raw log is and where the prepared dataset goes.

@@ -9,7 +9,11 @@ use serde_json::{json, Map, Value};
 
 use crate::config::JobConfig;
 use crate::data::{self, prepared, preprocess, Dataset, Format, Split};
+use crate::embed::EmbeddingCache;
 use crate::eval::{self, bootstrap, Evaluation};
+use crate::features::bank::build_bank;
+use crate::features::Features;
+use crate::rec::curec::Curec;
 use crate::rec::train::{fit, FitConfig, FitReport};
 use crate::rec::{ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
 
@@ -48,7 +52,22 @@ pub fn build_model(kind: ModelKind, ds: &Dataset, cfg: &JobConfig, device: &Devi
         ModelKind::Pop => Box::new(Pop::new(ds.n_items)),
         ModelKind::Ncf => Box::new(Ncf::new(&cfg.ncf, ds.n_users, ds.n_items, seed, device)?),
         ModelKind::Sasrec => Box::new(SasRec::new(&cfg.sasrec, ds.n_items, seed, device)?),
+        ModelKind::Curec => Box::new(build_curec(ds, cfg, device)?),
     })
+}
+
+/// The reward model with its feature bank (features encoded through the cache in the features dir).
+pub fn build_curec(ds: &Dataset, cfg: &JobConfig, device: &Device) -> anyhow::Result<Curec> {
+    let dir = cfg
+        .curec
+        .features
+        .as_deref()
+        .context("curec: no features directory; pass --features <dir> (from `curec features`)")?;
+    let feats = Features::load(dir)?;
+    let encoder = crate::embed::load(&cfg.curec.encoder, device)?;
+    let mut cache = EmbeddingCache::open(dir, encoder.as_ref())?;
+    let bank = build_bank(ds, &feats, cfg.curec.variant, cfg.curec.reasons_per_item, encoder.as_ref(), &mut cache)?;
+    Curec::new(&cfg.curec, &cfg.sasrec, ds.n_items, bank, cfg.train.seed, device)
 }
 
 fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
@@ -56,6 +75,7 @@ fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
         ModelKind::Pop => json!({}),
         ModelKind::Ncf => serde_json::to_value(&cfg.ncf).unwrap_or_default(),
         ModelKind::Sasrec => serde_json::to_value(&cfg.sasrec).unwrap_or_default(),
+        ModelKind::Curec => json!({"sasrec": cfg.sasrec, "curec": cfg.curec}),
     };
     c["seed"] = json!(cfg.train.seed);
     c
@@ -85,7 +105,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
     let (max_epochs, patience) = match kind {
         ModelKind::Pop => (1, 0),
         ModelKind::Ncf => (cfg.ncf.max_epochs, cfg.ncf.patience),
-        ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
+        ModelKind::Sasrec | ModelKind::Curec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
     };
     let fit_cfg = FitConfig {
         max_epochs,
@@ -116,6 +136,9 @@ fn run_metrics(
     let (n, seed) = (cfg.train.bootstrap, cfg.train.seed);
     let mut m = Map::new();
     m.insert("model".into(), json!(kind.name()));
+    if kind == ModelKind::Curec {
+        m.insert("variant".into(), json!(cfg.curec.variant.name()));
+    }
     m.insert("dataset".into(), json!(ds.name));
     m.insert("data".into(), json!(data_dir.display().to_string()));
     m.insert("split".into(), json!("test"));
@@ -152,12 +175,97 @@ pub fn eval_run(run: &Path, data_dir: Option<&Path>, split: Split) -> anyhow::Re
     let ev = eval::evaluate(model.as_ref(), &ds, split, cfg.train.eval_batch)?;
     let mut m = Map::new();
     m.insert("model".into(), json!(kind.name()));
+    if let Some(v) = metrics.get("variant") {
+        m.insert("variant".into(), v.clone());
+    }
     m.insert("dataset".into(), json!(ds.name));
     m.insert("split".into(), json!(split.as_str()));
     m.extend(metrics_json(&ev, cfg.train.bootstrap, cfg.train.seed));
     let m = Value::Object(m);
     write_json(&run.join(format!("eval-{}.json", split.as_str())), &m)?;
     Ok(m)
+}
+
+/// One recommended item with its explanation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Recommendation {
+    pub item: String,
+    pub title: String,
+    pub score: f32,
+    /// The item's reasons that matched this user most (attention weight, averaged over heads).
+    pub reasons: Vec<ReasonWeight>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReasonWeight {
+    pub text: String,
+    pub weight: f32,
+}
+
+/// `curec recommend`: the top `k` items for a user (raw id) after everything the user has seen
+/// (train, valid and test), each with its top `n_reasons` reasons when the run is a CUREC model.
+pub fn recommend(run: &Path, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
+    let metrics: Value = read_json(&run.join("metrics.json"))?;
+    let kind = metrics["model"]
+        .as_str()
+        .and_then(ModelKind::parse)
+        .with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
+    let data_dir = metrics["data"]
+        .as_str()
+        .map(PathBuf::from)
+        .with_context(|| format!("{}: no 'data' key", run.join("metrics.json").display()))?;
+    let cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
+    let ds = prepared::read_dataset(&data_dir)?;
+    let user = ds.users.iter().position(|u| u == raw_user).with_context(|| {
+        format!("--user '{raw_user}': no such user in {} (raw ids as in the input log)", data_dir.display())
+    })? as u32;
+    let mut seen = ds.history(user, Split::Test);
+    seen.push(ds.test[user as usize]);
+    let (scores, weights): (Vec<f32>, Option<(Curec, Vec<f32>)>) = if kind == ModelKind::Curec {
+        let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
+        m.load(&run.join("model.safetensors"))?;
+        let (s, w) = m.score_with_weights(&[user], std::slice::from_ref(&seen))?;
+        (s.flatten_all()?.to_vec1()?, Some((m, w.flatten_all()?.to_vec1()?)))
+    } else {
+        let mut m = build_model(kind, &ds, &cfg, &Device::Cpu)?;
+        m.load(&run.join("model.safetensors"))?;
+        let mut tmp = ds.clone();
+        tmp.train[user as usize] = seen.clone();
+        (m.score(&tmp, &[user], Split::Valid)?, None)
+    };
+    let seen: std::collections::HashSet<u32> = seen.into_iter().collect();
+    let mut order: Vec<u32> = (0..ds.n_items as u32).filter(|i| !seen.contains(i)).collect();
+    order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+    order.truncate(k);
+    Ok(order
+        .into_iter()
+        .map(|i| {
+            let reasons = match &weights {
+                Some((m, w)) => {
+                    let bank = m.bank();
+                    let l = bank.max_list();
+                    let mut rs: Vec<ReasonWeight> = bank.lists[i as usize]
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &(r, _))| ReasonWeight {
+                            text: bank.texts[r as usize].clone(),
+                            weight: w[i as usize * l + j],
+                        })
+                        .collect();
+                    rs.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+                    rs.truncate(n_reasons);
+                    rs
+                }
+                None => Vec::new(),
+            };
+            Recommendation {
+                item: ds.items[i as usize].raw_id.clone(),
+                title: ds.items[i as usize].info.title.clone(),
+                score: scores[i as usize],
+                reasons,
+            }
+        })
+        .collect())
 }
 
 /// Markdown table header matching [`table_row`].
@@ -174,9 +282,13 @@ pub fn table_row(m: &Value) -> String {
         .as_array()
         .map(|a| format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN)));
     let secs = m["train_seconds"].as_f64().map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into());
+    let model = match m["variant"].as_str() {
+        Some(v) => format!("{}-{v}", m["model"].as_str().unwrap_or("?")),
+        None => m["model"].as_str().unwrap_or("?").to_string(),
+    };
     format!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} | {} | {} |",
-        m["model"].as_str().unwrap_or("?"),
+        model,
         m["dataset"].as_str().unwrap_or("?"),
         f("recall@1"),
         f("recall@5"),

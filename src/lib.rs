@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod embed;
 pub mod eval;
+pub mod features;
 pub mod grpo;
 pub mod jobs;
 pub mod llm;

@@ -67,9 +67,51 @@ enum Command {
         /// Upper bound on epochs.
         #[arg(long)]
         max_epochs: Option<usize>,
+        /// curec: features directory written by `curec features`.
+        #[arg(long)]
+        features: Option<PathBuf>,
+        /// curec: how reasons meet the pattern (attention = CUREC; text, ap, mlp, sa = Table 3 variants).
+        #[arg(long)]
+        variant: Option<curec::rec::curec::Variant>,
         /// Override any job-file key: section.key=value (repeatable).
         #[arg(long = "set")]
         sets: Vec<String>,
+    },
+    /// Generate user interest patterns and recommendation reasons with an LLM (paper §4.3.1);
+    /// writes patterns.parquet, reasons.parquet and manifest.json. Resumes after a kill.
+    Features {
+        /// Prepared dataset directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// GGUF file, Hugging Face directory or pinned name (default: features.model of the job file).
+        #[arg(long)]
+        model: Option<String>,
+        /// Features directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Job file with a [features] table.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override any job-file key: section.key=value (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// Top-k recommendations for one user from a trained run, with the matched reasons.
+    Recommend {
+        /// Run directory written by `curec train`.
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// The user's raw id (as in the input log).
+        #[arg(long)]
+        user: String,
+        #[arg(short = 'k', long, default_value_t = 10)]
+        k: usize,
+        /// Reasons shown per item.
+        #[arg(long, default_value_t = 3)]
+        reasons: usize,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Recommendation-alignment pretraining (GRPO with the rule reward, paper §4.2); writes
     /// eval.json, the adapter, steps.jsonl and curve.svg. Resumes after a kill.
@@ -205,6 +247,11 @@ enum BenchWhat {
     },
 }
 
+/// A TOML string literal (for `--set` values built from paths).
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
 fn load_llm(spec: &str, device: &str, dtype: &str) -> anyhow::Result<curec::llm::Llm> {
     let dev = curec::llm::device(device)?;
     let dtype = curec::llm::parse_dtype(dtype, &dev)?;
@@ -238,8 +285,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let stats = jobs::prepare(&input, &out, &format, &cfg)?;
             println!("{}", serde_json::to_string(&stats)?);
         }
-        Command::Train { model, data, out, config, seed, max_epochs, mut sets } => {
+        Command::Train { model, data, out, config, seed, max_epochs, features, variant, mut sets } => {
             sets.extend(seed.map(|v| format!("train.seed={v}")));
+            sets.extend(features.map(|f| format!("curec.features={}", toml_str(&f.display().to_string()))));
+            sets.extend(variant.map(|v| format!("curec.variant=\"{}\"", v.name())));
             if let Some(e) = max_epochs {
                 sets.push(format!("ncf.max_epochs={e}"));
                 sets.push(format!("sasrec.max_epochs={e}"));
@@ -255,6 +304,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let eval = curec::align::pretrain(&data, &model, &out, &cfg.pretrain, &cfg.grpo, &cfg.lora)?;
             println!("{}", jobs::pretrain_table(&model, &eval));
+        }
+        Command::Features { data, model, out, config, sets } => {
+            let cfg = JobConfig::load(config.as_deref(), &sets)?;
+            let Some(model) = model.or(cfg.features.model.clone()) else {
+                anyhow::bail!("features: no model; pass --model or set features.model in the job file");
+            };
+            let m = curec::features::generate_features(&data, &model, &out, &cfg.features)?;
+            println!("{}", serde_json::to_string(&m)?);
+        }
+        Command::Recommend { model_dir, user, k, reasons, json } => {
+            let recs = jobs::recommend(&model_dir, &user, k, reasons)?;
+            if json {
+                println!("{}", serde_json::to_string(&recs)?);
+            } else {
+                for (rank, r) in recs.iter().enumerate() {
+                    println!("{:>2}. {} [{}] score {:.3}", rank + 1, r.title, r.item, r.score);
+                    for w in &r.reasons {
+                        println!("      {:.2}  {}", w.weight, w.text);
+                    }
+                }
+            }
         }
         Command::Eval { run, data, split } => {
             let split = Split::parse(&split)

@@ -131,7 +131,7 @@ fn read(path: &Path, dim: usize) -> Result<HashMap<String, Vec<f32>>> {
         }
         let values = vector.values().as_primitive::<Float32Type>().values();
         for r in 0..batch.num_rows() {
-            let off = vector.value_offset_at(r) as usize;
+            let off = vector.value_offset_at(r);
             map.insert(hash.value(r).to_string(), values[off..off + dim].to_vec());
         }
     }

@@ -70,7 +70,8 @@ pub struct MiniLm {
 impl MiniLm {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?;
         let cfg: BertConfig =
             serde_json::from_str(&text).with_context(|| format!("{}: not a BERT config", cfg_path.display()))?;
         if let Some(act) = &cfg.hidden_act {

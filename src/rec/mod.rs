@@ -1,6 +1,7 @@
 //! Recommenders in candle: the ID-only baselines (Pop, NCF/NeuMF, SASRec), their training loop with
 //! early stopping on validation NDCG@10, and safetensors checkpoints.
 
+pub mod curec;
 pub mod ncf;
 pub mod nn;
 pub mod pop;
@@ -21,6 +22,8 @@ pub enum ModelKind {
     Pop,
     Ncf,
     Sasrec,
+    /// The CUREC reward model (needs features from `curec features`).
+    Curec,
 }
 
 impl ModelKind {
@@ -29,10 +32,11 @@ impl ModelKind {
             ModelKind::Pop => "pop",
             ModelKind::Ncf => "ncf",
             ModelKind::Sasrec => "sasrec",
+            ModelKind::Curec => "curec",
         }
     }
     pub fn parse(s: &str) -> Option<ModelKind> {
-        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec].into_iter().find(|k| k.name() == s)
+        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Curec].into_iter().find(|k| k.name() == s)
     }
 }
 

@@ -71,21 +71,36 @@ struct Block {
     ln2: LayerNorm,
 }
 
-pub struct SasRec {
-    cfg: SasRecConfig,
-    n_items: usize,
-    seed: u64,
-    params: Params,
+/// The SASRec transformer over item-ID sequences (also the user tower of the CUREC reward model).
+pub struct SasRecTower {
+    pub cfg: SasRecConfig,
+    pub n_items: usize,
     /// Row 0 is padding; item i is row i + 1.
     item_emb: Tensor,
     pos_emb: Tensor,
     emb_ln: LayerNorm,
     blocks: Vec<Block>,
+}
+
+pub struct SasRec {
+    tower: SasRecTower,
+    seed: u64,
+    params: Params,
     opt: AdamW,
 }
 
 impl SasRec {
     pub fn new(cfg: &SasRecConfig, n_items: usize, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        let mut p = Params::new(seed, device);
+        let tower = SasRecTower::new(cfg, n_items, &mut p)?;
+        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        Ok(SasRec { tower, seed, params: p, opt })
+    }
+}
+
+impl SasRecTower {
+    /// Register the tower's parameters in `p` (names as in SASRec checkpoints).
+    pub fn new(cfg: &SasRecConfig, n_items: usize, p: &mut Params) -> anyhow::Result<Self> {
         anyhow::ensure!(
             cfg.dim % cfg.heads == 0,
             "sasrec.dim = {} must be divisible by sasrec.heads = {}",
@@ -93,7 +108,6 @@ impl SasRec {
             cfg.heads
         );
         anyhow::ensure!(cfg.max_len > 0 && cfg.batch_size > 0, "sasrec.max_len and sasrec.batch_size must be positive");
-        let mut p = Params::new(seed, device);
         let d = cfg.dim;
         let item_emb = p.normal("item_emb", &[n_items + 1, d], INIT_STD)?;
         let pos_emb = p.normal("pos_emb", &[cfg.max_len, d], INIT_STD)?;
@@ -112,12 +126,11 @@ impl SasRec {
                 ln2: p.layer_norm(&n("ln2"), d)?,
             });
         }
-        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
-        Ok(SasRec { cfg: cfg.clone(), n_items, seed, params: p, item_emb, pos_emb, emb_ln, blocks, opt })
+        Ok(SasRecTower { cfg: cfg.clone(), n_items, item_emb, pos_emb, emb_ln, blocks })
     }
 
     /// Hidden states `B × T × d` for right-padded sequences (T = longest sequence in the batch).
-    fn encode(&self, seqs: &[&[u32]], mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
+    pub fn encode(&self, seqs: &[&[u32]], mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
         let dev = self.item_emb.device();
         let (b, d, p) = (seqs.len(), self.cfg.dim, self.cfg.dropout);
         let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1).clamp(1, self.cfg.max_len);
@@ -156,12 +169,21 @@ impl SasRec {
         Ok(x)
     }
 
-    fn item_table(&self) -> candle_core::Result<Tensor> {
+    /// Item embeddings `n_items × d` (without the padding row).
+    pub fn item_table(&self) -> candle_core::Result<Tensor> {
         self.item_emb.narrow(0, 1, self.n_items)
     }
 
+    /// The hidden state at each sequence's last position, `B × d`.
+    pub fn last_hidden(&self, seqs: &[&[u32]]) -> candle_core::Result<Tensor> {
+        let x = self.encode(seqs, None)?;
+        let (b, t) = (x.dim(0)?, x.dim(1)?);
+        let rows: Vec<u32> = seqs.iter().enumerate().map(|(r, s)| (r * t + s.len().clamp(1, t) - 1) as u32).collect();
+        x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)
+    }
+
     /// (input, target) windows covering every train target of every user exactly once.
-    fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize)> {
+    pub fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize)> {
         let l = self.cfg.max_len;
         let mut w = Vec::new();
         for (u, seq) in ds.train.iter().enumerate() {
@@ -180,30 +202,28 @@ impl SasRec {
 impl Scorer for SasRec {
     fn score(&self, ds: &Dataset, users: &[u32], split: Split) -> anyhow::Result<Vec<f32>> {
         let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, split)).collect();
-        let refs: Vec<&[u32]> = hist.iter().map(|h| &h[h.len().saturating_sub(self.cfg.max_len)..]).collect();
-        let x = self.encode(&refs, None)?;
-        let (b, t) = (x.dim(0)?, x.dim(1)?);
-        let rows: Vec<u32> = refs.iter().enumerate().map(|(r, s)| (r * t + s.len().clamp(1, t) - 1) as u32).collect();
-        let last = x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
-        let scores = last.matmul(&self.item_table()?.t()?)?;
+        let max_len = self.tower.cfg.max_len;
+        let refs: Vec<&[u32]> = hist.iter().map(|h| &h[h.len().saturating_sub(max_len)..]).collect();
+        let last = self.tower.last_hidden(&refs)?;
+        let scores = last.matmul(&self.tower.item_table()?.t()?)?;
         Ok(scores.flatten_all()?.to_vec1()?)
     }
 }
 
 impl Model for SasRec {
     fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>> {
-        let mut windows = self.windows(ds);
+        let mut windows = self.tower.windows(ds);
         let mut rng = rng_for(self.seed, 2, epoch as u64);
         windows.shuffle(&mut rng);
         // Length bucketing: batches of similar lengths pad (and attend over) less. Sort within
         // pools of 16 batches, then shuffle the order of the batches.
-        let bs = self.cfg.batch_size;
+        let bs = self.tower.cfg.batch_size;
         for pool in windows.chunks_mut(bs * 16) {
             pool.sort_by_key(|&(_, a, e)| std::cmp::Reverse(e - a));
         }
         let mut batches: Vec<&[(u32, usize, usize)]> = windows.chunks(bs).collect();
         batches.shuffle(&mut rng);
-        let dev = self.item_emb.device().clone();
+        let dev = self.tower.item_emb.device().clone();
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in batches.into_iter().enumerate() {
             let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e)| &ds.train[u as usize][a..e]).collect();
@@ -217,10 +237,11 @@ impl Model for SasRec {
                 }
             }
             let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
-            let x = self.encode(&inputs, Some(&mut rng))?;
-            let h =
-                x.reshape((batch.len() * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
-            let logits = h.matmul(&self.item_table()?.t()?)?;
+            let x = self.tower.encode(&inputs, Some(&mut rng))?;
+            let h = x
+                .reshape((batch.len() * t, self.tower.cfg.dim))?
+                .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let logits = h.matmul(&self.tower.item_table()?.t()?)?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
@@ -274,7 +295,7 @@ mod tests {
         let ds = toy(30, &[3, 40]);
         let cfg = SasRecConfig { max_len: 16, batch_size: 4, ..Default::default() };
         let mut m = SasRec::new(&cfg, 30, 3, &Device::Cpu).unwrap();
-        let w = m.windows(&ds);
+        let w = m.tower.windows(&ds);
         let covered: usize = w.iter().map(|&(_, a, e)| e - a).sum();
         assert_eq!(covered, 2 + 39);
         assert!(w.iter().all(|&(_, a, e)| e - a <= 16));

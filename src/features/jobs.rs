@@ -1,0 +1,364 @@
+//! Building the pattern and reason jobs from a prepared dataset, running them through the LLM in
+//! batches, and the resumable `curec features` stage around that.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use serde_json::{json, Value};
+
+use super::store::{self, PatternRow, ReasonRow};
+use super::FeaturesConfig;
+use crate::data::preprocess::{Interaction, ItemRow};
+use crate::data::{prepared, Dataset, Split};
+use crate::llm::prompts::{parse_completion, Prompt, PromptKind};
+use crate::llm::{self, generate, Llm, SamplingConfig};
+use crate::rec::nn::rng_for;
+
+const USERS: u64 = 0xfe1;
+
+/// One generation job: a pattern for `user` (item `None`) or a reason for (user, item).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureJob {
+    /// Stable record key: the RNG stream and the resume key.
+    pub key: u64,
+    pub user: u32,
+    pub item: Option<u32>,
+    /// Items shown, oldest first.
+    pub history: Vec<u32>,
+    pub timestamp: i64,
+}
+
+/// Generated features in memory.
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    pub patterns: Vec<PatternRow>,
+    pub reasons: Vec<ReasonRow>,
+}
+
+impl Features {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join(store::PATTERNS);
+        let r = dir.join(store::REASONS);
+        if !p.is_file() || !r.is_file() {
+            bail!(
+                "{}: not a features directory (expected patterns.parquet and reasons.parquet from `curec features`)",
+                dir.display()
+            );
+        }
+        Ok(Self { patterns: store::read_patterns(&p)?, reasons: store::read_reasons(&r)? })
+    }
+}
+
+/// Train interactions' timestamps per user, in the order of `ds.train`.
+pub fn train_timestamps(ds: &Dataset, xs: &[Interaction]) -> Vec<Vec<i64>> {
+    let mut ts = vec![Vec::new(); ds.n_users];
+    for x in xs.iter().filter(|x| x.split == Split::Train) {
+        ts[x.user as usize].push(x.timestamp);
+    }
+    ts
+}
+
+/// Users that get features: all with a train history, or a seeded sample of `n`.
+pub fn feature_users(ds: &Dataset, n: usize, seed: u64) -> Vec<u32> {
+    let mut users: Vec<u32> = (0..ds.n_users as u32).filter(|&u| !ds.train[u as usize].is_empty()).collect();
+    if n > 0 && n < users.len() {
+        users.shuffle(&mut rng_for(seed, USERS, 0));
+        users.truncate(n);
+        users.sort_unstable();
+    }
+    users
+}
+
+fn recent(items: &[u32], n: usize) -> Vec<u32> {
+    items[items.len().saturating_sub(n)..].to_vec()
+}
+
+pub fn pattern_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesConfig) -> Vec<FeatureJob> {
+    users
+        .iter()
+        .map(|&u| FeatureJob {
+            key: u as u64,
+            user: u,
+            item: None,
+            history: recent(&ds.train[u as usize], cfg.pattern_history),
+            timestamp: ts[u as usize].last().copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+pub fn reason_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesConfig) -> Vec<FeatureJob> {
+    let mut jobs = Vec::new();
+    for &u in users {
+        let seq = &ds.train[u as usize];
+        let first = if cfg.reasons_per_user == 0 { 1 } else { seq.len().saturating_sub(cfg.reasons_per_user).max(1) };
+        for pos in first..seq.len() {
+            jobs.push(FeatureJob {
+                key: ((u as u64) << 32) | pos as u64,
+                user: u,
+                item: Some(seq[pos]),
+                history: recent(&seq[..pos], cfg.reason_history),
+                timestamp: ts[u as usize][pos],
+            });
+        }
+    }
+    jobs
+}
+
+/// An item as the prompts show it: its text (title, year, genres) or its title.
+pub fn item_line(items: &[ItemRow], item: u32) -> &str {
+    let info = &items[item as usize].info;
+    if info.text.is_empty() {
+        &info.title
+    } else {
+        &info.text
+    }
+}
+
+pub fn history_lines(items: &[ItemRow], history: &[u32]) -> String {
+    history
+        .iter()
+        .enumerate()
+        .map(|(i, &it)| format!("{}. {}", i + 1, item_line(items, it)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The user message of a job.
+pub fn render(prompts: &FeaturePrompts, items: &[ItemRow], job: &FeatureJob) -> Result<String> {
+    let mut values: BTreeMap<&str, String> = BTreeMap::new();
+    values.insert("history", history_lines(items, &job.history));
+    match job.item {
+        None => prompts.pattern.render(&values),
+        Some(i) => {
+            values.insert("item", item_line(items, i).to_string());
+            prompts.reason.render(&values)
+        }
+    }
+}
+
+pub struct FeaturePrompts {
+    pub pattern: Prompt,
+    pub reason: Prompt,
+}
+
+impl FeaturePrompts {
+    pub fn load(dir: Option<&Path>) -> Result<Self> {
+        Ok(Self { pattern: Prompt::load(PromptKind::Pattern, dir)?, reason: Prompt::load(PromptKind::Reason, dir)? })
+    }
+}
+
+/// The answer of a completion (which continues `prefix`), or the completion without its tags
+/// when there is no answer section; and whether an answer section was found.
+pub fn answer_text(prefix: &str, completion: &str) -> (String, bool) {
+    let parsed = parse_completion(&format!("{prefix}{completion}"));
+    match parsed.answer {
+        Some(a) => (a, true),
+        None => {
+            let mut t = completion.to_string();
+            for tag in ["<think>", "</think>", "<answer>", "</answer>"] {
+                t = t.replace(tag, " ");
+            }
+            (t.split_whitespace().collect::<Vec<_>>().join(" "), false)
+        }
+    }
+}
+
+/// Generate one batch of jobs; returns (text, parsed, completion tokens) per job.
+pub fn run_batch(
+    llm: &Llm,
+    prompts: &FeaturePrompts,
+    items: &[ItemRow],
+    jobs: &[FeatureJob],
+    cfg: &FeaturesConfig,
+    max_new_tokens: usize,
+) -> Result<Vec<(String, bool, usize)>> {
+    let ids = jobs
+        .iter()
+        .map(|j| {
+            let user = render(prompts, items, j)?;
+            llm.tokenizer.encode(&format!("{}{}", llm.chat.render(cfg.system.as_deref(), &user), cfg.prefix))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keys: Vec<u64> = jobs.iter().map(|j| j.key).collect();
+    let sampling = SamplingConfig {
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        max_new_tokens,
+        stop: vec!["</answer>".into()],
+        seed: cfg.seed,
+    };
+    let gens = generate(&llm.model, &llm.tokenizer, &ids, &keys, &sampling, true)?;
+    Ok(gens
+        .into_iter()
+        .map(|g| {
+            let (text, ok) = answer_text(&cfg.prefix, &g.text);
+            (text, ok, g.tokens.len())
+        })
+        .collect())
+}
+
+/// What the outputs depend on (not the batch size: a job's text does not depend on its batch).
+fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
+    let mut c = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(o) = c.as_object_mut() {
+        o.remove("batch");
+    }
+    json!({"features": c, "model": model, "data": data.display().to_string()})
+}
+
+/// On a terminal the bar draws itself; otherwise one log line per batch.
+fn log_progress(progress: &ProgressBar, tokens: usize, t0: &Instant) {
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    let tps = tokens as f64 / secs;
+    progress.set_message(format!("{tps:.0} tok/s"));
+    if progress.is_hidden() {
+        let (pos, len) = (progress.position(), progress.length().unwrap_or(0));
+        tracing::info!("{} {pos}/{len} jobs, {tps:.0} tok/s, {secs:.0} s", progress.prefix());
+    }
+}
+
+fn bar(len: usize, prefix: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_prefix(prefix.to_string());
+    b
+}
+
+/// `curec features`: generate (or finish generating) patterns and reasons into `out`; returns the
+/// manifest.
+pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &FeaturesConfig) -> Result<Value> {
+    cfg.validate()?;
+    let ds = prepared::read_dataset(data)?;
+    let xs = prepared::read_interactions(&data.join(prepared::INTERACTIONS))?;
+    let ts = train_timestamps(&ds, &xs);
+    let prompts = FeaturePrompts::load(cfg.prompts.as_deref())?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let manifest_path = out.join(store::MANIFEST);
+    let id = identity(cfg, model_spec, data);
+    if manifest_path.is_file() {
+        let m = crate::jobs::read_json(&manifest_path)?;
+        if m.get("identity") == Some(&id) && out.join(store::PATTERNS).is_file() && out.join(store::REASONS).is_file() {
+            tracing::info!("{}: features already complete", out.display());
+            return Ok(m);
+        }
+        bail!("{}: holds features made with another config or model; use a new --out or delete it", out.display());
+    }
+    let id_path = out.join("identity.json");
+    if id_path.is_file() {
+        if crate::jobs::read_json(&id_path)? != id {
+            bail!(
+                "{}: a partial run with another config or model is here; use a new --out or delete it",
+                out.display()
+            );
+        }
+    } else {
+        crate::jobs::write_json(&id_path, &id)?;
+    }
+
+    let users = feature_users(&ds, cfg.users, cfg.seed);
+    let pjobs = pattern_jobs(&ds, &ts, &users, cfg);
+    let rjobs = reason_jobs(&ds, &ts, &users, cfg);
+    let plog = out.join("patterns.jsonl");
+    let rlog = out.join("reasons.jsonl");
+    let mut prows: Vec<PatternRow> = store::read_log(&plog)?;
+    let mut rrows: Vec<ReasonRow> = store::read_log(&rlog)?;
+    let pdone: HashSet<u32> = prows.iter().map(|r| r.user).collect();
+    let rdone: HashSet<(u32, u32, i64)> = rrows.iter().map(|r| (r.user, r.item, r.timestamp)).collect();
+    let ptodo: Vec<&FeatureJob> = pjobs.iter().filter(|j| !pdone.contains(&j.user)).collect();
+    let rtodo: Vec<&FeatureJob> =
+        rjobs.iter().filter(|j| !rdone.contains(&(j.user, j.item.unwrap_or(0), j.timestamp))).collect();
+
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    if !ptodo.is_empty() || !rtodo.is_empty() {
+        let dev = llm::device(&cfg.device)?;
+        let dtype = llm::parse_dtype(&cfg.dtype, &dev)?;
+        let mut model = Llm::load(&llm::resolve(model_spec)?, &dev, dtype)?;
+        if let Some(a) = &cfg.adapter {
+            model.model.load_lora(a).with_context(|| format!("features.adapter {}", a.display()))?;
+            model.model = model.model.merged()?;
+        }
+        let progress = bar(ptodo.len() + rtodo.len(), &format!("features {}", ds.name));
+        progress.set_message(format!("{} done before", prows.len() + rrows.len()));
+        for chunk in ptodo.chunks(cfg.batch) {
+            let jobs: Vec<FeatureJob> = chunk.iter().map(|j| (*j).clone()).collect();
+            let outs = run_batch(&model, &prompts, &ds.items, &jobs, cfg, cfg.max_new_tokens_pattern)?;
+            let rows: Vec<PatternRow> = jobs
+                .iter()
+                .zip(outs)
+                .map(|(j, (text, parsed, n))| {
+                    tokens += n;
+                    PatternRow { user: j.user, timestamp: j.timestamp, text, parsed, tokens: n }
+                })
+                .collect();
+            store::append_log(&plog, &rows)?;
+            prows.extend(rows);
+            progress.inc(chunk.len() as u64);
+            log_progress(&progress, tokens, &t0);
+        }
+        for chunk in rtodo.chunks(cfg.batch) {
+            let jobs: Vec<FeatureJob> = chunk.iter().map(|j| (*j).clone()).collect();
+            let outs = run_batch(&model, &prompts, &ds.items, &jobs, cfg, cfg.max_new_tokens_reason)?;
+            let rows: Vec<ReasonRow> = jobs
+                .iter()
+                .zip(outs)
+                .map(|(j, (text, parsed, n))| {
+                    tokens += n;
+                    ReasonRow {
+                        user: j.user,
+                        item: j.item.expect("reason job"),
+                        timestamp: j.timestamp,
+                        text,
+                        parsed,
+                        tokens: n,
+                    }
+                })
+                .collect();
+            store::append_log(&rlog, &rows)?;
+            rrows.extend(rows);
+            progress.inc(chunk.len() as u64);
+            log_progress(&progress, tokens, &t0);
+        }
+        progress.finish_and_clear();
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    prows.sort_by_key(|r| r.user);
+    rrows.sort_by_key(|r| (r.timestamp, r.user, r.item));
+    let raw_items: Vec<String> = ds.items.iter().map(|i| i.raw_id.clone()).collect();
+    store::write_patterns(&out.join(store::PATTERNS), &prows, &ds.users)?;
+    store::write_reasons(&out.join(store::REASONS), &rrows, &raw_items)?;
+    let items_with_reasons = rrows.iter().map(|r| r.item).collect::<HashSet<_>>().len();
+    let manifest = json!({
+        "identity": id,
+        "dataset": ds.name,
+        "users": users.len(),
+        "patterns": prows.len(),
+        "reasons": rrows.len(),
+        "items": ds.n_items,
+        "items_with_reasons": items_with_reasons,
+        "unparsed_patterns": prows.iter().filter(|r| !r.parsed).count(),
+        "unparsed_reasons": rrows.iter().filter(|r| !r.parsed).count(),
+        "limits": {
+            "users_sampled": cfg.users,
+            "pattern_history": cfg.pattern_history,
+            "reason_history": cfg.reason_history,
+            "reasons_per_user": cfg.reasons_per_user,
+            "max_new_tokens_pattern": cfg.max_new_tokens_pattern,
+            "max_new_tokens_reason": cfg.max_new_tokens_reason,
+            "train_interactions": ds.train.iter().map(Vec::len).sum::<usize>(),
+        },
+        "generated_tokens_this_run": tokens,
+        "seconds_this_run": seconds,
+        "tokens_per_s": if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
+    });
+    crate::jobs::write_json(&manifest_path, &manifest)?;
+    Ok(manifest)
+}

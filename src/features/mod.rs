@@ -1,0 +1,95 @@
+//! Feature generation (paper §4.3.1): the LLM writes an interest pattern p_u per user (Pattern
+//! Generation prompt over the user's train history) and a recommendation reason q_ui per train
+//! interaction (Reason Generation prompt over the history before it and the item). Outputs:
+//! `patterns.parquet` (user, raw_user, timestamp, text), `reasons.parquet` (user, item, timestamp,
+//! text) and `manifest.json` with every limit that shaped the run.
+//!
+//! Generation is batched; each job is a pure function of its record (greedy by default, or
+//! sampled from (seed, record key)), so a job gives the same text in any batch or worker. Rows
+//! are appended to `patterns.jsonl` / `reasons.jsonl` as batches finish; a restarted run skips
+//! the rows already there (a torn last line is dropped) and the Parquet files are written at the end.
+
+pub mod bank;
+pub mod jobs;
+pub mod store;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+pub use jobs::{generate_features, FeatureJob, Features};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesConfig {
+    /// LLM (GGUF file, HF directory or pinned name) for `curec run`; the CLI's `--model` overrides.
+    pub model: Option<String>,
+    /// LoRA adapter to apply (e.g. the aligned model's `adapter.safetensors`).
+    pub adapter: Option<PathBuf>,
+    /// Most recent train items shown in the pattern prompt.
+    pub pattern_history: usize,
+    /// Most recent train items (before the interaction) shown in the reason prompt.
+    pub reason_history: usize,
+    /// Reasons are generated for each user's most recent N train interactions (0 = all of them).
+    pub reasons_per_user: usize,
+    /// Users (seeded sample) that get a pattern and reasons; 0 = all.
+    pub users: usize,
+    pub max_new_tokens_pattern: usize,
+    pub max_new_tokens_reason: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Prompts generated together.
+    pub batch: usize,
+    /// Text after the assistant header that the completion continues.
+    pub prefix: String,
+    pub system: Option<String>,
+    /// Directory with edited prompt templates (default: the built-in ones).
+    pub prompts: Option<PathBuf>,
+    pub device: String,
+    pub dtype: String,
+    pub seed: u64,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            adapter: None,
+            pattern_history: 20,
+            reason_history: 10,
+            reasons_per_user: 4,
+            users: 0,
+            max_new_tokens_pattern: 128,
+            max_new_tokens_reason: 96,
+            temperature: 0.0,
+            top_p: 1.0,
+            batch: 16,
+            prefix: "<think>".into(),
+            system: None,
+            prompts: None,
+            device: "cpu".into(),
+            dtype: "auto".into(),
+            seed: 2024,
+        }
+    }
+}
+
+impl FeaturesConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.pattern_history == 0 || self.reason_history == 0 {
+            bail!("features.pattern_history and features.reason_history: expected at least 1");
+        }
+        if self.batch == 0 {
+            bail!("features.batch: expected at least 1");
+        }
+        if self.max_new_tokens_pattern == 0 || self.max_new_tokens_reason == 0 {
+            bail!("features.max_new_tokens_pattern/_reason: expected at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.top_p) || self.top_p == 0.0 {
+            bail!("features.top_p: expected a number in (0, 1], found {}", self.top_p);
+        }
+        Ok(())
+    }
+}

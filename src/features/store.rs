@@ -1,0 +1,219 @@
+//! Rows of generated features, their append-only progress logs (JSON lines, for resume) and
+//! their Parquet files. Parquet keeps several patterns per user and any number of reasons per
+//! (user, item): readers take a user's newest pattern and an item's most recent reasons, so later
+//! stages (the chronological correction) append instead of rewriting.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int64Type, UInt32Type};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_schema::{DataType, Field, Schema};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::data::prepared::{read_parquet, write_parquet};
+use crate::data::DataError;
+
+pub const PATTERNS: &str = "patterns.parquet";
+pub const REASONS: &str = "reasons.parquet";
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatternRow {
+    pub user: u32,
+    /// Time of the newest interaction the pattern has seen.
+    pub timestamp: i64,
+    pub text: String,
+    /// The completion had an `<answer>` section (else `text` is the completion without tags).
+    #[serde(default = "yes")]
+    pub parsed: bool,
+    #[serde(default)]
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReasonRow {
+    pub user: u32,
+    pub item: u32,
+    pub timestamp: i64,
+    pub text: String,
+    #[serde(default = "yes")]
+    pub parsed: bool,
+    #[serde(default)]
+    pub tokens: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Read a JSON-lines progress log; a torn last line (a kill mid-write) is cut off the file.
+pub fn read_log<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut rows = Vec::new();
+    let mut good = 0usize;
+    for line in text.split_inclusive('\n') {
+        if !line.ends_with('\n') {
+            break;
+        }
+        match serde_json::from_str(line.trim_end()) {
+            Ok(r) => rows.push(r),
+            Err(_) => break,
+        }
+        good += line.len();
+    }
+    if good < text.len() {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.set_len(good as u64)?;
+    }
+    Ok(rows)
+}
+
+/// Append rows to a progress log and flush them to disk.
+pub fn append_log<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for appending", path.display()))?;
+    let mut buf = String::new();
+    for r in rows {
+        buf.push_str(&serde_json::to_string(r)?);
+        buf.push('\n');
+    }
+    f.write_all(buf.as_bytes())?;
+    f.sync_data()?;
+    Ok(())
+}
+
+fn batch(fields: Vec<(&str, DataType)>, cols: Vec<ArrayRef>) -> RecordBatch {
+    let schema = Schema::new(fields.into_iter().map(|(n, t)| Field::new(n, t, false)).collect::<Vec<_>>());
+    RecordBatch::try_new(Arc::new(schema), cols).expect("columns match the schema by construction")
+}
+
+pub fn write_patterns(path: &Path, rows: &[PatternRow], raw_users: &[String]) -> Result<(), DataError> {
+    write_parquet(
+        path,
+        &batch(
+            vec![
+                ("user", DataType::UInt32),
+                ("raw_user", DataType::Utf8),
+                ("timestamp", DataType::Int64),
+                ("text", DataType::Utf8),
+            ],
+            vec![
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.user))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| raw_users.get(r.user as usize).map_or("", String::as_str)),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
+            ],
+        ),
+    )
+}
+
+pub fn write_reasons(path: &Path, rows: &[ReasonRow], raw_items: &[String]) -> Result<(), DataError> {
+    write_parquet(
+        path,
+        &batch(
+            vec![
+                ("user", DataType::UInt32),
+                ("item", DataType::UInt32),
+                ("raw_item", DataType::Utf8),
+                ("timestamp", DataType::Int64),
+                ("text", DataType::Utf8),
+            ],
+            vec![
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.user))),
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.item))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| raw_items.get(r.item as usize).map_or("", String::as_str)),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
+            ],
+        ),
+    )
+}
+
+fn col<'a>(path: &Path, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, DataError> {
+    b.column_by_name(name).ok_or_else(|| DataError::file(path, format!("missing column '{name}'")))
+}
+
+fn typed<'a, T: 'a>(path: &Path, name: &str, v: Option<T>, want: &str) -> Result<T, DataError> {
+    v.ok_or_else(|| DataError::file(path, format!("column '{name}': expected {want}")))
+}
+
+pub fn read_patterns(path: &Path) -> Result<Vec<PatternRow>, DataError> {
+    let b = read_parquet(path)?;
+    let user = typed(path, "user", col(path, &b, "user")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
+    let ts = typed(path, "timestamp", col(path, &b, "timestamp")?.as_primitive_opt::<Int64Type>(), "int64")?;
+    let text = typed(path, "text", col(path, &b, "text")?.as_string_opt::<i32>(), "utf8")?;
+    Ok((0..b.num_rows())
+        .map(|r| PatternRow {
+            user: user.value(r),
+            timestamp: ts.value(r),
+            text: text.value(r).to_string(),
+            parsed: true,
+            tokens: 0,
+        })
+        .collect())
+}
+
+pub fn read_reasons(path: &Path) -> Result<Vec<ReasonRow>, DataError> {
+    let b = read_parquet(path)?;
+    let user = typed(path, "user", col(path, &b, "user")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
+    let item = typed(path, "item", col(path, &b, "item")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
+    let ts = typed(path, "timestamp", col(path, &b, "timestamp")?.as_primitive_opt::<Int64Type>(), "int64")?;
+    let text = typed(path, "text", col(path, &b, "text")?.as_string_opt::<i32>(), "utf8")?;
+    Ok((0..b.num_rows())
+        .map(|r| ReasonRow {
+            user: user.value(r),
+            item: item.value(r),
+            timestamp: ts.value(r),
+            text: text.value(r).to_string(),
+            parsed: true,
+            tokens: 0,
+        })
+        .collect())
+}
+
+/// Each user's newest pattern (ties: the later row).
+pub fn latest_patterns(rows: &[PatternRow]) -> HashMap<u32, &PatternRow> {
+    let mut m: HashMap<u32, &PatternRow> = HashMap::new();
+    for r in rows {
+        match m.get(&r.user) {
+            Some(old) if old.timestamp > r.timestamp => {}
+            _ => {
+                m.insert(r.user, r);
+            }
+        }
+    }
+    m
+}
+
+/// Each item's reasons, oldest first, keeping the most recent `keep` (0 = all).
+pub fn reason_lists(rows: &[ReasonRow], n_items: usize, keep: usize) -> Vec<Vec<&ReasonRow>> {
+    let mut lists: Vec<Vec<&ReasonRow>> = vec![Vec::new(); n_items];
+    for r in rows {
+        if (r.item as usize) < n_items {
+            lists[r.item as usize].push(r);
+        }
+    }
+    for l in &mut lists {
+        l.sort_by_key(|r| (r.timestamp, r.user));
+        if keep > 0 && l.len() > keep {
+            l.drain(..l.len() - keep);
+        }
+    }
+    lists
+}

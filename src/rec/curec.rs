@@ -1,0 +1,704 @@
+//! The CUREC reward model (paper §4.3.2, Eq. 7–11): a SASRec user tower over item IDs, a matcher
+//! between the user's pattern embedding and the item's reason embeddings, and a DIN head.
+//!
+//! For user u (at a position of the sequence) and item i:
+//! - e_u: SASRec hidden state; e_i: item ID embedding (shared with the tower).
+//! - s_ui (Eq. 8), by variant:
+//!   - `attention`: multi-head attention, query W_q e_{p_u}, keys/values W_k E_{Q_i}, W_v E_{Q_i},
+//!     output W_o; padding reasons are masked, so a list of one reason gets weight 1 and the
+//!     result does not depend on the order of the list;
+//!   - `ap` / `mlp` / `sa`: the reasons fused without looking at the user (mean of W_v E_{Q_i}; mean
+//!     of a per-reason MLP; mean of one self-attention layer over the list), plus the projected
+//!     pattern (the concatenation [fused reasons; pattern] followed by a linear layer);
+//!   - `text`: like `ap` with the item's own description as its only "reason".
+//!
+//!   An item without reasons gets a learned vector s_∅. Reasons written for u itself are masked
+//!   when scoring for u (its training interactions' reasons would otherwise leak the label:
+//!   at test time the target's list never holds a reason of the user).
+//! - DIN (Eq. 10): attention pooling of the last `din_history` history item embeddings w.r.t.
+//!   the target, v_ui = Σ_j softmax_j(⟨W_a h_j, e_i⟩/√d) h_j, then
+//!   ŷ_ui = ⟨e_u, e_i⟩ + w₂ᵀ ReLU(A e_u + B e_i + C s_ui + D v_ui + b₁) + b₂.
+//!   (The first layer is applied term by term, so scoring every item costs O(N·(L + H)·d) per
+//!   user instead of an MLP over N concatenations.)
+//! - Loss (Eq. 11): softmax cross-entropy over all items, at every position of the train sequence.
+
+use std::path::Path;
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::nn::{rng_for, Params};
+use super::sasrec::{SasRecConfig, SasRecTower};
+use super::Model;
+use crate::data::{Dataset, Split};
+use crate::eval::Scorer;
+use crate::ops::{cross_entropy, softmax_last_dim};
+
+const INIT_STD: f32 = 0.02;
+const NEG: f32 = -1e9;
+
+/// How s_ui is built (paper Table 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Multi-head attention from the pattern over the reasons (CUREC).
+    Attention,
+    /// Raw item descriptions instead of reasons, fused with the pattern.
+    Text,
+    /// Average pooling of the reasons, concatenated with the pattern.
+    Ap,
+    /// Per-reason MLP, then average pooling, concatenated with the pattern.
+    Mlp,
+    /// Self-attention over the reasons, then average pooling, concatenated with the pattern.
+    Sa,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Attention => "attention",
+            Variant::Text => "text",
+            Variant::Ap => "ap",
+            Variant::Mlp => "mlp",
+            Variant::Sa => "sa",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CurecConfig {
+    pub variant: Variant,
+    /// `minilm`, a BERT directory, or `llm:<model>`.
+    pub encoder: String,
+    /// Most recent reasons kept per item (L).
+    pub reasons_per_item: usize,
+    /// Heads of the pattern→reason attention.
+    pub heads: usize,
+    /// History items pooled by DIN's target attention.
+    pub din_history: usize,
+    /// Hidden width of the DIN head.
+    pub hidden: usize,
+    /// Target positions per optimisation step (bounds memory: positions × items × hidden floats).
+    pub positions_per_batch: usize,
+    /// Mask the user's own reasons when scoring for that user.
+    pub mask_own_reasons: bool,
+    /// Features directory from `curec features` (the CLI's `--features` sets it).
+    pub features: Option<std::path::PathBuf>,
+    /// Train on each user's most recent N targets per epoch (the input still shows up to
+    /// `sasrec.max_len` items before each); 0 = every target of the train sequence.
+    pub positions_per_user: usize,
+    /// Start the user tower and item embeddings from a trained SASRec checkpoint
+    /// (`<sasrec run>/model.safetensors`); the other weights start fresh.
+    pub init_tower: Option<std::path::PathBuf>,
+}
+
+impl Default for CurecConfig {
+    fn default() -> Self {
+        Self {
+            variant: Variant::Attention,
+            encoder: "minilm".into(),
+            reasons_per_item: 20,
+            heads: 2,
+            din_history: 10,
+            hidden: 32,
+            positions_per_batch: 1024,
+            mask_own_reasons: true,
+            features: None,
+            positions_per_user: 0,
+            init_tower: None,
+        }
+    }
+}
+
+/// Text features in embedding form: one pattern vector per user, a reason list per item.
+#[derive(Debug, Clone)]
+pub struct FeatureBank {
+    /// Encoder dimension.
+    pub dim: usize,
+    /// `n_users × dim`; zero for users without a pattern.
+    pub patterns: Vec<f32>,
+    pub has_pattern: Vec<bool>,
+    /// Reason vectors, `n_reasons × dim`.
+    pub reasons: Vec<f32>,
+    /// Reason texts (the explanation), one per reason row.
+    pub texts: Vec<String>,
+    /// Per item: (reason row, author user) oldest first; at most L.
+    pub lists: Vec<Vec<(u32, u32)>>,
+}
+
+impl FeatureBank {
+    pub fn n_reasons(&self) -> usize {
+        self.reasons.len() / self.dim.max(1)
+    }
+    pub fn max_list(&self) -> usize {
+        self.lists.iter().map(Vec::len).max().unwrap_or(0).max(1)
+    }
+}
+
+struct Matcher {
+    q: Linear,
+    /// Keys: the attention matcher only.
+    k: Option<Linear>,
+    v: Linear,
+    /// Output projection: the attention matcher only.
+    o: Option<Linear>,
+    /// Fusion variants: per-reason MLP (`mlp`) or self-attention (`sa`) layers.
+    mlp: Option<(Linear, Linear)>,
+    sa: Option<(Linear, Linear, Linear)>,
+    empty: Tensor,
+}
+
+pub struct Curec {
+    cfg: CurecConfig,
+    tower: SasRecTower,
+    seed: u64,
+    params: Params,
+    matcher: Matcher,
+    w_att: Linear,
+    a: Linear,
+    b: Linear,
+    c: Linear,
+    dd: Linear,
+    w2: Linear,
+    bank: FeatureBank,
+    /// `(n_reasons + 1) × enc_dim`, last row zero (padding).
+    reasons_t: Tensor,
+    patterns_t: Tensor,
+    opt: AdamW,
+}
+
+/// Set every variable of `varmap` that `path` holds under the same name and shape; at least the
+/// item embeddings must be there.
+fn load_matching(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("curec.init_tower {}: cannot load", path.display()))?;
+    anyhow::ensure!(
+        tensors.contains_key("item_emb"),
+        "curec.init_tower {}: not a SASRec checkpoint (no item_emb)",
+        path.display()
+    );
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        if let Some(t) = tensors.get(name) {
+            anyhow::ensure!(
+                t.dims() == var.dims(),
+                "curec.init_tower {}: {name} has shape {:?}, the model needs {:?} (same dataset and sasrec config?)",
+                path.display(),
+                t.dims(),
+                var.dims()
+            );
+            var.set(&t.to_device(var.device())?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Per-batch reason slots: which reason row fills slot l of item n, and who wrote it.
+struct Slots {
+    idx: Tensor,
+    /// `N × L`: 1 for a real reason.
+    valid: Vec<bool>,
+    author: Vec<u32>,
+    l: usize,
+}
+
+impl Curec {
+    pub fn new(
+        cfg: &CurecConfig,
+        tower_cfg: &SasRecConfig,
+        n_items: usize,
+        bank: FeatureBank,
+        seed: u64,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(bank.lists.len() == n_items, "feature bank has {} items, dataset {n_items}", bank.lists.len());
+        anyhow::ensure!(
+            tower_cfg.dim % cfg.heads == 0,
+            "curec.heads = {} must divide sasrec.dim = {}",
+            cfg.heads,
+            tower_cfg.dim
+        );
+        anyhow::ensure!(
+            cfg.positions_per_batch > 0 && cfg.din_history > 0,
+            "curec.positions_per_batch and curec.din_history must be positive"
+        );
+        let mut p = Params::new(seed, device);
+        let tower = SasRecTower::new(tower_cfg, n_items, &mut p)?;
+        let (d, e, h) = (tower_cfg.dim, bank.dim, cfg.hidden);
+        let matcher = Matcher {
+            q: p.linear("match.q", e, d)?,
+            k: if cfg.variant == Variant::Attention { Some(p.linear("match.k", e, d)?) } else { None },
+            v: p.linear("match.v", e, d)?,
+            o: if cfg.variant == Variant::Attention { Some(p.linear("match.o", d, d)?) } else { None },
+            mlp: if cfg.variant == Variant::Mlp {
+                Some((p.linear("match.mlp1", d, d)?, p.linear("match.mlp2", d, d)?))
+            } else {
+                None
+            },
+            sa: if cfg.variant == Variant::Sa {
+                Some((p.linear("match.sa_q", d, d)?, p.linear("match.sa_k", d, d)?, p.linear("match.sa_v", d, d)?))
+            } else {
+                None
+            },
+            empty: p.normal("match.empty", &[d], INIT_STD)?,
+        };
+        let w_att = p.linear_normal("din.att", d, d, INIT_STD)?;
+        let a = p.linear("din.a", d, h)?;
+        let b = p.linear("din.b", d, h)?;
+        let c = p.linear("din.c", d, h)?;
+        let dd = p.linear("din.d", d, h)?;
+        let w2 = p.linear("din.out", h, 1)?;
+        let mut rt = bank.reasons.clone();
+        rt.extend(std::iter::repeat_n(0f32, e));
+        let reasons_t = Tensor::from_vec(rt, (bank.n_reasons() + 1, e), device)?;
+        let patterns_t = Tensor::from_vec(bank.patterns.clone(), (bank.patterns.len() / e.max(1), e), device)?;
+        if let Some(path) = &cfg.init_tower {
+            load_matching(&p.varmap, path)?;
+        }
+        let opt =
+            AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: tower_cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            tower,
+            seed,
+            params: p,
+            matcher,
+            w_att,
+            a,
+            b,
+            c,
+            dd,
+            w2,
+            bank,
+            reasons_t,
+            patterns_t,
+            opt,
+        })
+    }
+
+    pub fn bank(&self) -> &FeatureBank {
+        &self.bank
+    }
+
+    pub fn bank_mut(&mut self) -> &mut FeatureBank {
+        &mut self.bank
+    }
+
+    /// Rebuild the reason tensor after the bank changed (new reasons appended).
+    pub fn refresh_bank(&mut self) -> anyhow::Result<()> {
+        let e = self.bank.dim;
+        let dev = self.reasons_t.device().clone();
+        let mut rt = self.bank.reasons.clone();
+        rt.extend(std::iter::repeat_n(0f32, e));
+        self.reasons_t = Tensor::from_vec(rt, (self.bank.n_reasons() + 1, e), &dev)?;
+        self.patterns_t = Tensor::from_vec(self.bank.patterns.clone(), (self.bank.patterns.len() / e, e), &dev)?;
+        Ok(())
+    }
+
+    fn slots(&self, dev: &Device) -> candle_core::Result<Slots> {
+        let n = self.tower.n_items;
+        let l = self.bank.max_list();
+        let pad = self.bank.n_reasons() as u32;
+        let mut idx = vec![pad; n * l];
+        let mut valid = vec![false; n * l];
+        let mut author = vec![u32::MAX; n * l];
+        for (i, list) in self.bank.lists.iter().enumerate() {
+            for (j, &(r, u)) in list.iter().enumerate() {
+                idx[i * l + j] = r;
+                valid[i * l + j] = true;
+                author[i * l + j] = u;
+            }
+        }
+        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, author, l })
+    }
+
+    /// s_ui for `users` × all items: `U × N × d`, and the attention (or pooling) weights
+    /// `U × N × L` averaged over heads.
+    fn matching(&self, users: &[u32], slots: &Slots) -> candle_core::Result<(Tensor, Tensor)> {
+        let dev = self.reasons_t.device();
+        let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
+        let u = users.len();
+        let m = &self.matcher;
+        let reasons = self.reasons_t.index_select(&slots.idx, 0)?; // (N·L) × e
+        let uid = Tensor::new(users, dev)?;
+        let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
+        let q = m.q.forward(&pat)?; // U × d
+                                    // Allowed slots per (user, item): real and, if configured, not written by the user.
+        let mut allowed = vec![0f32; u * n * l];
+        let mut any = vec![0f32; u * n];
+        for (ui, &user) in users.iter().enumerate() {
+            for s in 0..n * l {
+                if slots.valid[s] && !(self.cfg.mask_own_reasons && slots.author[s] == user) {
+                    allowed[ui * n * l + s] = 1.0;
+                    any[ui * n + s / l] = 1.0;
+                }
+            }
+        }
+        let allowed = Tensor::from_vec(allowed, (u, n, l), dev)?;
+        let any = Tensor::from_vec(any, (u, n, 1), dev)?;
+        let (weights, values) = match self.cfg.variant {
+            Variant::Attention => {
+                let h = self.cfg.heads;
+                let dh = d / h;
+                let k = m.k.as_ref().expect("attention has keys").forward(&reasons)?; // (N·L) × d
+                let v = m.v.forward(&reasons)?;
+                let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
+                let mut ws = Vec::with_capacity(h);
+                let mut outs = Vec::with_capacity(h);
+                for head in 0..h {
+                    let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
+                    let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
+                    let vh = v.narrow(1, head * dh, dh)?.reshape((n, l, dh))?.contiguous()?;
+                    let logits = (qh.matmul(&kh.t()?)? / (dh as f64).sqrt())?.reshape((u, n, l))?;
+                    let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
+                    let o = w.transpose(0, 1)?.contiguous()?.matmul(&vh)?; // N × U × dh
+                    ws.push(w);
+                    outs.push(o.transpose(0, 1)?);
+                }
+                let o = Tensor::cat(&outs, 2)?.contiguous()?; // U × N × d
+                let s =
+                    m.o.as_ref()
+                        .expect("attention has an output projection")
+                        .forward(&o.reshape((u * n, d))?)?
+                        .reshape((u, n, d))?;
+                let w = (Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?;
+                (w, s)
+            }
+            _ => {
+                // Uniform weights over the allowed reasons.
+                let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
+                let w = allowed.broadcast_div(&count)?;
+                let base = m.v.forward(&reasons)?; // (N·L) × d
+                let x = match (&m.mlp, &m.sa) {
+                    (Some((l1, l2)), _) => (l2.forward(&l1.forward(&base)?.relu()?)? + &base)?,
+                    (_, Some((sq, sk, sv))) => {
+                        let x = base.reshape((n, l, d))?;
+                        let qs = sq.forward(&x)?;
+                        let ks = sk.forward(&x)?;
+                        let vs = sv.forward(&x)?;
+                        let mask: Vec<f32> = slots.valid.iter().map(|&v| if v { 0.0 } else { NEG }).collect();
+                        let mask = Tensor::from_vec(mask, (n, 1, l), dev)?;
+                        let att = (qs.matmul(&ks.transpose(1, 2)?.contiguous()?)? / (d as f64).sqrt())?;
+                        let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
+                        (att.matmul(&vs)? + x)?.reshape((n * l, d))?
+                    }
+                    _ => base,
+                };
+                let x = x.reshape((n, l, d))?.contiguous()?;
+                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&x)?.transpose(0, 1)?; // U × N × d
+                (w, pooled)
+            }
+        };
+        // Items with no allowed reason: s_∅.
+        let s = (values.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&m.empty.reshape((1, 1, d))?)?)?;
+        // Fusion variants: [fused reasons; pattern] → linear = fused part + projected pattern.
+        let s = if self.cfg.variant == Variant::Attention { s } else { s.broadcast_add(&q.unsqueeze(1)?)? };
+        Ok((s, weights))
+    }
+
+    /// Scores `P × N` for positions with hidden states `eu` (`P × d`), DIN histories `hist`
+    /// (item ids, oldest first, non-empty) and `slot[p]` = the row of the position's user in `s`.
+    fn head(&self, eu: &Tensor, hist: &[Vec<u32>], slot: &[u32], s: &Tensor) -> candle_core::Result<Tensor> {
+        let dev = eu.device();
+        let (p, d) = eu.dims2()?;
+        let n = self.tower.n_items;
+        let items = self.tower.item_table()?; // N × d
+        let hh = hist.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let mut ids = vec![0u32; p * hh];
+        let mut bias = vec![NEG; p * hh];
+        for (r, h) in hist.iter().enumerate() {
+            for (j, &it) in h.iter().enumerate() {
+                ids[r * hh + j] = it;
+                bias[r * hh + j] = 0.0;
+            }
+        }
+        let hv = items.index_select(&Tensor::from_vec(ids, p * hh, dev)?, 0)?; // (P·H) × d
+        let logits = (self.w_att.forward(&hv)?.matmul(&items.t()?)? / (d as f64).sqrt())?.reshape((p, hh, n))?;
+        let logits = logits.broadcast_add(&Tensor::from_vec(bias, (p, hh, 1), dev)?)?;
+        let att = softmax_last_dim(&logits.transpose(1, 2)?.contiguous()?)?; // P × N × H
+        let g = self.dd.forward(&hv)?.reshape((p, hh, self.cfg.hidden))?; // P × H × hid
+        let v_part = att.matmul(&g)?; // P × N × hid
+        let hid = self.cfg.hidden;
+        let (u, _, _) = s.dims3()?;
+        let c_part = self.c.forward(&s.reshape((u * n, d))?)?.reshape((u, n, hid))?;
+        let c_part = c_part.index_select(&Tensor::new(slot, dev)?, 0)?; // P × N × hid
+        let a_part = self.a.forward(eu)?.unsqueeze(1)?; // P × 1 × hid
+        let b_part = self.b.forward(&items)?.unsqueeze(0)?; // 1 × N × hid
+        let pre = (v_part + c_part)?.broadcast_add(&a_part)?.broadcast_add(&b_part)?.relu()?;
+        let mlp = self.w2.forward(&pre)?.squeeze(2)?; // P × N
+        mlp + eu.matmul(&items.t()?)?
+    }
+
+    fn din_history(&self, seq: &[u32]) -> Vec<u32> {
+        seq[seq.len().saturating_sub(self.cfg.din_history)..].to_vec()
+    }
+
+    /// Scores of all items for `users` after `histories`, with the per-item reason weights.
+    pub fn score_with_weights(&self, users: &[u32], histories: &[Vec<u32>]) -> anyhow::Result<(Tensor, Tensor)> {
+        let dev = self.reasons_t.device().clone();
+        let max_len = self.tower.cfg.max_len;
+        let refs: Vec<&[u32]> = histories.iter().map(|h| &h[h.len().saturating_sub(max_len)..]).collect();
+        let eu = self.tower.last_hidden(&refs)?;
+        let slots = self.slots(&dev)?;
+        let (s, w) = self.matching(users, &slots)?;
+        let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
+        let slot: Vec<u32> = (0..users.len() as u32).collect();
+        Ok((self.head(&eu, &hist, &slot, &s)?, w))
+    }
+
+    /// Windows (user, start, end, first target position in the window).
+    fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize, usize)> {
+        let k = self.cfg.positions_per_user;
+        if k == 0 {
+            return self.tower.windows(ds).into_iter().map(|(u, a, e)| (u, a, e, 0)).collect();
+        }
+        let l = self.tower.cfg.max_len;
+        ds.train
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.len() >= 2)
+            .map(|(u, s)| {
+                let e = s.len() - 1;
+                let a = e.saturating_sub(l);
+                (u as u32, a, e, (e - a).saturating_sub(k))
+            })
+            .collect()
+    }
+
+    /// Batches of windows with at most `positions_per_batch` targets each.
+    fn batches(&self, ds: &Dataset, epoch: usize) -> Vec<Vec<(u32, usize, usize, usize)>> {
+        let mut windows = self.windows(ds);
+        let mut rng = rng_for(self.seed, 12, epoch as u64);
+        windows.shuffle(&mut rng);
+        let mut out: Vec<Vec<(u32, usize, usize, usize)>> = Vec::new();
+        let mut cur = Vec::new();
+        let mut count = 0;
+        for w in windows {
+            let n = w.2 - w.1 - w.3;
+            if count + n > self.cfg.positions_per_batch && !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+                count = 0;
+            }
+            cur.push(w);
+            count += n;
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+}
+
+impl Scorer for Curec {
+    fn score(&self, ds: &Dataset, users: &[u32], split: Split) -> anyhow::Result<Vec<f32>> {
+        let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, split)).collect();
+        let (scores, _) = self.score_with_weights(users, &hist)?;
+        Ok(scores.flatten_all()?.to_vec1()?)
+    }
+}
+
+impl Model for Curec {
+    fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>> {
+        let dev = self.reasons_t.device().clone();
+        let slots = self.slots(&dev)?;
+        let (mut total, mut count) = (0f64, 0usize);
+        for (bi, batch) in self.batches(ds, epoch).into_iter().enumerate() {
+            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
+            let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
+            let mut users: Vec<u32> = batch.iter().map(|w| w.0).collect();
+            users.sort_unstable();
+            users.dedup();
+            let (mut rows, mut targets, mut hist, mut slot) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (r, &(u, a, e, from)) in batch.iter().enumerate() {
+                let seq = &ds.train[u as usize];
+                let us = users.binary_search(&u).expect("user in batch") as u32;
+                for j in from..e - a {
+                    rows.push((r * t + j) as u32);
+                    targets.push(seq[a + 1 + j]);
+                    hist.push(self.din_history(&seq[..a + j + 1]));
+                    slot.push(us);
+                }
+            }
+            let mut rng = rng_for(self.seed, 13, ((epoch as u64) << 32) | bi as u64);
+            let x = self.tower.encode(&inputs, Some(&mut rng))?;
+            let eu = x
+                .reshape((batch.len() * t, self.tower.cfg.dim))?
+                .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let (s, _) = self.matching(&users, &slots)?;
+            let logits = self.head(&eu, &hist, &slot, &s)?;
+            let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
+            self.opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
+            count += targets.len();
+        }
+        Ok(Some(total / count.max(1) as f64))
+    }
+
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        super::save_varmap(&self.params.varmap, path)
+    }
+
+    fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        super::load_varmap(&mut self.params.varmap, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::preprocess::ItemRow;
+
+    const N: usize = 12;
+    const E: usize = 8;
+
+    fn toy() -> Dataset {
+        let items = (0..N).map(|i| ItemRow { raw_id: i.to_string(), info: Default::default() }).collect();
+        let lens = [6usize, 9, 4, 7];
+        let mut ds = Dataset::from_interactions("toy", lens.iter().map(|l| l.to_string()).collect(), items, &[]);
+        for (u, &l) in lens.iter().enumerate() {
+            ds.train[u] = (0..l).map(|j| ((u * 5 + j * 3) % N) as u32).collect();
+            ds.valid[u] = ((u + 1) % N) as u32;
+            ds.test[u] = ((u + 2) % N) as u32;
+        }
+        ds
+    }
+
+    fn vec_for(seed: u64, n: usize) -> Vec<f32> {
+        let mut r = rng_for(seed, 99, 0);
+        (0..n).map(|_| super::super::nn::standard_normal(&mut r)).collect()
+    }
+
+    /// Item i has `counts[i]` reasons; reason j of item i is written by user (i + j) % 4.
+    fn bank(counts: &[usize]) -> FeatureBank {
+        let mut reasons = Vec::new();
+        let mut lists = Vec::new();
+        let mut texts = Vec::new();
+        for (i, &c) in counts.iter().enumerate() {
+            let mut l = Vec::new();
+            for j in 0..c {
+                l.push(((reasons.len() / E) as u32, ((i + j) % 4) as u32));
+                reasons.extend(vec_for((i * 100 + j) as u64, E));
+                texts.push(format!("reason {j} of item {i}"));
+            }
+            lists.push(l);
+        }
+        FeatureBank { dim: E, patterns: vec_for(7, 4 * E), has_pattern: vec![true; 4], reasons, texts, lists }
+    }
+
+    fn model(b: FeatureBank, variant: Variant) -> Curec {
+        let cfg = CurecConfig { variant, hidden: 8, din_history: 3, ..Default::default() };
+        let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+        Curec::new(&cfg, &tcfg, N, b, 5, &Device::Cpu).unwrap()
+    }
+
+    fn scores(m: &Curec, ds: &Dataset, users: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, Split::Test)).collect();
+        let (s, w) = m.score_with_weights(users, &hist).unwrap();
+        (s.flatten_all().unwrap().to_vec1().unwrap(), w.flatten_all().unwrap().to_vec1().unwrap())
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() < 1e-5, "entry {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn one_reason_gets_weight_one_and_padding_changes_nothing() {
+        let ds = toy();
+        let mut counts = vec![1usize; N];
+        counts[3] = 0;
+        let m1 = model(bank(&counts), Variant::Attention);
+        // User 2 wrote no reason of item 1 (authors of item 1's only reason: user 1).
+        let (s1, w1) = scores(&m1, &ds, &[2]);
+        assert!((w1[1] - 1.0).abs() < 1e-6, "weight of a lone reason: {}", w1[1]);
+        // Item 5 gains reasons: the list length (padding of every other item) grows to 4.
+        counts[5] = 4;
+        let m2 = model(bank(&counts), Variant::Attention);
+        let (s2, _) = scores(&m2, &ds, &[2]);
+        for i in (0..N).filter(|&i| i != 5) {
+            assert!((s1[i] - s2[i]).abs() < 1e-5, "item {i}: {} vs {}", s1[i], s2[i]);
+        }
+    }
+
+    #[test]
+    fn scores_do_not_depend_on_reason_order() {
+        let ds = toy();
+        let counts = vec![3usize; N];
+        for variant in [Variant::Attention, Variant::Ap, Variant::Mlp, Variant::Sa] {
+            let b = bank(&counts);
+            let mut r = b.clone();
+            for l in &mut r.lists {
+                l.reverse();
+            }
+            let (a, _) = scores(&model(b, variant), &ds, &[0, 1, 2, 3]);
+            let (c, _) = scores(&model(r, variant), &ds, &[0, 1, 2, 3]);
+            close(&a, &c);
+        }
+    }
+
+    #[test]
+    fn batched_full_ranking_equals_one_user_at_a_time() {
+        let ds = toy();
+        let m = model(bank(&[2, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1]), Variant::Attention);
+        let (all, wall) = scores(&m, &ds, &[0, 1, 2, 3]);
+        let per = N * m.bank().max_list();
+        for u in 0..4u32 {
+            let (one, w) = scores(&m, &ds, &[u]);
+            close(&one, &all[u as usize * N..(u as usize + 1) * N]);
+            close(&w, &wall[u as usize * per..(u as usize + 1) * per]);
+        }
+    }
+
+    #[test]
+    fn own_reasons_are_masked_for_their_author_only() {
+        let ds = toy();
+        // Item 4's two reasons are written by users 0 and 1 (authors (4 + j) % 4).
+        let mut counts = vec![1usize; N];
+        counts[4] = 2;
+        let m = model(bank(&counts), Variant::Attention);
+        let (_, w0) = scores(&m, &ds, &[0]);
+        let l = m.bank().max_list();
+        assert_eq!(w0[4 * l], 0.0, "user 0 must not see its own reason");
+        assert!((w0[4 * l + 1] - 1.0).abs() < 1e-6);
+        let (_, w2) = scores(&m, &ds, &[2]);
+        assert!(w2[4 * l] > 0.0 && w2[4 * l + 1] > 0.0);
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_every_weight_learns() {
+        let ds = toy();
+        for variant in [Variant::Attention, Variant::Text, Variant::Sa] {
+            let mut m = model(bank(&[2, 0, 2, 1, 0, 3, 2, 2, 1, 0, 2, 2]), variant);
+            let before: Vec<(String, Vec<f32>)> = {
+                let data = m.params.varmap.data().lock().unwrap();
+                let mut v: Vec<_> = data
+                    .iter()
+                    .map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            let first = m.train_epoch(&ds, 0).unwrap().unwrap();
+            let mut last = first;
+            for e in 1..15 {
+                last = m.train_epoch(&ds, e).unwrap().unwrap();
+            }
+            assert!(last < first, "{variant:?}: loss {first} → {last}");
+            let data = m.params.varmap.data().lock().unwrap();
+            for (name, b) in before {
+                // The positional rows past the longest toy sequence never receive a gradient.
+                if name == "pos_emb" {
+                    continue;
+                }
+                let a = data[&name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(a != b, "{variant:?}: {name} did not change");
+            }
+        }
+    }
+}
