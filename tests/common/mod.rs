@@ -1,0 +1,36 @@
+//! Helpers shared by the integration tests.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use curec::llm::{CausalLm, Family, LlmConfig};
+use serde_json::json;
+
+/// Tiny Qwen2-shaped model: config.json, model.safetensors, a word-level tokenizer.json.
+pub fn tiny_model_dir(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = LlmConfig { max_position: 4096, ..LlmConfig::tiny(Family::Qwen2) };
+    let m = CausalLm::random(cfg.clone(), 11, DType::F32, &Device::Cpu).unwrap();
+    let w = m.named_weights();
+    safetensors::serialize_to_file(w.iter().map(|(k, v)| (k.as_str(), v)), None, &dir.join("model.safetensors"))
+        .unwrap();
+    let config = json!({"architectures": ["Qwen2ForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "max_position_embeddings": cfg.max_position,
+        "tie_word_embeddings": false});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    // Word-level vocabulary with the format tags as words, so that random completions sometimes
+    // contain them and rewards vary within a group.
+    let mut vocab = serde_json::Map::new();
+    for i in 0..93u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    for (i, tag) in ["<think>", "</think>", "<answer>", "</answer>"].iter().enumerate() {
+        vocab.insert(tag.to_string(), json!(93 + i));
+    }
+    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}

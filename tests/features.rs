@@ -1,0 +1,221 @@
+//! Patterns, reasons and the CUREC reward model end to end on the embedded ml-latest-small with a
+//! tiny random LLM (no downloads; the LLM is also the encoder): the features contract, a resume
+//! after a torn write that gives the same Parquet bytes (with another batch size), the reward
+//! model's metrics, `curec eval` and `curec recommend`, and the error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use curec::config::JobConfig;
+use curec::data::Split;
+use curec::features::store::{self, PatternRow, ReasonRow};
+use curec::features::{generate_features, FeaturesConfig};
+use curec::rec::curec::Variant;
+use curec::rec::ModelKind;
+use serde_json::Value;
+
+mod common;
+use common::tiny_model_dir;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn curec_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    model: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model);
+    Setup { tmp, data, model }
+}
+
+fn fcfg(users: usize, reasons_per_user: usize) -> FeaturesConfig {
+    FeaturesConfig {
+        users,
+        reasons_per_user,
+        pattern_history: 4,
+        reason_history: 3,
+        max_new_tokens_pattern: 6,
+        max_new_tokens_reason: 6,
+        batch: 3,
+        ..Default::default()
+    }
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+fn keep_lines(path: &Path, n: usize, torn: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut kept: String = text.split_inclusive('\n').take(n).collect();
+    kept.push_str(torn);
+    std::fs::write(path, kept).unwrap();
+}
+
+#[test]
+fn features_contract_and_a_torn_resume_give_the_same_bytes() {
+    let s = setup();
+    let model = s.model.to_str().unwrap();
+    let a = s.tmp.path().join("a");
+    let m = generate_features(&s.data, model, &a, &fcfg(5, 2)).unwrap();
+    assert_eq!(m["patterns"], 5);
+    assert_eq!(m["reasons"], 10);
+    assert_eq!(m["limits"]["reasons_per_user"], 2);
+    for f in ["patterns.parquet", "reasons.parquet", "manifest.json"] {
+        assert!(a.join(f).is_file(), "{f} missing");
+    }
+    // Parquet holds what the progress logs hold.
+    let logged: Vec<PatternRow> = store::read_log(&a.join("patterns.jsonl")).unwrap();
+    let parquet = store::read_patterns(&a.join(store::PATTERNS)).unwrap();
+    let mut by_user = logged.clone();
+    by_user.sort_by_key(|r| r.user);
+    assert_eq!(
+        parquet.iter().map(|r| (r.user, r.timestamp, r.text.clone())).collect::<Vec<_>>(),
+        by_user.iter().map(|r| (r.user, r.timestamp, r.text.clone())).collect::<Vec<_>>()
+    );
+    let reasons = store::read_reasons(&a.join(store::REASONS)).unwrap();
+    let logged: Vec<ReasonRow> = store::read_log(&a.join("reasons.jsonl")).unwrap();
+    assert_eq!(reasons.len(), logged.len());
+    // Each reason is for the user's own train interaction, at its time.
+    assert!(reasons.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+
+    // A run killed mid-write (torn last lines, no Parquet yet) resumes, with another batch size,
+    // to the same bytes.
+    let b = s.tmp.path().join("b");
+    generate_features(&s.data, model, &b, &fcfg(5, 2)).unwrap();
+    for f in ["manifest.json", "patterns.parquet", "reasons.parquet"] {
+        std::fs::remove_file(b.join(f)).unwrap();
+    }
+    keep_lines(&b.join("patterns.jsonl"), 2, "{\"user\":12,\"times");
+    keep_lines(&b.join("reasons.jsonl"), 3, "");
+    let mut one = fcfg(5, 2);
+    one.batch = 1;
+    let m2 = generate_features(&s.data, model, &b, &one).unwrap();
+    assert_eq!(m2["patterns"], 5);
+    assert_eq!(read(&a.join("patterns.parquet")), read(&b.join("patterns.parquet")));
+    assert_eq!(read(&a.join("reasons.parquet")), read(&b.join("reasons.parquet")));
+    // Finished: a rerun returns the manifest; another config is refused.
+    assert_eq!(generate_features(&s.data, model, &b, &one).unwrap()["patterns"], 5);
+    let err = generate_features(&s.data, model, &b, &fcfg(5, 3)).unwrap_err().to_string();
+    assert!(err.contains("another config"), "{err}");
+}
+
+#[test]
+fn reward_model_trains_evaluates_and_explains() {
+    let s = setup();
+    let model = s.model.to_str().unwrap();
+    let feats = s.tmp.path().join("features");
+    generate_features(&s.data, model, &feats, &fcfg(30, 3)).unwrap();
+    let mut cfg = JobConfig::default();
+    cfg.curec.features = Some(feats.clone());
+    cfg.curec.encoder = format!("llm:{model}");
+    cfg.curec.positions_per_user = 4;
+    cfg.sasrec.max_len = 20;
+    cfg.sasrec.max_epochs = 2;
+    cfg.train.bootstrap = 50;
+    let run = s.tmp.path().join("run");
+    let m = curec::jobs::train(ModelKind::Curec, &s.data, &run, &cfg).unwrap();
+    assert_eq!(m["model"], "curec");
+    assert_eq!(m["variant"], "attention");
+    for k in [1, 5, 10, 20] {
+        for metric in ["recall", "ndcg"] {
+            let v = m[format!("{metric}@{k}")].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{metric}@{k} = {v}");
+        }
+    }
+    assert!(m["train_seconds"].as_f64().unwrap() > 0.0);
+    // The embedding cache was written next to the features.
+    assert!(std::fs::read_dir(&feats).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("embeddings-")));
+
+    // `curec eval` reloads the run and gets the same test metrics.
+    let ev = curec::jobs::eval_run(&run, None, Split::Test).unwrap();
+    assert!((ev["ndcg@10"].as_f64().unwrap() - m["ndcg@10"].as_f64().unwrap()).abs() < 1e-9);
+    assert_eq!(ev["variant"], "attention");
+
+    // `curec recommend` for a user that has a pattern.
+    let patterns = store::read_patterns(&feats.join(store::PATTERNS)).unwrap();
+    let raw = patterns[0].user;
+    let ds = curec::data::prepared::read_dataset(&s.data).unwrap();
+    let raw_user = ds.users[raw as usize].clone();
+    let recs = curec::jobs::recommend(&run, &raw_user, 5, 3).unwrap();
+    assert_eq!(recs.len(), 5);
+    assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
+    let seen: std::collections::HashSet<&str> = ds
+        .history(raw, Split::Test)
+        .iter()
+        .chain(std::iter::once(&ds.test[raw as usize]))
+        .map(|&i| ds.items[i as usize].raw_id.as_str())
+        .collect();
+    for r in &recs {
+        assert!(!seen.contains(r.item.as_str()), "{} was already seen", r.item);
+        assert!(r.reasons.len() <= 3);
+        let total: f32 = r.reasons.iter().map(|w| w.weight).sum();
+        assert!(total <= 1.0 + 1e-5, "weights sum to {total}");
+        assert!(r.reasons.windows(2).all(|w| w[0].weight >= w[1].weight));
+    }
+    let out = curec_cli(&["recommend", "--model-dir", run.to_str().unwrap(), "--user", &raw_user, "-k", "3", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    for r in arr {
+        assert!(r["item"].is_string() && r["title"].is_string() && r["score"].is_number() && r["reasons"].is_array());
+    }
+
+    // The text variant trains from item descriptions alone.
+    cfg.curec.variant = Variant::Text;
+    cfg.sasrec.max_epochs = 1;
+    let m = curec::jobs::train(ModelKind::Curec, &s.data, &s.tmp.path().join("text"), &cfg).unwrap();
+    assert_eq!(m["variant"], "text");
+
+    // Errors: one line, non-zero exit.
+    let data = s.data.to_str().unwrap();
+    let o = curec_cli(&["train", "curec", "--data", data, "--out", s.tmp.path().join("x").to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("--features"), "{}", stderr(&o));
+    let o = curec_cli(&["recommend", "--model-dir", run.to_str().unwrap(), "--user", "no-such-user"]);
+    assert!(!o.status.success() && stderr(&o).contains("no such user"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    let o = curec_cli(&["recommend", "--model-dir", s.tmp.path().join("nope").to_str().unwrap(), "--user", "1"]);
+    assert!(!o.status.success() && stderr(&o).contains("metrics.json"), "{}", stderr(&o));
+    let o = curec_cli(&[
+        "features",
+        "--data",
+        s.tmp.path().join("missing").to_str().unwrap(),
+        "--model",
+        model,
+        "--out",
+        s.tmp.path().join("f2").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("missing"), "{}", stderr(&o));
+    let o = curec_cli(&[
+        "train",
+        "curec",
+        "--data",
+        data,
+        "--features",
+        s.tmp.path().join("missing").to_str().unwrap(),
+        "--out",
+        s.tmp.path().join("y").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("not a features directory"), "{}", stderr(&o));
+}
