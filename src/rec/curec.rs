@@ -168,6 +168,8 @@ pub struct Curec {
     reasons_t: Tensor,
     patterns_t: Tensor,
     opt: AdamW,
+    /// Reason keys/values for scoring, cleared whenever the weights or the bank change.
+    inference: std::sync::Mutex<Option<std::sync::Arc<(Slots, ReasonSide)>>>,
 }
 
 /// Set every variable of `varmap` that `path` holds under the same name and shape; at least the
@@ -195,6 +197,12 @@ fn load_matching(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Keys and values of every reason slot (see [`Curec::reason_side`]).
+struct ReasonSide {
+    k: Option<Tensor>,
+    v: Tensor,
 }
 
 /// Per-batch reason slots: which reason row fills slot l of item n, and who wrote it.
@@ -277,6 +285,7 @@ impl Curec {
             reasons_t,
             patterns_t,
             opt,
+            inference: std::sync::Mutex::new(None),
         })
     }
 
@@ -296,6 +305,7 @@ impl Curec {
         rt.extend(std::iter::repeat_n(0f32, e));
         self.reasons_t = Tensor::from_vec(rt, (self.bank.n_reasons() + 1, e), &dev)?;
         self.patterns_t = Tensor::from_vec(self.bank.patterns.clone(), (self.bank.patterns.len() / e, e), &dev)?;
+        *self.inference.lock().expect("inference cache lock") = None;
         Ok(())
     }
 
@@ -316,14 +326,38 @@ impl Curec {
         Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, author, l })
     }
 
+    /// The user-independent side of the matcher: keys `(N·L) × d` (attention only) and values
+    /// `N × L × d` of every reason slot.
+    fn reason_side(&self, slots: &Slots) -> candle_core::Result<ReasonSide> {
+        let dev = self.reasons_t.device();
+        let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
+        let m = &self.matcher;
+        let reasons = self.reasons_t.index_select(&slots.idx, 0)?; // (N·L) × e
+        let base = m.v.forward(&reasons)?; // (N·L) × d
+        let (k, x) = match (&m.k, &m.mlp, &m.sa) {
+            (Some(k), _, _) => (Some(k.forward(&reasons)?), base),
+            (_, Some((l1, l2)), _) => (None, (l2.forward(&l1.forward(&base)?.relu()?)? + &base)?),
+            (_, _, Some((sq, sk, sv))) => {
+                let x = base.reshape((n, l, d))?;
+                let (qs, ks, vs) = (sq.forward(&x)?, sk.forward(&x)?, sv.forward(&x)?);
+                let mask: Vec<f32> = slots.valid.iter().map(|&v| if v { 0.0 } else { NEG }).collect();
+                let mask = Tensor::from_vec(mask, (n, 1, l), dev)?;
+                let att = (qs.matmul(&ks.transpose(1, 2)?.contiguous()?)? / (d as f64).sqrt())?;
+                let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
+                (None, (att.matmul(&vs)? + x)?.reshape((n * l, d))?)
+            }
+            _ => (None, base),
+        };
+        Ok(ReasonSide { k, v: x.reshape((n, l, d))?.contiguous()? })
+    }
+
     /// s_ui for `users` × all items: `U × N × d`, and the attention (or pooling) weights
     /// `U × N × L` averaged over heads.
-    fn matching(&self, users: &[u32], slots: &Slots) -> candle_core::Result<(Tensor, Tensor)> {
+    fn matching(&self, users: &[u32], slots: &Slots, side: &ReasonSide) -> candle_core::Result<(Tensor, Tensor)> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
         let u = users.len();
         let m = &self.matcher;
-        let reasons = self.reasons_t.index_select(&slots.idx, 0)?; // (N·L) × e
         let uid = Tensor::new(users, dev)?;
         let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
         let q = m.q.forward(&pat)?; // U × d
@@ -340,19 +374,17 @@ impl Curec {
         }
         let allowed = Tensor::from_vec(allowed, (u, n, l), dev)?;
         let any = Tensor::from_vec(any, (u, n, 1), dev)?;
-        let (weights, values) = match self.cfg.variant {
-            Variant::Attention => {
+        let (weights, values) = match &side.k {
+            Some(k) => {
                 let h = self.cfg.heads;
                 let dh = d / h;
-                let k = m.k.as_ref().expect("attention has keys").forward(&reasons)?; // (N·L) × d
-                let v = m.v.forward(&reasons)?;
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
                 let mut ws = Vec::with_capacity(h);
                 let mut outs = Vec::with_capacity(h);
                 for head in 0..h {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
                     let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
-                    let vh = v.narrow(1, head * dh, dh)?.reshape((n, l, dh))?.contiguous()?;
+                    let vh = side.v.narrow(2, head * dh, dh)?.contiguous()?; // N × L × dh
                     let logits = (qh.matmul(&kh.t()?)? / (dh as f64).sqrt())?.reshape((u, n, l))?;
                     let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
                     let o = w.transpose(0, 1)?.contiguous()?.matmul(&vh)?; // N × U × dh
@@ -360,36 +392,16 @@ impl Curec {
                     outs.push(o.transpose(0, 1)?);
                 }
                 let o = Tensor::cat(&outs, 2)?.contiguous()?; // U × N × d
-                let s =
-                    m.o.as_ref()
-                        .expect("attention has an output projection")
-                        .forward(&o.reshape((u * n, d))?)?
-                        .reshape((u, n, d))?;
+                let o_proj = m.o.as_ref().expect("attention has an output projection");
+                let s = o_proj.forward(&o.reshape((u * n, d))?)?.reshape((u, n, d))?;
                 let w = (Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?;
                 (w, s)
             }
-            _ => {
+            None => {
                 // Uniform weights over the allowed reasons.
                 let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
                 let w = allowed.broadcast_div(&count)?;
-                let base = m.v.forward(&reasons)?; // (N·L) × d
-                let x = match (&m.mlp, &m.sa) {
-                    (Some((l1, l2)), _) => (l2.forward(&l1.forward(&base)?.relu()?)? + &base)?,
-                    (_, Some((sq, sk, sv))) => {
-                        let x = base.reshape((n, l, d))?;
-                        let qs = sq.forward(&x)?;
-                        let ks = sk.forward(&x)?;
-                        let vs = sv.forward(&x)?;
-                        let mask: Vec<f32> = slots.valid.iter().map(|&v| if v { 0.0 } else { NEG }).collect();
-                        let mask = Tensor::from_vec(mask, (n, 1, l), dev)?;
-                        let att = (qs.matmul(&ks.transpose(1, 2)?.contiguous()?)? / (d as f64).sqrt())?;
-                        let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
-                        (att.matmul(&vs)? + x)?.reshape((n * l, d))?
-                    }
-                    _ => base,
-                };
-                let x = x.reshape((n, l, d))?.contiguous()?;
-                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&x)?.transpose(0, 1)?; // U × N × d
+                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&side.v)?.transpose(0, 1)?; // U × N × d
                 (w, pooled)
             }
         };
@@ -398,6 +410,19 @@ impl Curec {
         // Fusion variants: [fused reasons; pattern] → linear = fused part + projected pattern.
         let s = if self.cfg.variant == Variant::Attention { s } else { s.broadcast_add(&q.unsqueeze(1)?)? };
         Ok((s, weights))
+    }
+
+    /// Slots and reason side for scoring, computed once per set of weights and bank.
+    fn inference_side(&self) -> candle_core::Result<std::sync::Arc<(Slots, ReasonSide)>> {
+        let mut cache = self.inference.lock().expect("inference cache lock");
+        if let Some(c) = cache.as_ref() {
+            return Ok(c.clone());
+        }
+        let slots = self.slots(self.reasons_t.device())?;
+        let side = self.reason_side(&slots)?;
+        let c = std::sync::Arc::new((slots, ReasonSide { k: side.k.map(|k| k.detach()), v: side.v.detach() }));
+        *cache = Some(c.clone());
+        Ok(c)
     }
 
     /// Scores `P × N` for positions with hidden states `eu` (`P × d`), DIN histories `hist`
@@ -439,12 +464,11 @@ impl Curec {
 
     /// Scores of all items for `users` after `histories`, with the per-item reason weights.
     pub fn score_with_weights(&self, users: &[u32], histories: &[Vec<u32>]) -> anyhow::Result<(Tensor, Tensor)> {
-        let dev = self.reasons_t.device().clone();
         let max_len = self.tower.cfg.max_len;
         let refs: Vec<&[u32]> = histories.iter().map(|h| &h[h.len().saturating_sub(max_len)..]).collect();
         let eu = self.tower.last_hidden(&refs)?;
-        let slots = self.slots(&dev)?;
-        let (s, w) = self.matching(users, &slots)?;
+        let side = self.inference_side()?;
+        let (s, w) = self.matching(users, &side.0, &side.1)?;
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
         Ok((self.head(&eu, &hist, &slot, &s)?, w))
@@ -504,6 +528,7 @@ impl Scorer for Curec {
 impl Model for Curec {
     fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>> {
         let dev = self.reasons_t.device().clone();
+        *self.inference.lock().expect("inference cache lock") = None;
         let slots = self.slots(&dev)?;
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in self.batches(ds, epoch).into_iter().enumerate() {
@@ -528,7 +553,8 @@ impl Model for Curec {
             let eu = x
                 .reshape((batch.len() * t, self.tower.cfg.dim))?
                 .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
-            let (s, _) = self.matching(&users, &slots)?;
+            let side = self.reason_side(&slots)?;
+            let (s, _) = self.matching(&users, &slots, &side)?;
             let logits = self.head(&eu, &hist, &slot, &s)?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
@@ -543,6 +569,7 @@ impl Model for Curec {
     }
 
     fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        *self.inference.lock().expect("inference cache lock") = None;
         super::load_varmap(&mut self.params.varmap, path)
     }
 }
