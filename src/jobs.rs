@@ -105,7 +105,8 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
     let (max_epochs, patience) = match kind {
         ModelKind::Pop => (1, 0),
         ModelKind::Ncf => (cfg.ncf.max_epochs, cfg.ncf.patience),
-        ModelKind::Sasrec | ModelKind::Curec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
+        ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
+        ModelKind::Curec => (cfg.curec.max_epochs, cfg.curec.patience),
     };
     let fit_cfg = FitConfig {
         max_epochs,
@@ -307,6 +308,7 @@ pub fn table_row(m: &Value) -> String {
 pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value>> {
     let out = cfg.train.out.clone().context("the job file needs train.out (the run directory)")?;
     let data_dir = cfg.prepare.out.clone().unwrap_or_else(|| out.join("data"));
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
     if force_prepare || !data_dir.join(prepared::STATS).is_file() {
         let input = cfg.prepare.input.clone().context("the job file needs prepare.input (the raw dataset)")?;
         let stats = prepare(&input, &data_dir, &cfg.prepare.format, cfg)?;
@@ -322,13 +324,17 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     println!("{}", table_header());
     for name in &cfg.train.models {
         let kind = ModelKind::parse(name)
-            .with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf or sasrec"))?;
+            .with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf, sasrec or curec"))?;
         let m = train(kind, &data_dir, &out.join(kind.name()), cfg)?;
         println!("{}", table_row(&m));
         rows.push(m);
     }
-    let table = std::iter::once(table_header()).chain(rows.iter().map(table_row)).collect::<Vec<_>>().join("\n");
-    write_text(&out.join("table.md"), &(table + "\n"))?;
+    let write_table = |rows: &[Value]| {
+        let table = std::iter::once(table_header()).chain(rows.iter().map(table_row)).collect::<Vec<_>>().join("\n");
+        write_text(&out.join("table.md"), &(table + "\n"))
+    };
+    write_table(&rows)?;
+    let mut adapter = None;
     if let Some(model) = &cfg.pretrain.model {
         let dir = out.join("pretrain");
         let eval = match read_json(&dir.join("eval.json")) {
@@ -341,6 +347,33 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
         let table = pretrain_table(model, &eval);
         println!("{table}");
         write_text(&out.join("pretrain.md"), &(table + "\n"))?;
+        adapter = Some(dir.join("adapter.safetensors")).filter(|p| p.is_file());
+    }
+    let mut cfg = cfg.clone();
+    if let Some(model) = cfg.features.model.clone() {
+        let dir = out.join("features");
+        if cfg.features.adapter.is_none() && cfg.features.aligned {
+            cfg.features.adapter = adapter;
+        }
+        let m = crate::features::generate_features(&data_dir, &model, &dir, &cfg.features)?;
+        tracing::info!("features: {} patterns, {} reasons in {}", m["patterns"], m["reasons"], dir.display());
+        cfg.curec.features.get_or_insert(dir);
+    }
+    if cfg.curec.features.is_some() {
+        for v in cfg.curec.variants.clone() {
+            cfg.curec.variant = v;
+            let dir = out.join(format!("curec-{}", v.name()));
+            let m = match read_json(&dir.join("metrics.json")) {
+                Ok(m) => {
+                    tracing::info!("{}: already trained (delete it to redo)", dir.display());
+                    m
+                }
+                Err(_) => train(ModelKind::Curec, &data_dir, &dir, &cfg)?,
+            };
+            println!("{}", table_row(&m));
+            rows.push(m);
+            write_table(&rows)?;
+        }
     }
     Ok(rows)
 }

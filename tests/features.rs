@@ -127,7 +127,7 @@ fn reward_model_trains_evaluates_and_explains() {
     cfg.curec.encoder = format!("llm:{model}");
     cfg.curec.positions_per_user = 4;
     cfg.sasrec.max_len = 20;
-    cfg.sasrec.max_epochs = 2;
+    cfg.curec.max_epochs = 2;
     cfg.train.bootstrap = 50;
     let run = s.tmp.path().join("run");
     let m = curec::jobs::train(ModelKind::Curec, &s.data, &run, &cfg).unwrap();
@@ -184,7 +184,7 @@ fn reward_model_trains_evaluates_and_explains() {
 
     // The text variant trains from item descriptions alone.
     cfg.curec.variant = Variant::Text;
-    cfg.sasrec.max_epochs = 1;
+    cfg.curec.max_epochs = 1;
     let m = curec::jobs::train(ModelKind::Curec, &s.data, &s.tmp.path().join("text"), &cfg).unwrap();
     assert_eq!(m["variant"], "text");
 
@@ -218,4 +218,34 @@ fn reward_model_trains_evaluates_and_explains() {
         s.tmp.path().join("y").to_str().unwrap(),
     ]);
     assert!(!o.status.success() && stderr(&o).contains("not a features directory"), "{}", stderr(&o));
+}
+
+#[test]
+fn run_job_chains_features_and_reward_model_variants() {
+    let s = setup();
+    let model = s.model.to_str().unwrap().to_string();
+    let out = s.tmp.path().join("job");
+    let mut cfg = JobConfig::default();
+    cfg.prepare.out = Some(s.data.clone());
+    cfg.train.out = Some(out.clone());
+    cfg.train.models = vec![];
+    cfg.train.bootstrap = 20;
+    cfg.features = FeaturesConfig { model: Some(model.clone()), ..fcfg(8, 2) };
+    cfg.curec.encoder = format!("llm:{model}");
+    cfg.curec.variants = vec![Variant::Attention, Variant::Ap];
+    cfg.curec.max_epochs = 1;
+    cfg.curec.positions_per_user = 2;
+    cfg.sasrec.max_len = 10;
+    let rows = curec::jobs::run_job(&cfg, false).unwrap();
+    assert_eq!(rows.iter().map(|r| r["variant"].as_str().unwrap()).collect::<Vec<_>>(), ["attention", "ap"]);
+    assert!(out.join("features/manifest.json").is_file());
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(table.contains("| curec-attention |") && table.contains("| curec-ap |"), "{table}");
+    // A second run reuses every stage's output.
+    let again = curec::jobs::run_job(&cfg, false).unwrap();
+    for (a, b) in again.iter().zip(&rows) {
+        // Same training time: read back, not retrained (floats equal up to JSON's last digit).
+        assert!((a["train_seconds"].as_f64().unwrap() - b["train_seconds"].as_f64().unwrap()).abs() < 1e-9);
+        assert!((a["ndcg@10"].as_f64().unwrap() - b["ndcg@10"].as_f64().unwrap()).abs() < 1e-12);
+    }
 }

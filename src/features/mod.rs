@@ -27,6 +27,8 @@ pub struct FeaturesConfig {
     pub model: Option<String>,
     /// LoRA adapter to apply (e.g. the aligned model's `adapter.safetensors`).
     pub adapter: Option<PathBuf>,
+    /// In `curec run`: without an explicit adapter, use the pretrain stage's (the paper's LLM_pre).
+    pub aligned: bool,
     /// Most recent train items shown in the pattern prompt.
     pub pattern_history: usize,
     /// Most recent train items (before the interaction) shown in the reason prompt.
@@ -57,6 +59,7 @@ impl Default for FeaturesConfig {
         Self {
             model: None,
             adapter: None,
+            aligned: true,
             pattern_history: 20,
             reason_history: 10,
             reasons_per_user: 4,

@@ -93,6 +93,11 @@ pub struct CurecConfig {
     /// Start the user tower and item embeddings from a trained SASRec checkpoint
     /// (`<sasrec run>/model.safetensors`); the other weights start fresh.
     pub init_tower: Option<std::path::PathBuf>,
+    /// Variants `curec run` trains, each into `<train.out>/curec-<variant>`.
+    pub variants: Vec<Variant>,
+    pub max_epochs: usize,
+    /// Stop after this many epochs without a better validation NDCG@10.
+    pub patience: usize,
 }
 
 impl Default for CurecConfig {
@@ -109,6 +114,9 @@ impl Default for CurecConfig {
             features: None,
             positions_per_user: 0,
             init_tower: None,
+            variants: vec![Variant::Attention],
+            max_epochs: 100,
+            patience: 5,
         }
     }
 }
