@@ -18,4 +18,5 @@ pub mod grpo;
 pub mod jobs;
 pub mod llm;
 pub mod ops;
+pub mod progress;
 pub mod rec;

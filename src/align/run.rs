@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -208,19 +207,6 @@ fn prompt_ids(
     llm.tokenizer.encode(&format!("{}{}", llm.chat.render(cfg.system.as_deref(), &user), cfg.prefix))
 }
 
-fn bar(len: usize, prefix: &str, unit: &str) -> ProgressBar {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}<{{eta}} {{msg}}"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    b.set_prefix(prefix.to_string());
-    b
-}
-
 /// Run (or resume) pretraining; returns eval.json's content.
 pub fn pretrain(
     data: &Path,
@@ -303,7 +289,7 @@ pub fn pretrain_until(
 
     let reward = RuleReward { cfg: cfg.reward.clone(), items: &ds.items, prefix: cfg.prefix.clone() };
     let label = format!("pretrain {}", ds.name);
-    let progress = bar(total, &label, "steps");
+    let progress = crate::progress::bar(total, &label, "steps");
     progress.set_position(start as u64);
     let t_run = Instant::now();
     for step in start..total {
@@ -398,7 +384,7 @@ pub fn pretrain_until(
     let mut results = Vec::new();
     let aligned = llm.model.merged()?;
     for (name, model) in [("aligned", &aligned), ("base", &llm.model)] {
-        let b = bar(tasks.len(), &format!("eval {name}"), "users");
+        let b = crate::progress::bar(tasks.len(), &format!("eval {name}"), "users");
         let t0 = Instant::now();
         let rows = evaluate(
             model,

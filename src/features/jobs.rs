@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
 use serde_json::{json, Value};
 
@@ -221,17 +221,6 @@ fn log_progress(progress: &ProgressBar, tokens: usize, t0: &Instant) {
     }
 }
 
-fn bar(len: usize, prefix: &str) -> ProgressBar {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed}<{eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    b.set_prefix(prefix.to_string());
-    b
-}
-
 /// `curec features`: generate (or finish generating) patterns and reasons into `out`; returns the
 /// manifest.
 pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &FeaturesConfig) -> Result<Value> {
@@ -286,7 +275,7 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
             model.model.load_lora(a).with_context(|| format!("features.adapter {}", a.display()))?;
             model.model = model.model.merged()?;
         }
-        let progress = bar(ptodo.len() + rtodo.len(), &format!("features {}", ds.name));
+        let progress = crate::progress::bar(ptodo.len() + rtodo.len(), &format!("features {}", ds.name), "jobs");
         progress.set_message(format!("{} done before", prows.len() + rrows.len()));
         for chunk in ptodo.chunks(cfg.batch) {
             let jobs: Vec<FeatureJob> = chunk.iter().map(|j| (*j).clone()).collect();

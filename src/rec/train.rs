@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::Model;
@@ -42,13 +41,7 @@ pub struct FitReport {
 /// Train until validation NDCG@10 stops improving; leaves the best weights loaded and in `best_path`.
 pub fn fit(model: &mut dyn Model, ds: &Dataset, cfg: &FitConfig, best_path: &Path) -> anyhow::Result<FitReport> {
     let start = Instant::now();
-    let bar = ProgressBar::new(cfg.max_epochs as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} epochs {elapsed}<{eta} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(cfg.label.clone());
+    let bar = crate::progress::bar(cfg.max_epochs, &cfg.label, "epochs");
     let mut history = Vec::new();
     let mut best = (f64::NEG_INFINITY, 0usize);
     for epoch in 0..cfg.max_epochs.max(1) {
