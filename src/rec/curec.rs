@@ -93,6 +93,9 @@ pub struct CurecConfig {
     /// Start the user tower and item embeddings from a trained SASRec checkpoint
     /// (`<sasrec run>/model.safetensors`); the other weights start fresh.
     pub init_tower: Option<std::path::PathBuf>,
+    /// With `init_tower`: keep the tower and item embeddings fixed and train the matcher and the
+    /// DIN head only.
+    pub freeze_tower: bool,
     /// Variants `curec run` trains, each into `<train.out>/curec-<variant>`.
     pub variants: Vec<Variant>,
     pub max_epochs: usize,
@@ -114,6 +117,7 @@ impl Default for CurecConfig {
             features: None,
             positions_per_user: 0,
             init_tower: None,
+            freeze_tower: true,
             variants: vec![Variant::Attention],
             max_epochs: 100,
             patience: 5,
@@ -272,11 +276,19 @@ impl Curec {
         rt.extend(std::iter::repeat_n(0f32, e));
         let reasons_t = Tensor::from_vec(rt, (bank.n_reasons() + 1, e), device)?;
         let patterns_t = Tensor::from_vec(bank.patterns.clone(), (bank.patterns.len() / e.max(1), e), device)?;
+        let mut trainable = p.varmap.all_vars();
         if let Some(path) = &cfg.init_tower {
             load_matching(&p.varmap, path)?;
+            if cfg.freeze_tower {
+                let data = p.varmap.data().lock().expect("varmap lock");
+                trainable = data
+                    .iter()
+                    .filter(|(name, _)| name.starts_with("match.") || name.starts_with("din."))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+            }
         }
-        let opt =
-            AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: tower_cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        let opt = AdamW::new(trainable, ParamsAdamW { lr: tower_cfg.lr, weight_decay: 0.0, ..Default::default() })?;
         Ok(Self {
             cfg: cfg.clone(),
             tower,
