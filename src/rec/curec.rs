@@ -222,7 +222,10 @@ struct Slots {
     idx: Tensor,
     /// `N × L`: 1 for a real reason.
     valid: Vec<bool>,
-    author: Vec<u32>,
+    /// `valid` as 0/1 floats.
+    base: Vec<f32>,
+    /// Slots written by each user.
+    by_author: std::collections::HashMap<u32, Vec<usize>>,
     l: usize,
 }
 
@@ -335,15 +338,16 @@ impl Curec {
         let pad = self.bank.n_reasons() as u32;
         let mut idx = vec![pad; n * l];
         let mut valid = vec![false; n * l];
-        let mut author = vec![u32::MAX; n * l];
+        let mut by_author: std::collections::HashMap<u32, Vec<usize>> = std::collections::HashMap::new();
         for (i, list) in self.bank.lists.iter().enumerate() {
             for (j, &(r, u)) in list.iter().enumerate() {
                 idx[i * l + j] = r;
                 valid[i * l + j] = true;
-                author[i * l + j] = u;
+                by_author.entry(u).or_default().push(i * l + j);
             }
         }
-        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, author, l })
+        let base = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
+        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, base, by_author, l })
     }
 
     /// The user-independent side of the matcher: keys `(N·L) × d` (attention only) and values
@@ -371,65 +375,82 @@ impl Curec {
         Ok(ReasonSide { k, v: x.reshape((n, l, d))?.contiguous()? })
     }
 
-    /// s_ui for `users` × all items: `U × N × d`, and the attention (or pooling) weights
-    /// `U × N × L` averaged over heads.
+    /// C·s_ui + b_c for `users` × all items (`U × N × hidden`: the DIN head's first layer applied
+    /// to the matching representation, folded into the reason values so that s_ui itself is never
+    /// built), and the attention (or pooling) weights `U × N × L` averaged over heads.
     fn matching(&self, users: &[u32], slots: &Slots, side: &ReasonSide) -> candle_core::Result<(Tensor, Tensor)> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
+        let hid = self.cfg.hidden;
         let u = users.len();
         let m = &self.matcher;
         let uid = Tensor::new(users, dev)?;
         let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
         let q = m.q.forward(&pat)?; // U × d
                                     // Allowed slots per (user, item): real and, if configured, not written by the user.
-        let mut allowed = vec![0f32; u * n * l];
-        let mut any = vec![0f32; u * n];
-        for (ui, &user) in users.iter().enumerate() {
-            for s in 0..n * l {
-                if slots.valid[s] && !(self.cfg.mask_own_reasons && slots.author[s] == user) {
-                    allowed[ui * n * l + s] = 1.0;
-                    any[ui * n + s / l] = 1.0;
+        let mut allowed = Vec::with_capacity(u * n * l);
+        for &user in users {
+            let start = allowed.len();
+            allowed.extend_from_slice(&slots.base);
+            if self.cfg.mask_own_reasons {
+                for &sl in slots.by_author.get(&user).map_or(&[][..], Vec::as_slice) {
+                    allowed[start + sl] = 0.0;
                 }
             }
         }
+        let any: Vec<f32> = allowed.chunks(l).map(|c| if c.iter().any(|&a| a > 0.0) { 1.0 } else { 0.0 }).collect();
         let allowed = Tensor::from_vec(allowed, (u, n, l), dev)?;
         let any = Tensor::from_vec(any, (u, n, 1), dev)?;
+        let cw = self.c.weight(); // hid × d
         let (weights, values) = match &side.k {
             Some(k) => {
                 let h = self.cfg.heads;
                 let dh = d / h;
+                let o = m.o.as_ref().expect("attention has an output projection");
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
                 let mut ws = Vec::with_capacity(h);
-                let mut outs = Vec::with_capacity(h);
+                let mut total: Option<Tensor> = None;
                 for head in 0..h {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
                     let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
-                    let vh = side.v.narrow(2, head * dh, dh)?.contiguous()?; // N × L × dh
+                                                                        // This head's values through W_o's slice and C: N × L × hid.
+                    let mh = o.weight().narrow(1, head * dh, dh)?.t()?.matmul(&cw.t()?)?; // dh × hid
+                    let zh =
+                        side.v.narrow(2, head * dh, dh)?.reshape((n * l, dh))?.matmul(&mh)?.reshape((n, l, hid))?;
                     let logits = (qh.matmul(&kh.t()?)? / (dh as f64).sqrt())?.reshape((u, n, l))?;
                     let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
-                    let o = w.transpose(0, 1)?.contiguous()?.matmul(&vh)?; // N × U × dh
+                    let out = w.transpose(0, 1)?.contiguous()?.matmul(&zh)?; // N × U × hid
+                    total = Some(match total {
+                        Some(t) => (t + out)?,
+                        None => out,
+                    });
                     ws.push(w);
-                    outs.push(o.transpose(0, 1)?);
                 }
-                let o = Tensor::cat(&outs, 2)?.contiguous()?; // U × N × d
-                let o_proj = m.o.as_ref().expect("attention has an output projection");
-                let s = o_proj.forward(&o.reshape((u * n, d))?)?.reshape((u, n, d))?;
+                let ob = o.bias().expect("linear with bias").unsqueeze(0)?.matmul(&cw.t()?)?; // 1 × hid
+                let vals = total.expect("at least one head").transpose(0, 1)?.broadcast_add(&ob.unsqueeze(0)?)?;
                 let w = (Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?;
-                (w, s)
+                (w, vals)
             }
             None => {
                 // Uniform weights over the allowed reasons.
                 let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
                 let w = allowed.broadcast_div(&count)?;
-                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&side.v)?.transpose(0, 1)?; // U × N × d
+                let z = side.v.reshape((n * l, d))?.matmul(&cw.t()?)?.reshape((n, l, hid))?;
+                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&z)?.transpose(0, 1)?; // U × N × hid
                 (w, pooled)
             }
         };
         // Items with no allowed reason: s_∅.
-        let s = (values.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&m.empty.reshape((1, 1, d))?)?)?;
+        let empty = m.empty.unsqueeze(0)?.matmul(&cw.t()?)?.reshape((1, 1, hid))?;
+        let c = (values.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&empty)?)?;
         // Fusion variants: [fused reasons; pattern] → linear = fused part + projected pattern.
-        let s = if self.cfg.variant == Variant::Attention { s } else { s.broadcast_add(&q.unsqueeze(1)?)? };
-        Ok((s, weights))
+        let c = if self.cfg.variant == Variant::Attention {
+            c
+        } else {
+            c.broadcast_add(&q.matmul(&cw.t()?)?.unsqueeze(1)?)?
+        };
+        let c = c.broadcast_add(&self.c.bias().expect("linear with bias").reshape((1, 1, hid))?)?;
+        Ok((c, weights))
     }
 
     /// Slots and reason side for scoring, computed once per set of weights and bank.
@@ -446,7 +467,8 @@ impl Curec {
     }
 
     /// Scores `P × N` for positions with hidden states `eu` (`P × d`), DIN histories `hist`
-    /// (item ids, oldest first, non-empty) and `slot[p]` = the row of the position's user in `s`.
+    /// (item ids, oldest first, non-empty), `slot[p]` = the row of the position's user in `s`, and
+    /// `s` = C·s_ui + b_c from [`Self::matching`].
     fn head(&self, eu: &Tensor, hist: &[Vec<u32>], slot: &[u32], s: &Tensor) -> candle_core::Result<Tensor> {
         let dev = eu.device();
         let (p, d) = eu.dims2()?;
@@ -467,10 +489,7 @@ impl Curec {
         let att = softmax_last_dim(&logits.transpose(1, 2)?.contiguous()?)?; // P × N × H
         let g = self.dd.forward(&hv)?.reshape((p, hh, self.cfg.hidden))?; // P × H × hid
         let v_part = att.matmul(&g)?; // P × N × hid
-        let hid = self.cfg.hidden;
-        let (u, _, _) = s.dims3()?;
-        let c_part = self.c.forward(&s.reshape((u * n, d))?)?.reshape((u, n, hid))?;
-        let c_part = c_part.index_select(&Tensor::new(slot, dev)?, 0)?; // P × N × hid
+        let c_part = s.contiguous()?.index_select(&Tensor::new(slot, dev)?, 0)?; // P × N × hid
         let a_part = self.a.forward(eu)?.unsqueeze(1)?; // P × 1 × hid
         let b_part = self.b.forward(&items)?.unsqueeze(0)?; // 1 × N × hid
         let pre = (v_part + c_part)?.broadcast_add(&a_part)?.broadcast_add(&b_part)?.relu()?;
