@@ -27,6 +27,7 @@ use std::path::Path;
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::nn::{rng_for, Params};
@@ -85,6 +86,9 @@ pub struct CurecConfig {
     pub positions_per_batch: usize,
     /// Mask the user's own reasons when scoring for that user.
     pub mask_own_reasons: bool,
+    /// Sampled softmax for large catalogues: the batch's targets plus this many uniformly drawn
+    /// items per batch (0 = softmax over all items, the paper's Eq. 11).
+    pub sampled_negatives: usize,
     /// Features directory from `curec features` (the CLI's `--features` sets it).
     pub features: Option<std::path::PathBuf>,
     /// Train on each user's most recent N targets per epoch (the input still shows up to
@@ -114,6 +118,7 @@ impl Default for CurecConfig {
             hidden: 32,
             positions_per_batch: 1024,
             mask_own_reasons: true,
+            sampled_negatives: 0,
             features: None,
             positions_per_user: 0,
             init_tower: None,
@@ -227,6 +232,9 @@ struct Slots {
     /// Slots written by each user.
     by_author: std::collections::HashMap<u32, Vec<usize>>,
     l: usize,
+    /// Items covered, in slot order (`None`: all items in id order).
+    items: Option<Vec<u32>>,
+    n: usize,
 }
 
 impl Curec {
@@ -332,29 +340,31 @@ impl Curec {
         Ok(())
     }
 
-    fn slots(&self, dev: &Device) -> candle_core::Result<Slots> {
-        let n = self.tower.n_items;
+    /// Reason slots of all items, or of `items` only (sampled softmax).
+    fn slots(&self, dev: &Device, items: Option<Vec<u32>>) -> candle_core::Result<Slots> {
+        let n = items.as_ref().map_or(self.tower.n_items, Vec::len);
         let l = self.bank.max_list();
         let pad = self.bank.n_reasons() as u32;
         let mut idx = vec![pad; n * l];
         let mut valid = vec![false; n * l];
         let mut by_author: std::collections::HashMap<u32, Vec<usize>> = std::collections::HashMap::new();
-        for (i, list) in self.bank.lists.iter().enumerate() {
-            for (j, &(r, u)) in list.iter().enumerate() {
+        for i in 0..n {
+            let item = items.as_ref().map_or(i, |v| v[i] as usize);
+            for (j, &(r, u)) in self.bank.lists[item].iter().enumerate() {
                 idx[i * l + j] = r;
                 valid[i * l + j] = true;
                 by_author.entry(u).or_default().push(i * l + j);
             }
         }
         let base = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
-        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, base, by_author, l })
+        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, base, by_author, l, items, n })
     }
 
     /// The user-independent side of the matcher: keys `(N·L) × d` (attention only) and values
     /// `N × L × d` of every reason slot.
     fn reason_side(&self, slots: &Slots) -> candle_core::Result<ReasonSide> {
         let dev = self.reasons_t.device();
-        let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
+        let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let m = &self.matcher;
         let reasons = self.reasons_t.index_select(&slots.idx, 0)?; // (N·L) × e
         let base = m.v.forward(&reasons)?; // (N·L) × d
@@ -380,7 +390,7 @@ impl Curec {
     /// built), and the attention (or pooling) weights `U × N × L` averaged over heads.
     fn matching(&self, users: &[u32], slots: &Slots, side: &ReasonSide) -> candle_core::Result<(Tensor, Tensor)> {
         let dev = self.reasons_t.device();
-        let (n, l, d) = (self.tower.n_items, slots.l, self.tower.cfg.dim);
+        let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let hid = self.cfg.hidden;
         let u = users.len();
         let m = &self.matcher;
@@ -459,7 +469,7 @@ impl Curec {
         if let Some(c) = cache.as_ref() {
             return Ok(c.clone());
         }
-        let slots = self.slots(self.reasons_t.device())?;
+        let slots = self.slots(self.reasons_t.device(), None)?;
         let side = self.reason_side(&slots)?;
         let c = std::sync::Arc::new((slots, ReasonSide { k: side.k.map(|k| k.detach()), v: side.v.detach() }));
         *cache = Some(c.clone());
@@ -469,11 +479,22 @@ impl Curec {
     /// Scores `P × N` for positions with hidden states `eu` (`P × d`), DIN histories `hist`
     /// (item ids, oldest first, non-empty), `slot[p]` = the row of the position's user in `s`, and
     /// `s` = C·s_ui + b_c from [`Self::matching`].
-    fn head(&self, eu: &Tensor, hist: &[Vec<u32>], slot: &[u32], s: &Tensor) -> candle_core::Result<Tensor> {
+    fn head(
+        &self,
+        eu: &Tensor,
+        hist: &[Vec<u32>],
+        slot: &[u32],
+        s: &Tensor,
+        subset: Option<&[u32]>,
+    ) -> candle_core::Result<Tensor> {
         let dev = eu.device();
         let (p, d) = eu.dims2()?;
-        let n = self.tower.n_items;
-        let items = self.tower.item_table()?; // N × d
+        let table = self.tower.item_table()?;
+        let items = match subset {
+            Some(ids) => table.index_select(&Tensor::new(ids, dev)?, 0)?,
+            None => table.clone(),
+        }; // N × d (N = the subset's size)
+        let n = items.dim(0)?;
         let hh = hist.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let mut ids = vec![0u32; p * hh];
         let mut bias = vec![NEG; p * hh];
@@ -483,7 +504,7 @@ impl Curec {
                 bias[r * hh + j] = 0.0;
             }
         }
-        let hv = items.index_select(&Tensor::from_vec(ids, p * hh, dev)?, 0)?; // (P·H) × d
+        let hv = table.index_select(&Tensor::from_vec(ids, p * hh, dev)?, 0)?; // (P·H) × d
         let logits = (self.w_att.forward(&hv)?.matmul(&items.t()?)? / (d as f64).sqrt())?.reshape((p, hh, n))?;
         let logits = logits.broadcast_add(&Tensor::from_vec(bias, (p, hh, 1), dev)?)?;
         let att = softmax_last_dim(&logits.transpose(1, 2)?.contiguous()?)?; // P × N × H
@@ -510,7 +531,7 @@ impl Curec {
         let (s, w) = self.matching(users, &side.0, &side.1)?;
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
-        Ok((self.head(&eu, &hist, &slot, &s)?, w))
+        Ok((self.head(&eu, &hist, &slot, &s, None)?, w))
     }
 
     /// Windows (user, start, end, first target position in the window).
@@ -568,7 +589,7 @@ impl Model for Curec {
     fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>> {
         let dev = self.reasons_t.device().clone();
         *self.inference.lock().expect("inference cache lock") = None;
-        let slots = self.slots(&dev)?;
+        let full = if self.cfg.sampled_negatives == 0 { Some(self.slots(&dev, None)?) } else { None };
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in self.batches(ds, epoch).into_iter().enumerate() {
             let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
@@ -592,9 +613,25 @@ impl Model for Curec {
             let eu = x
                 .reshape((batch.len() * t, self.tower.cfg.dim))?
                 .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
-            let side = self.reason_side(&slots)?;
-            let (s, _) = self.matching(&users, &slots, &side)?;
-            let logits = self.head(&eu, &hist, &slot, &s)?;
+            // Full softmax over all items, or over the batch's targets plus sampled negatives
+            // (uniform, so no log-Q correction is needed).
+            let sampled;
+            let (slots, targets) = match &full {
+                Some(f) => (f, targets),
+                None => {
+                    let mut r = rng_for(self.seed, 14, ((epoch as u64) << 32) | bi as u64);
+                    let mut ids: Vec<u32> = targets.clone();
+                    ids.extend((0..self.cfg.sampled_negatives).map(|_| r.random_range(0..self.tower.n_items as u32)));
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let t = targets.iter().map(|x| ids.binary_search(x).expect("target in set") as u32).collect();
+                    sampled = self.slots(&dev, Some(ids))?;
+                    (&sampled, t)
+                }
+            };
+            let side = self.reason_side(slots)?;
+            let (s, _) = self.matching(&users, slots, &side)?;
+            let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref())?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
@@ -734,6 +771,30 @@ mod tests {
         assert!((w0[4 * l + 1] - 1.0).abs() < 1e-6);
         let (_, w2) = scores(&m, &ds, &[2]);
         assert!(w2[4 * l] > 0.0 && w2[4 * l + 1] > 0.0);
+    }
+
+    #[test]
+    fn sampled_softmax_covering_every_item_is_the_full_softmax() {
+        let ds = toy();
+        let b = bank(&[2, 0, 2, 1, 0, 3, 2, 2, 1, 0, 2, 2]);
+        let mut full = model(b.clone(), Variant::Attention);
+        let cfg = CurecConfig { hidden: 8, din_history: 3, sampled_negatives: 5000, ..Default::default() };
+        let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+        let mut sampled = Curec::new(&cfg, &tcfg, N, b.clone(), 5, &Device::Cpu).unwrap();
+        let a = full.train_epoch(&ds, 0).unwrap().unwrap();
+        let c = sampled.train_epoch(&ds, 0).unwrap().unwrap();
+        assert!((a - c).abs() < 1e-5, "{a} vs {c}");
+        // With few negatives it still learns.
+        let cfg = CurecConfig { sampled_negatives: 3, ..cfg };
+        let mut few = Curec::new(&cfg, &tcfg, N, b, 5, &Device::Cpu).unwrap();
+        let before = scores(&few, &ds, &[0, 1, 2, 3]).0;
+        let first = few.train_epoch(&ds, 0).unwrap().unwrap();
+        let mut last = first;
+        for e in 1..15 {
+            last = few.train_epoch(&ds, e).unwrap().unwrap();
+        }
+        assert!(last < first, "sampled loss {first} → {last}");
+        assert_ne!(before, scores(&few, &ds, &[0, 1, 2, 3]).0);
     }
 
     #[test]
