@@ -1,6 +1,7 @@
 //! Patterns, reasons and the CUREC reward model end to end on the embedded ml-latest-small with a
 //! tiny random LLM (no downloads; the LLM is also the encoder): the features contract, a resume
-//! after a torn write that gives the same Parquet bytes (with another batch size), the reward
+//! after a torn write that gives the same Parquet bytes (with another batch size, on 2 timely
+//! workers instead of 1), the reward
 //! model's metrics, `curec eval` and `curec recommend`, and the error paths.
 
 use std::path::{Path, PathBuf};
@@ -95,8 +96,8 @@ fn features_contract_and_a_torn_resume_give_the_same_bytes() {
     // Each reason is for the user's own train interaction, at its time.
     assert!(reasons.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
 
-    // A run killed mid-write (torn last lines, no Parquet yet) resumes, with another batch size,
-    // to the same bytes.
+    // A run killed mid-write (torn last lines, no Parquet yet) resumes, with another batch size and
+    // two timely workers, to the same bytes.
     let b = s.tmp.path().join("b");
     generate_features(&s.data, model, &b, &fcfg(5, 2)).unwrap();
     for f in ["manifest.json", "patterns.parquet", "reasons.parquet"] {
@@ -106,6 +107,7 @@ fn features_contract_and_a_torn_resume_give_the_same_bytes() {
     keep_lines(&b.join("reasons.jsonl"), 3, "");
     let mut one = fcfg(5, 2);
     one.batch = 1;
+    one.workers = 2;
     let m2 = generate_features(&s.data, model, &b, &one).unwrap();
     assert_eq!(m2["patterns"], 5);
     assert_eq!(read(&a.join("patterns.parquet")), read(&b.join("patterns.parquet")));

@@ -10,6 +10,9 @@ use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
 use serde_json::{json, Value};
 
+use std::sync::{Arc, Mutex};
+
+use super::dataflow::{generate_on_workers, Generated, WorkerContext};
 use super::store::{self, PatternRow, ReasonRow};
 use super::FeaturesConfig;
 use crate::data::preprocess::{Interaction, ItemRow};
@@ -21,7 +24,7 @@ use crate::rec::nn::rng_for;
 const USERS: u64 = 0xfe1;
 
 /// One generation job: a pattern for `user` (item `None`) or a reason for (user, item).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FeatureJob {
     /// Stable record key: the RNG stream and the resume key.
     pub key: u64,
@@ -81,7 +84,8 @@ pub fn pattern_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &Features
     users
         .iter()
         .map(|&u| FeatureJob {
-            key: u as u64,
+            // Position 0 never gets a reason, so pattern and reason keys never collide.
+            key: (u as u64) << 32,
             user: u,
             item: None,
             history: recent(&ds.train[u as usize], cfg.pattern_history),
@@ -201,11 +205,12 @@ pub fn run_batch(
         .collect())
 }
 
-/// What the outputs depend on (not the batch size: a job's text does not depend on its batch).
+/// What the outputs depend on (not the batch size or worker count: a job's text depends on its record alone).
 fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
     let mut c = serde_json::to_value(cfg).unwrap_or_default();
     if let Some(o) = c.as_object_mut() {
         o.remove("batch");
+        o.remove("workers");
     }
     json!({"features": c, "model": model, "data": data.display().to_string()})
 }
@@ -267,56 +272,55 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
 
     let t0 = Instant::now();
     let mut tokens = 0usize;
-    if !ptodo.is_empty() || !rtodo.is_empty() {
-        let dev = llm::device(&cfg.device)?;
-        let dtype = llm::parse_dtype(&cfg.dtype, &dev)?;
-        let mut model = Llm::load(&llm::resolve(model_spec)?, &dev, dtype)?;
-        if let Some(a) = &cfg.adapter {
-            model.model.load_lora(a).with_context(|| format!("features.adapter {}", a.display()))?;
-            model.model = model.model.merged()?;
-        }
-        let progress = crate::progress::bar(ptodo.len() + rtodo.len(), &format!("features {}", ds.name), "jobs");
+    let todo: Vec<FeatureJob> = ptodo.iter().chain(&rtodo).map(|j| (*j).clone()).collect();
+    if !todo.is_empty() {
+        let progress = crate::progress::bar(todo.len(), &format!("features {}", ds.name), "jobs");
         progress.set_message(format!("{} done before", prows.len() + rrows.len()));
-        for chunk in ptodo.chunks(cfg.batch) {
-            let jobs: Vec<FeatureJob> = chunk.iter().map(|j| (*j).clone()).collect();
-            let outs = run_batch(&model, &prompts, &ds.items, &jobs, cfg, cfg.max_new_tokens_pattern)?;
-            let rows: Vec<PatternRow> = jobs
-                .iter()
-                .zip(outs)
-                .map(|(j, (text, parsed, n))| {
-                    tokens += n;
-                    PatternRow { user: j.user, timestamp: j.timestamp, text, parsed, tokens: n }
-                })
-                .collect();
-            store::append_log(&plog, &rows)?;
-            prows.extend(rows);
-            progress.inc(chunk.len() as u64);
-            log_progress(&progress, tokens, &t0);
-        }
-        for chunk in rtodo.chunks(cfg.batch) {
-            let jobs: Vec<FeatureJob> = chunk.iter().map(|j| (*j).clone()).collect();
-            let outs = run_batch(&model, &prompts, &ds.items, &jobs, cfg, cfg.max_new_tokens_reason)?;
-            let rows: Vec<ReasonRow> = jobs
-                .iter()
-                .zip(outs)
-                .map(|(j, (text, parsed, n))| {
-                    tokens += n;
-                    ReasonRow {
-                        user: j.user,
-                        item: j.item.expect("reason job"),
-                        timestamp: j.timestamp,
-                        text,
-                        parsed,
-                        tokens: n,
+        let (spec, adapter, device, dtype) =
+            (model_spec.to_string(), cfg.adapter.clone(), cfg.device.clone(), cfg.dtype.clone());
+        let load = move || -> Result<Llm> {
+            let dev = llm::device(&device)?;
+            let dtype = llm::parse_dtype(&dtype, &dev)?;
+            let mut model = Llm::load(&llm::resolve(&spec)?, &dev, dtype)?;
+            if let Some(a) = &adapter {
+                model.model.load_lora(a).with_context(|| format!("features.adapter {}", a.display()))?;
+                model.model = model.model.merged()?;
+            }
+            Ok(model)
+        };
+        let ctx = Arc::new(WorkerContext { items: ds.items.clone(), prompts, cfg: cfg.clone(), load: Box::new(load) });
+        let state = Arc::new(Mutex::new((Vec::<PatternRow>::new(), Vec::<ReasonRow>::new(), 0usize)));
+        let (st, pl, rl, bar) = (state.clone(), plog.clone(), rlog.clone(), progress.clone());
+        let sink = move |batch: Vec<Generated>| -> Result<()> {
+            let mut st = st.lock().expect("state lock");
+            let (mut ps, mut rs) = (Vec::new(), Vec::new());
+            for (j, text, parsed, n) in batch {
+                st.2 += n;
+                match j.item {
+                    None => ps.push(PatternRow { user: j.user, timestamp: j.timestamp, text, parsed, tokens: n }),
+                    Some(item) => {
+                        rs.push(ReasonRow { user: j.user, item, timestamp: j.timestamp, text, parsed, tokens: n })
                     }
-                })
-                .collect();
-            store::append_log(&rlog, &rows)?;
-            rrows.extend(rows);
-            progress.inc(chunk.len() as u64);
-            log_progress(&progress, tokens, &t0);
-        }
+                }
+            }
+            if !ps.is_empty() {
+                store::append_log(&pl, &ps)?;
+            }
+            if !rs.is_empty() {
+                store::append_log(&rl, &rs)?;
+            }
+            bar.inc((ps.len() + rs.len()) as u64);
+            log_progress(&bar, st.2, &t0);
+            st.0.extend(ps);
+            st.1.extend(rs);
+            Ok(())
+        };
+        generate_on_workers(todo, cfg.workers, ctx, Arc::new(Mutex::new(sink)))?;
         progress.finish_and_clear();
+        let mut st = state.lock().expect("state lock");
+        prows.append(&mut st.0);
+        rrows.append(&mut st.1);
+        tokens = st.2;
     }
     let seconds = t0.elapsed().as_secs_f64();
     prows.sort_by_key(|r| r.user);

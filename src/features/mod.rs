@@ -10,6 +10,7 @@
 //! the rows already there (a torn last line is dropped) and the Parquet files are written at the end.
 
 pub mod bank;
+pub mod dataflow;
 pub mod jobs;
 pub mod store;
 
@@ -44,6 +45,9 @@ pub struct FeaturesConfig {
     pub top_p: f32,
     /// Prompts generated together.
     pub batch: usize,
+    /// Timely worker threads, each with its own copy of the model (jobs are exchanged by record
+    /// key; the output does not depend on this number).
+    pub workers: usize,
     /// Text after the assistant header that the completion continues.
     pub prefix: String,
     pub system: Option<String>,
@@ -69,6 +73,7 @@ impl Default for FeaturesConfig {
             temperature: 0.0,
             top_p: 1.0,
             batch: 16,
+            workers: 1,
             prefix: "<think>".into(),
             system: None,
             prompts: None,
@@ -84,8 +89,8 @@ impl FeaturesConfig {
         if self.pattern_history == 0 || self.reason_history == 0 {
             bail!("features.pattern_history and features.reason_history: expected at least 1");
         }
-        if self.batch == 0 {
-            bail!("features.batch: expected at least 1");
+        if self.batch == 0 || self.workers == 0 {
+            bail!("features.batch and features.workers: expected at least 1");
         }
         if self.max_new_tokens_pattern == 0 || self.max_new_tokens_reason == 0 {
             bail!("features.max_new_tokens_pattern/_reason: expected at least 1");
