@@ -98,7 +98,8 @@ fn concat_batches(schema: &Arc<Schema>, batches: &[RecordBatch]) -> Result<Recor
     RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())
 }
 
-fn batch(fields: Vec<(&str, DataType)>, cols: Vec<ArrayRef>) -> RecordBatch {
+/// A record batch of non-nullable columns.
+pub fn batch(fields: Vec<(&str, DataType)>, cols: Vec<ArrayRef>) -> RecordBatch {
     let schema = Schema::new(fields.into_iter().map(|(n, t)| Field::new(n, t, false)).collect::<Vec<_>>());
     RecordBatch::try_new(Arc::new(schema), cols).expect("columns match the schema by construction")
 }
@@ -168,7 +169,8 @@ pub fn write_dir(dir: &Path, p: &Prepared, stats: &serde_json::Value) -> Result<
     })
 }
 
-fn column<'a>(path: &Path, b: &'a RecordBatch, name: &str, t: DataType) -> Result<&'a ArrayRef, DataError> {
+/// Column `name` of `b`, checked to have type `t` (errors name the file, the column and the types).
+pub fn column<'a>(path: &Path, b: &'a RecordBatch, name: &str, t: DataType) -> Result<&'a ArrayRef, DataError> {
     let i = b.schema().index_of(name).map_err(|_| DataError::file(path, format!("missing column '{name}'")))?;
     let c = b.column(i);
     if c.data_type() != &t {

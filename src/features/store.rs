@@ -11,12 +11,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, UInt32Type};
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, UInt32Array};
-use arrow_schema::{DataType, Field, Schema};
+use arrow_array::{Int64Array, StringArray, UInt32Array};
+use arrow_schema::DataType;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::data::prepared::{read_parquet, write_parquet};
+use crate::data::prepared::{batch, column, read_parquet, write_parquet};
 use crate::data::DataError;
 
 pub const PATTERNS: &str = "patterns.parquet";
@@ -94,11 +94,6 @@ pub fn append_log<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     Ok(())
 }
 
-fn batch(fields: Vec<(&str, DataType)>, cols: Vec<ArrayRef>) -> RecordBatch {
-    let schema = Schema::new(fields.into_iter().map(|(n, t)| Field::new(n, t, false)).collect::<Vec<_>>());
-    RecordBatch::try_new(Arc::new(schema), cols).expect("columns match the schema by construction")
-}
-
 pub fn write_patterns(path: &Path, rows: &[PatternRow], raw_users: &[String]) -> Result<(), DataError> {
     write_parquet(
         path,
@@ -145,19 +140,11 @@ pub fn write_reasons(path: &Path, rows: &[ReasonRow], raw_items: &[String]) -> R
     )
 }
 
-fn col<'a>(path: &Path, b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, DataError> {
-    b.column_by_name(name).ok_or_else(|| DataError::file(path, format!("missing column '{name}'")))
-}
-
-fn typed<'a, T: 'a>(path: &Path, name: &str, v: Option<T>, want: &str) -> Result<T, DataError> {
-    v.ok_or_else(|| DataError::file(path, format!("column '{name}': expected {want}")))
-}
-
 pub fn read_patterns(path: &Path) -> Result<Vec<PatternRow>, DataError> {
     let b = read_parquet(path)?;
-    let user = typed(path, "user", col(path, &b, "user")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
-    let ts = typed(path, "timestamp", col(path, &b, "timestamp")?.as_primitive_opt::<Int64Type>(), "int64")?;
-    let text = typed(path, "text", col(path, &b, "text")?.as_string_opt::<i32>(), "utf8")?;
+    let user = column(path, &b, "user", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let ts = column(path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>();
+    let text = column(path, &b, "text", DataType::Utf8)?.as_string::<i32>();
     Ok((0..b.num_rows())
         .map(|r| PatternRow {
             user: user.value(r),
@@ -171,10 +158,10 @@ pub fn read_patterns(path: &Path) -> Result<Vec<PatternRow>, DataError> {
 
 pub fn read_reasons(path: &Path) -> Result<Vec<ReasonRow>, DataError> {
     let b = read_parquet(path)?;
-    let user = typed(path, "user", col(path, &b, "user")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
-    let item = typed(path, "item", col(path, &b, "item")?.as_primitive_opt::<UInt32Type>(), "uint32")?;
-    let ts = typed(path, "timestamp", col(path, &b, "timestamp")?.as_primitive_opt::<Int64Type>(), "int64")?;
-    let text = typed(path, "text", col(path, &b, "text")?.as_string_opt::<i32>(), "utf8")?;
+    let user = column(path, &b, "user", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let item = column(path, &b, "item", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let ts = column(path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>();
+    let text = column(path, &b, "text", DataType::Utf8)?.as_string::<i32>();
     Ok((0..b.num_rows())
         .map(|r| ReasonRow {
             user: user.value(r),
