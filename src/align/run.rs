@@ -204,7 +204,7 @@ fn prompt_ids(
     task: &AlignTask,
 ) -> Result<Vec<u32>> {
     let user = render(prompt, items, task)?;
-    llm.tokenizer.encode(&format!("{}{}", llm.chat.render(cfg.system.as_deref(), &user), cfg.prefix))
+    llm.prompt_ids(cfg.system.as_deref(), &user, &cfg.prefix)
 }
 
 /// Run (or resume) pretraining; returns eval.json's content.

@@ -11,7 +11,7 @@ use rand::Rng;
 
 use crate::data::preprocess::{Interaction, ItemRow};
 use crate::data::{Dataset, Split};
-use crate::llm::prompts::Prompt;
+use crate::llm::prompts::{numbered_items, Prompt};
 use crate::rec::nn::rng_for;
 
 const NEGATIVES: u64 = 0xa11;
@@ -162,20 +162,9 @@ pub fn eval_users(ds: &Dataset, n: usize, seed: u64) -> Vec<u32> {
 
 /// Fill the alignment template: numbered history lines with item text, numbered candidate titles.
 pub fn render(prompt: &Prompt, items: &[ItemRow], task: &AlignTask) -> Result<String> {
-    let lines = |ids: &[u32], full: bool| {
-        ids.iter()
-            .enumerate()
-            .map(|(i, &it)| {
-                let info = &items[it as usize].info;
-                let text = if full && !info.text.is_empty() { &info.text } else { &info.title };
-                format!("{}. {}", i + 1, text)
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     let values: BTreeMap<&str, String> = [
-        ("history", lines(&task.history, true)),
-        ("candidates", lines(&task.candidates, false)),
+        ("history", numbered_items(items, &task.history, true)),
+        ("candidates", numbered_items(items, &task.candidates, false)),
         ("example", items[task.example as usize].info.title.clone()),
     ]
     .into();

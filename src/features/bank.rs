@@ -4,11 +4,11 @@
 
 use anyhow::Result;
 
-use super::jobs::item_line;
 use super::store::{latest_patterns, reason_lists};
 use super::Features;
 use crate::data::Dataset;
 use crate::embed::{EmbeddingCache, Encoder};
+use crate::llm::prompts::item_text;
 use crate::rec::curec::{FeatureBank, Variant};
 
 pub fn build_bank(
@@ -34,7 +34,7 @@ pub fn build_bank(
     }
     type Lists = Vec<Vec<(u32, u32)>>;
     let (texts, lists): (Vec<&str>, Lists) = if variant == Variant::Text {
-        let texts: Vec<&str> = (0..ds.n_items as u32).map(|i| item_line(&ds.items, i)).collect();
+        let texts: Vec<&str> = (0..ds.n_items as u32).map(|i| item_text(&ds.items, i)).collect();
         (texts, (0..ds.n_items as u32).map(|i| vec![(i, u32::MAX)]).collect())
     } else {
         let rl = reason_lists(&feats.reasons, ds.n_items, reasons_per_item);

@@ -17,7 +17,7 @@ use super::store::{self, PatternRow, ReasonRow};
 use super::FeaturesConfig;
 use crate::data::preprocess::{Interaction, ItemRow};
 use crate::data::{prepared, Dataset, Split};
-use crate::llm::prompts::{parse_completion, Prompt, PromptKind};
+use crate::llm::prompts::{item_text, numbered_items, parse_completion, Prompt, PromptKind};
 use crate::llm::{self, generate, Llm, SamplingConfig};
 use crate::rec::nn::rng_for;
 
@@ -112,33 +112,14 @@ pub fn reason_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesC
     jobs
 }
 
-/// An item as the prompts show it: its text (title, year, genres) or its title.
-pub fn item_line(items: &[ItemRow], item: u32) -> &str {
-    let info = &items[item as usize].info;
-    if info.text.is_empty() {
-        &info.title
-    } else {
-        &info.text
-    }
-}
-
-pub fn history_lines(items: &[ItemRow], history: &[u32]) -> String {
-    history
-        .iter()
-        .enumerate()
-        .map(|(i, &it)| format!("{}. {}", i + 1, item_line(items, it)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// The user message of a job.
 pub fn render(prompts: &FeaturePrompts, items: &[ItemRow], job: &FeatureJob) -> Result<String> {
     let mut values: BTreeMap<&str, String> = BTreeMap::new();
-    values.insert("history", history_lines(items, &job.history));
+    values.insert("history", numbered_items(items, &job.history, true));
     match job.item {
         None => prompts.pattern.render(&values),
         Some(i) => {
-            values.insert("item", item_line(items, i).to_string());
+            values.insert("item", item_text(items, i).to_string());
             prompts.reason.render(&values)
         }
     }
@@ -184,7 +165,7 @@ pub fn run_batch(
         .iter()
         .map(|j| {
             let user = render(prompts, items, j)?;
-            llm.tokenizer.encode(&format!("{}{}", llm.chat.render(cfg.system.as_deref(), &user), cfg.prefix))
+            llm.prompt_ids(cfg.system.as_deref(), &user, &cfg.prefix)
         })
         .collect::<Result<Vec<_>>>()?;
     let keys: Vec<u64> = jobs.iter().map(|j| j.key).collect();

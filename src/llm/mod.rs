@@ -115,6 +115,12 @@ impl Llm {
 
     /// Apply the chat template and tokenize.
     pub fn chat_ids(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(&self.chat.render(system, user))
+        self.prompt_ids(system, user, "")
+    }
+
+    /// Apply the chat template, append `prefix` (text the assistant turn starts with, which the
+    /// completion continues) and tokenize.
+    pub fn prompt_ids(&self, system: Option<&str>, user: &str, prefix: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(&format!("{}{prefix}", self.chat.render(system, user)))
     }
 }

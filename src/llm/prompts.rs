@@ -9,6 +9,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::data::preprocess::ItemRow;
+
 /// Which CUREC prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PromptKind {
@@ -105,6 +107,28 @@ impl Prompt {
         }
         Ok(out)
     }
+}
+
+/// An item as the prompts show it: its text (title, year, genres), or its title when it has none.
+pub fn item_text(items: &[ItemRow], item: u32) -> &str {
+    let info = &items[item as usize].info;
+    if info.text.is_empty() {
+        &info.title
+    } else {
+        &info.text
+    }
+}
+
+/// Numbered lines `1. …`, one per item: its text when `full`, else its title.
+pub fn numbered_items(items: &[ItemRow], ids: &[u32], full: bool) -> String {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &it)| {
+            let text = if full { item_text(items, it) } else { items[it as usize].info.title.as_str() };
+            format!("{}. {text}", i + 1)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A template split into literal text and `{placeholder}` names.
