@@ -225,9 +225,7 @@ struct ReasonSide {
 /// Per-batch reason slots: which reason row fills slot l of item n, and who wrote it.
 struct Slots {
     idx: Tensor,
-    /// `N × L`: 1 for a real reason.
-    valid: Vec<bool>,
-    /// `valid` as 0/1 floats.
+    /// `N × L`: 1 for a real reason, 0 for padding.
     base: Vec<f32>,
     /// Slots written by each user.
     by_author: std::collections::HashMap<u32, Vec<usize>>,
@@ -324,40 +322,23 @@ impl Curec {
         &self.bank
     }
 
-    pub fn bank_mut(&mut self) -> &mut FeatureBank {
-        &mut self.bank
-    }
-
-    /// Rebuild the reason tensor after the bank changed (new reasons appended).
-    pub fn refresh_bank(&mut self) -> anyhow::Result<()> {
-        let e = self.bank.dim;
-        let dev = self.reasons_t.device().clone();
-        let mut rt = self.bank.reasons.clone();
-        rt.extend(std::iter::repeat_n(0f32, e));
-        self.reasons_t = Tensor::from_vec(rt, (self.bank.n_reasons() + 1, e), &dev)?;
-        self.patterns_t = Tensor::from_vec(self.bank.patterns.clone(), (self.bank.patterns.len() / e, e), &dev)?;
-        *self.inference.lock().expect("inference cache lock") = None;
-        Ok(())
-    }
-
     /// Reason slots of all items, or of `items` only (sampled softmax).
     fn slots(&self, dev: &Device, items: Option<Vec<u32>>) -> candle_core::Result<Slots> {
         let n = items.as_ref().map_or(self.tower.n_items, Vec::len);
         let l = self.bank.max_list();
         let pad = self.bank.n_reasons() as u32;
         let mut idx = vec![pad; n * l];
-        let mut valid = vec![false; n * l];
+        let mut base = vec![0f32; n * l];
         let mut by_author: std::collections::HashMap<u32, Vec<usize>> = std::collections::HashMap::new();
         for i in 0..n {
             let item = items.as_ref().map_or(i, |v| v[i] as usize);
             for (j, &(r, u)) in self.bank.lists[item].iter().enumerate() {
                 idx[i * l + j] = r;
-                valid[i * l + j] = true;
+                base[i * l + j] = 1.0;
                 by_author.entry(u).or_default().push(i * l + j);
             }
         }
-        let base = valid.iter().map(|&v| f32::from(u8::from(v))).collect();
-        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, valid, base, by_author, l, items, n })
+        Ok(Slots { idx: Tensor::from_vec(idx, n * l, dev)?, base, by_author, l, items, n })
     }
 
     /// The user-independent side of the matcher: keys `(N·L) × d` (attention only) and values
@@ -374,7 +355,7 @@ impl Curec {
             (_, _, Some((sq, sk, sv))) => {
                 let x = base.reshape((n, l, d))?;
                 let (qs, ks, vs) = (sq.forward(&x)?, sk.forward(&x)?, sv.forward(&x)?);
-                let mask: Vec<f32> = slots.valid.iter().map(|&v| if v { 0.0 } else { NEG }).collect();
+                let mask: Vec<f32> = slots.base.iter().map(|&v| if v > 0.0 { 0.0 } else { NEG }).collect();
                 let mask = Tensor::from_vec(mask, (n, 1, l), dev)?;
                 let att = (qs.matmul(&ks.transpose(1, 2)?.contiguous()?)? / (d as f64).sqrt())?;
                 let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
@@ -387,8 +368,15 @@ impl Curec {
 
     /// C·s_ui + b_c for `users` × all items (`U × N × hidden`: the DIN head's first layer applied
     /// to the matching representation, folded into the reason values so that s_ui itself is never
-    /// built), and the attention (or pooling) weights `U × N × L` averaged over heads.
-    fn matching(&self, users: &[u32], slots: &Slots, side: &ReasonSide) -> candle_core::Result<(Tensor, Tensor)> {
+    /// built), and, when `want_weights`, the attention (or pooling) weights `U × N × L` averaged
+    /// over heads (the explanation; training and plain scoring skip them).
+    fn matching(
+        &self,
+        users: &[u32],
+        slots: &Slots,
+        side: &ReasonSide,
+        want_weights: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let hid = self.cfg.hidden;
@@ -418,7 +406,7 @@ impl Curec {
                 let dh = d / h;
                 let o = m.o.as_ref().expect("attention has an output projection");
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
-                let mut ws = Vec::with_capacity(h);
+                let mut ws = Vec::with_capacity(if want_weights { h } else { 0 });
                 let mut total: Option<Tensor> = None;
                 for head in 0..h {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
@@ -434,11 +422,13 @@ impl Curec {
                         Some(t) => (t + out)?,
                         None => out,
                     });
-                    ws.push(w);
+                    if want_weights {
+                        ws.push(w);
+                    }
                 }
                 let ob = o.bias().expect("linear with bias").unsqueeze(0)?.matmul(&cw.t()?)?; // 1 × hid
                 let vals = total.expect("at least one head").transpose(0, 1)?.broadcast_add(&ob.unsqueeze(0)?)?;
-                let w = (Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?;
+                let w = if want_weights { Some((Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?) } else { None };
                 (w, vals)
             }
             None => {
@@ -447,7 +437,7 @@ impl Curec {
                 let w = allowed.broadcast_div(&count)?;
                 let z = side.v.reshape((n * l, d))?.matmul(&cw.t()?)?.reshape((n, l, hid))?;
                 let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&z)?.transpose(0, 1)?; // U × N × hid
-                (w, pooled)
+                (want_weights.then_some(w), pooled)
             }
         };
         // Items with no allowed reason: s_∅.
@@ -524,11 +514,21 @@ impl Curec {
 
     /// Scores of all items for `users` after `histories`, with the per-item reason weights.
     pub fn score_with_weights(&self, users: &[u32], histories: &[Vec<u32>]) -> anyhow::Result<(Tensor, Tensor)> {
+        let (scores, w) = self.score_all(users, histories, true)?;
+        Ok((scores, w.expect("weights were asked for")))
+    }
+
+    fn score_all(
+        &self,
+        users: &[u32],
+        histories: &[Vec<u32>],
+        want_weights: bool,
+    ) -> anyhow::Result<(Tensor, Option<Tensor>)> {
         let max_len = self.tower.cfg.max_len;
         let refs: Vec<&[u32]> = histories.iter().map(|h| &h[h.len().saturating_sub(max_len)..]).collect();
         let eu = self.tower.last_hidden(&refs)?;
         let side = self.inference_side()?;
-        let (s, w) = self.matching(users, &side.0, &side.1)?;
+        let (s, w) = self.matching(users, &side.0, &side.1, want_weights)?;
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
         Ok((self.head(&eu, &hist, &slot, &s, None)?, w))
@@ -580,7 +580,7 @@ impl Curec {
 impl Scorer for Curec {
     fn score(&self, ds: &Dataset, users: &[u32], split: Split) -> anyhow::Result<Vec<f32>> {
         let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, split)).collect();
-        let (scores, _) = self.score_with_weights(users, &hist)?;
+        let (scores, _) = self.score_all(users, &hist, false)?;
         Ok(scores.flatten_all()?.to_vec1()?)
     }
 }
@@ -630,7 +630,7 @@ impl Model for Curec {
                 }
             };
             let side = self.reason_side(slots)?;
-            let (s, _) = self.matching(&users, slots, &side)?;
+            let (s, _) = self.matching(&users, slots, &side, false)?;
             let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref())?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
