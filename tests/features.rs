@@ -4,7 +4,7 @@
 //! workers instead of 1), the reward
 //! model's metrics, `curec eval` and `curec recommend`, and the error paths.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use curec::config::JobConfig;
@@ -16,11 +16,7 @@ use curec::rec::ModelKind;
 use serde_json::Value;
 
 mod common;
-use common::tiny_model_dir;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use common::setup;
 
 fn curec_cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().unwrap()
@@ -28,21 +24,6 @@ fn curec_cli(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-struct Setup {
-    tmp: tempfile::TempDir,
-    data: PathBuf,
-    model: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
-    let model = tmp.path().join("tiny");
-    tiny_model_dir(&model);
-    Setup { tmp, data, model }
 }
 
 fn fcfg(users: usize, reasons_per_user: usize) -> FeaturesConfig {
@@ -73,7 +54,7 @@ fn keep_lines(path: &Path, n: usize, torn: &str) {
 fn features_contract_and_a_torn_resume_give_the_same_bytes() {
     let s = setup();
     let model = s.model.to_str().unwrap();
-    let a = s.tmp.path().join("a");
+    let a = s.base.join("a");
     let m = generate_features(&s.data, model, &a, &fcfg(5, 2)).unwrap();
     assert_eq!(m["patterns"], 5);
     assert_eq!(m["reasons"], 10);
@@ -98,7 +79,7 @@ fn features_contract_and_a_torn_resume_give_the_same_bytes() {
 
     // A run killed mid-write (torn last lines, no Parquet yet) resumes, with another batch size and
     // two timely workers, to the same bytes.
-    let b = s.tmp.path().join("b");
+    let b = s.base.join("b");
     generate_features(&s.data, model, &b, &fcfg(5, 2)).unwrap();
     for f in ["manifest.json", "patterns.parquet", "reasons.parquet"] {
         std::fs::remove_file(b.join(f)).unwrap();
@@ -122,7 +103,7 @@ fn features_contract_and_a_torn_resume_give_the_same_bytes() {
 fn reward_model_trains_evaluates_and_explains() {
     let s = setup();
     let model = s.model.to_str().unwrap();
-    let feats = s.tmp.path().join("features");
+    let feats = s.base.join("features");
     generate_features(&s.data, model, &feats, &fcfg(30, 3)).unwrap();
     let mut cfg = JobConfig::default();
     cfg.curec.features = Some(feats.clone());
@@ -131,7 +112,7 @@ fn reward_model_trains_evaluates_and_explains() {
     cfg.sasrec.max_len = 20;
     cfg.curec.max_epochs = 2;
     cfg.train.bootstrap = 50;
-    let run = s.tmp.path().join("run");
+    let run = s.base.join("run");
     let m = curec::jobs::train(ModelKind::Curec, &s.data, &run, &cfg).unwrap();
     assert_eq!(m["model"], "curec");
     assert_eq!(m["variant"], "attention");
@@ -187,26 +168,26 @@ fn reward_model_trains_evaluates_and_explains() {
     // The text variant trains from item descriptions alone.
     cfg.curec.variant = Variant::Text;
     cfg.curec.max_epochs = 1;
-    let m = curec::jobs::train(ModelKind::Curec, &s.data, &s.tmp.path().join("text"), &cfg).unwrap();
+    let m = curec::jobs::train(ModelKind::Curec, &s.data, &s.base.join("text"), &cfg).unwrap();
     assert_eq!(m["variant"], "text");
 
     // Errors: one line, non-zero exit.
     let data = s.data.to_str().unwrap();
-    let o = curec_cli(&["train", "curec", "--data", data, "--out", s.tmp.path().join("x").to_str().unwrap()]);
+    let o = curec_cli(&["train", "curec", "--data", data, "--out", s.base.join("x").to_str().unwrap()]);
     assert!(!o.status.success() && stderr(&o).contains("--features"), "{}", stderr(&o));
     let o = curec_cli(&["recommend", "--model-dir", run.to_str().unwrap(), "--user", "no-such-user"]);
     assert!(!o.status.success() && stderr(&o).contains("no such user"), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
-    let o = curec_cli(&["recommend", "--model-dir", s.tmp.path().join("nope").to_str().unwrap(), "--user", "1"]);
+    let o = curec_cli(&["recommend", "--model-dir", s.base.join("nope").to_str().unwrap(), "--user", "1"]);
     assert!(!o.status.success() && stderr(&o).contains("metrics.json"), "{}", stderr(&o));
     let o = curec_cli(&[
         "features",
         "--data",
-        s.tmp.path().join("missing").to_str().unwrap(),
+        s.base.join("missing").to_str().unwrap(),
         "--model",
         model,
         "--out",
-        s.tmp.path().join("f2").to_str().unwrap(),
+        s.base.join("f2").to_str().unwrap(),
     ]);
     assert!(!o.status.success() && stderr(&o).contains("missing"), "{}", stderr(&o));
     let o = curec_cli(&[
@@ -215,9 +196,9 @@ fn reward_model_trains_evaluates_and_explains() {
         "--data",
         data,
         "--features",
-        s.tmp.path().join("missing").to_str().unwrap(),
+        s.base.join("missing").to_str().unwrap(),
         "--out",
-        s.tmp.path().join("y").to_str().unwrap(),
+        s.base.join("y").to_str().unwrap(),
     ]);
     assert!(!o.status.success() && stderr(&o).contains("not a features directory"), "{}", stderr(&o));
 }
@@ -226,7 +207,7 @@ fn reward_model_trains_evaluates_and_explains() {
 fn run_job_chains_features_and_reward_model_variants() {
     let s = setup();
     let model = s.model.to_str().unwrap().to_string();
-    let out = s.tmp.path().join("job");
+    let out = s.base.join("job");
     let mut cfg = JobConfig::default();
     cfg.prepare.out = Some(s.data.clone());
     cfg.train.out = Some(out.clone());

@@ -2,38 +2,16 @@
 //! downloads) and the embedded ml-latest-small: the contract's eval.json, a kill in the middle
 //! resumed to the same bytes as an uninterrupted run, and a resume under another config refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::tiny_model_dir;
+use common::setup;
 
 use curec::align::{pretrain, pretrain_until, PretrainConfig};
-use curec::config::JobConfig;
 use curec::grpo::GrpoConfig;
 use curec::llm::LoraConfig;
 use serde_json::{json, Value};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    data: PathBuf,
-    model: PathBuf,
-    base: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
-    let model = tmp.path().join("tiny");
-    tiny_model_dir(&model);
-    let base = tmp.path().to_path_buf();
-    Setup { _tmp: tmp, data, model, base }
-}
 
 fn configs() -> (PretrainConfig, GrpoConfig, LoraConfig) {
     let p = PretrainConfig {

@@ -143,6 +143,18 @@ pub fn position_mask(valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
     Tensor::from_vec(m, (b, t, 1), device)?.to_dtype(DType::F32)
 }
 
+/// Every variable's values by name, sorted by name (tests compare before and after training).
+#[cfg(test)]
+pub(crate) fn named_values(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut v: Vec<_> = data
+        .iter()
+        .map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

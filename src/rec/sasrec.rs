@@ -299,20 +299,10 @@ mod tests {
         let covered: usize = w.iter().map(|&(_, a, e)| e - a).sum();
         assert_eq!(covered, 2 + 39);
         assert!(w.iter().all(|&(_, a, e)| e - a <= 16));
-        let before: Vec<(String, Vec<f32>)> = named_values(&m);
+        let before = super::super::nn::named_values(&m.params.varmap);
         m.train_epoch(&ds, 0).unwrap();
-        for ((name, a), (_, b)) in before.iter().zip(named_values(&m)) {
+        for ((name, a), (_, b)) in before.iter().zip(super::super::nn::named_values(&m.params.varmap)) {
             assert!(a != &b, "{name} did not change after a training epoch");
         }
-    }
-
-    fn named_values(m: &SasRec) -> Vec<(String, Vec<f32>)> {
-        let data = m.params.varmap.data().lock().unwrap();
-        let mut v: Vec<_> = data
-            .iter()
-            .map(|(k, var)| (k.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
     }
 }

@@ -1,8 +1,9 @@
 //! Helpers shared by the integration tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use curec::config::JobConfig;
 use curec::llm::{CausalLm, Family, LlmConfig};
 use serde_json::json;
 
@@ -33,4 +34,28 @@ pub fn tiny_model_dir(dir: &Path) {
         "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A temporary directory holding the embedded ml-latest-small prepared with the default protocol
+/// (`data`) and the tiny model (`model`).
+pub struct Setup {
+    _tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub model: PathBuf,
+    /// The temporary directory, for outputs.
+    pub base: PathBuf,
+}
+
+pub fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
+    let model = tmp.path().join("tiny");
+    tiny_model_dir(&model);
+    let base = tmp.path().to_path_buf();
+    Setup { _tmp: tmp, data, model, base }
 }
