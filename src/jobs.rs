@@ -155,22 +155,42 @@ fn run_metrics(
     Value::Object(m)
 }
 
+/// A run written by `curec train`: its metrics, model kind, dataset and resolved config.
+struct TrainedRun {
+    metrics: Value,
+    kind: ModelKind,
+    ds: Dataset,
+    cfg: JobConfig,
+}
+
+impl TrainedRun {
+    /// Read `run/metrics.json` and `run/config.toml` and the dataset (`data_dir`, or the one the run
+    /// was trained on). The run's checkpoint holds every weight, so a warm-start source
+    /// (`curec.init_tower`) is neither read again nor needed.
+    fn open(run: &Path, data_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let path = run.join("metrics.json");
+        let metrics: Value = read_json(&path)?;
+        let kind = metrics["model"]
+            .as_str()
+            .and_then(ModelKind::parse)
+            .with_context(|| format!("{}: no known 'model' key", path.display()))?;
+        let data_dir: PathBuf = match data_dir {
+            Some(d) => d.to_path_buf(),
+            None => metrics["data"]
+                .as_str()
+                .map(PathBuf::from)
+                .with_context(|| format!("{}: no 'data' key; pass --data", path.display()))?,
+        };
+        let mut cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
+        cfg.curec.init_tower = None;
+        let ds = prepared::read_dataset(&data_dir)?;
+        Ok(Self { metrics, kind, ds, cfg })
+    }
+}
+
 /// `curec eval`: reload a run's checkpoint and evaluate it on a split; writes `eval-<split>.json`.
 pub fn eval_run(run: &Path, data_dir: Option<&Path>, split: Split) -> anyhow::Result<Value> {
-    let metrics: Value = read_json(&run.join("metrics.json"))?;
-    let kind = metrics["model"]
-        .as_str()
-        .and_then(ModelKind::parse)
-        .with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
-    let data_dir: PathBuf = match data_dir {
-        Some(d) => d.to_path_buf(),
-        None => metrics["data"]
-            .as_str()
-            .map(PathBuf::from)
-            .with_context(|| format!("{}: no 'data' key; pass --data", run.join("metrics.json").display()))?,
-    };
-    let cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
-    let ds = prepared::read_dataset(&data_dir)?;
+    let TrainedRun { metrics, kind, ds, cfg } = TrainedRun::open(run, data_dir)?;
     let mut model = build_model(kind, &ds, &cfg, &Device::Cpu)?;
     model.load(&run.join("model.safetensors"))?;
     let ev = eval::evaluate(model.as_ref(), &ds, split, cfg.train.eval_batch)?;
@@ -206,19 +226,9 @@ pub struct ReasonWeight {
 /// `curec recommend`: the top `k` items for a user (raw id) after everything the user has seen
 /// (train, valid and test), each with its top `n_reasons` reasons when the run is a CUREC model.
 pub fn recommend(run: &Path, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
-    let metrics: Value = read_json(&run.join("metrics.json"))?;
-    let kind = metrics["model"]
-        .as_str()
-        .and_then(ModelKind::parse)
-        .with_context(|| format!("{}: no known 'model' key", run.join("metrics.json").display()))?;
-    let data_dir = metrics["data"]
-        .as_str()
-        .map(PathBuf::from)
-        .with_context(|| format!("{}: no 'data' key", run.join("metrics.json").display()))?;
-    let cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
-    let ds = prepared::read_dataset(&data_dir)?;
+    let TrainedRun { kind, ds, cfg, .. } = TrainedRun::open(run, None)?;
     let user = ds.users.iter().position(|u| u == raw_user).with_context(|| {
-        format!("--user '{raw_user}': no such user in {} (raw ids as in the input log)", data_dir.display())
+        format!("--user '{raw_user}': no such user in dataset {} (raw ids as in the input log)", ds.name)
     })? as u32;
     let mut seen = ds.history(user, Split::Test);
     seen.push(ds.test[user as usize]);
