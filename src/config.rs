@@ -15,6 +15,7 @@ use crate::llm::LoraConfig;
 use crate::rec::curec::CurecConfig;
 use crate::rec::ncf::NcfConfig;
 use crate::rec::sasrec::SasRecConfig;
+use crate::replay::ReplayConfig;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -29,6 +30,7 @@ pub struct JobConfig {
     pub lora: LoraConfig,
     pub features: FeaturesConfig,
     pub curec: CurecConfig,
+    pub replay: ReplayConfig,
 }
 
 /// Where the raw log is and where the prepared dataset goes.

@@ -125,7 +125,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
     Ok(metrics)
 }
 
-fn run_metrics(
+pub fn run_metrics(
     kind: ModelKind,
     ds: &Dataset,
     data_dir: &Path,
@@ -156,18 +156,18 @@ fn run_metrics(
 }
 
 /// A run written by `curec train`: its metrics, model kind, dataset and resolved config.
-struct TrainedRun {
-    metrics: Value,
-    kind: ModelKind,
-    ds: Dataset,
-    cfg: JobConfig,
+pub struct TrainedRun {
+    pub metrics: Value,
+    pub kind: ModelKind,
+    pub ds: Dataset,
+    pub cfg: JobConfig,
 }
 
 impl TrainedRun {
     /// Read `run/metrics.json` and `run/config.toml` and the dataset (`data_dir`, or the one the run
     /// was trained on). The run's checkpoint holds every weight, so a warm-start source
     /// (`curec.init_tower`) is neither read again nor needed.
-    fn open(run: &Path, data_dir: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn open(run: &Path, data_dir: Option<&Path>) -> anyhow::Result<Self> {
         let path = run.join("metrics.json");
         let metrics: Value = read_json(&path)?;
         let kind = metrics["model"]
@@ -335,7 +335,14 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     for name in &cfg.train.models {
         let kind = ModelKind::parse(name)
             .with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf, sasrec or curec"))?;
-        let m = train(kind, &data_dir, &out.join(kind.name()), cfg)?;
+        let dir = out.join(kind.name());
+        let m = match read_json(&dir.join("metrics.json")) {
+            Ok(m) => {
+                tracing::info!("{}: already trained (delete it to redo)", dir.display());
+                m
+            }
+            Err(_) => train(kind, &data_dir, &dir, cfg)?,
+        };
         println!("{}", table_row(&m));
         rows.push(m);
     }

@@ -19,4 +19,5 @@ pub mod jobs;
 pub mod llm;
 pub mod ops;
 pub mod progress;
+pub mod replay;
 pub mod rec;

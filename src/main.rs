@@ -188,6 +188,39 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Chronological CoT correction (paper §4.4): every stage of the job (reused when its output
+    /// exists), then the time-sliced replay of the train log as a timely dataflow, snapshots, and
+    /// the reward model evaluated with the corrected features.
+    Replay {
+        job: PathBuf,
+        /// Run directory (snapshots/, metrics.json, epochs.jsonl); stages go to train.out, else here.
+        #[arg(long)]
+        out: PathBuf,
+        /// Timely worker threads.
+        #[arg(short = 'w', long)]
+        workers: Option<usize>,
+        /// "w/o Update": GRPO steps, but patterns and reasons are not rewritten during the replay.
+        #[arg(long)]
+        no_update: bool,
+        /// "w/o Corr.": no correction; the reward model with the initial features.
+        #[arg(long)]
+        no_correction: bool,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// Feed new interactions (CSV or Parquet: user, item, timestamp, rating) through the replay's
+    /// operators from its newest snapshot; prints a JSON summary line.
+    Ingest {
+        /// A `curec replay` run directory.
+        #[arg(long = "from")]
+        from: PathBuf,
+        file: PathBuf,
+        #[arg(short = 'w', long)]
+        workers: Option<usize>,
+        /// Also take GRPO steps with the reward model (default: only rewrite the state).
+        #[arg(long)]
+        grpo: bool,
+    },
     /// Run a job file: prepare the data if needed, then train and evaluate every listed model.
     Run {
         job: PathBuf,
@@ -227,6 +260,26 @@ enum BenchWhat {
         /// Weight/activation dtype: auto (f32), f32, bf16 or f16.
         #[arg(long, default_value = "auto")]
         dtype: String,
+    },
+    /// Correction dataflow without the LLM (a fixed-cost stand-in generator): source, state
+    /// folding and snapshots on 1 worker and on `--workers`.
+    Replay {
+        #[arg(long, default_value_t = 2_000_000)]
+        interactions: usize,
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        #[arg(long, default_value_t = 50_000)]
+        items: usize,
+        /// Interactions per time slice (epoch).
+        #[arg(long, default_value_t = 100_000)]
+        slice: usize,
+        #[arg(long, default_value_t = 10)]
+        snapshot_every: u64,
+        /// Busy time of the stand-in per interaction.
+        #[arg(long, default_value_t = 0)]
+        cost_ns: u64,
+        #[arg(short = 'w', long, default_value_t = 2)]
+        workers: usize,
     },
     /// Per-token log-prob throughput for batch × seq_len (half prompt, half completion).
     Logprobs {
@@ -392,6 +445,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 llm.model.add_lora(&curec::llm::LoraConfig::default())?;
             }
             let v = curec::bench::logprob_throughput(&llm, batch, seq_len, backward)?;
+            println!("{v}");
+        }
+        Command::Bench {
+            what: BenchWhat::Replay { interactions, users, items, slice, snapshot_every, cost_ns, workers },
+        } => {
+            anyhow::ensure!(users > 0 && items > 0 && slice > 0 && snapshot_every > 0, "bench replay: sizes must be positive");
+            let spec = curec::replay::bench::BenchSpec {
+                interactions,
+                users,
+                items,
+                slice,
+                snapshot_every,
+                cost_ns,
+                seed: 2024,
+            };
+            println!("{}", curec::replay::bench::replay_throughput(&spec, workers)?);
+        }
+        Command::Replay { job, out, workers, no_update, no_correction, mut sets } => {
+            if let Some(w) = workers {
+                sets.push(format!("replay.workers={w}"));
+            }
+            if no_update {
+                sets.push("replay.update=false".into());
+            }
+            if no_correction {
+                sets.push("replay.correct=false".into());
+            }
+            let cfg = JobConfig::load(Some(&job), &sets)?;
+            let m = curec::replay::replay(&cfg, &out)?;
+            println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+        }
+        Command::Ingest { from, file, workers, grpo } => {
+            let v = curec::replay::ingest(&from, &file, workers, grpo)?;
             println!("{v}");
         }
         Command::Run { job, force, sets } => {

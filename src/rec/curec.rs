@@ -318,6 +318,11 @@ impl Curec {
         })
     }
 
+    /// Items the tower has embeddings for.
+    pub fn n_items(&self) -> usize {
+        self.tower.n_items
+    }
+
     pub fn bank(&self) -> &FeatureBank {
         &self.bank
     }
@@ -344,10 +349,15 @@ impl Curec {
     /// The user-independent side of the matcher: keys `(N·L) × d` (attention only) and values
     /// `N × L × d` of every reason slot.
     fn reason_side(&self, slots: &Slots) -> candle_core::Result<ReasonSide> {
+        self.reason_side_of(&self.reasons_t, slots)
+    }
+
+    /// [`Self::reason_side`] over the reason vectors `table` (`slots.idx` indexes its rows).
+    fn reason_side_of(&self, table: &Tensor, slots: &Slots) -> candle_core::Result<ReasonSide> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let m = &self.matcher;
-        let reasons = self.reasons_t.index_select(&slots.idx, 0)?; // (N·L) × e
+        let reasons = table.index_select(&slots.idx, 0)?; // (N·L) × e
         let base = m.v.forward(&reasons)?; // (N·L) × d
         let (k, x) = match (&m.k, &m.mlp, &m.sa) {
             (Some(k), _, _) => (Some(k.forward(&reasons)?), base),
@@ -377,14 +387,27 @@ impl Curec {
         side: &ReasonSide,
         want_weights: bool,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let uid = Tensor::new(users, self.reasons_t.device())?;
+        let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
+        self.matching_for(&pat, users, slots, side, want_weights)
+    }
+
+    /// [`Self::matching`] for pattern vectors `pat` (`U × e`); `users` name their authors for
+    /// masking own reasons.
+    fn matching_for(
+        &self,
+        pat: &Tensor,
+        users: &[u32],
+        slots: &Slots,
+        side: &ReasonSide,
+        want_weights: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let hid = self.cfg.hidden;
         let u = users.len();
         let m = &self.matcher;
-        let uid = Tensor::new(users, dev)?;
-        let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
-        let q = m.q.forward(&pat)?; // U × d
+        let q = m.q.forward(pat)?; // U × d
                                     // Allowed slots per (user, item): real and, if configured, not written by the user.
         let mut allowed = Vec::with_capacity(u * n * l);
         for &user in users {
@@ -532,6 +555,61 @@ impl Curec {
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
         Ok((self.head(&eu, &hist, &slot, &s, None)?, w))
+    }
+
+    /// Scores ŷ_ui of one (user, item) under each of several candidate reason lists (paper Eq.
+    /// 12: the reward of a generated reason is the score with it appended to Q_i). `pattern` is
+    /// the user's encoded pattern (zeros for none), `history` the items before the interaction,
+    /// each list holds encoded reasons (any length; an empty list scores with s_∅). Nothing is
+    /// masked: the candidate is the user's own reason on purpose.
+    pub fn score_lists(
+        &self,
+        history: &[u32],
+        pattern: &[f32],
+        item: u32,
+        lists: &[Vec<Vec<f32>>],
+    ) -> anyhow::Result<Vec<f32>> {
+        let dev = self.reasons_t.device().clone();
+        let e = self.bank.dim;
+        anyhow::ensure!(pattern.len() == e, "pattern vector has {} dims, the encoder {e}", pattern.len());
+        anyhow::ensure!(!history.is_empty(), "scoring needs at least one history item");
+        let n = lists.len();
+        let l = lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut rows: Vec<f32> = Vec::with_capacity((n * l + 1) * e);
+        let pad = (n * l) as u32;
+        let mut idx = vec![pad; n * l];
+        let mut base = vec![0f32; n * l];
+        for (i, list) in lists.iter().enumerate() {
+            for (j, v) in list.iter().enumerate() {
+                anyhow::ensure!(v.len() == e, "reason vector has {} dims, the encoder {e}", v.len());
+                idx[i * l + j] = (rows.len() / e) as u32;
+                base[i * l + j] = 1.0;
+                rows.extend_from_slice(v);
+            }
+        }
+        let used = rows.len() / e;
+        rows.resize((used + 1) * e, 0.0);
+        for x in idx.iter_mut().filter(|x| **x == pad) {
+            *x = used as u32;
+        }
+        let table = Tensor::from_vec(rows, (used + 1, e), &dev)?;
+        let slots = Slots {
+            idx: Tensor::from_vec(idx, n * l, &dev)?,
+            base,
+            by_author: Default::default(),
+            l,
+            items: Some(vec![item; n]),
+            n,
+        };
+        let side = self.reason_side_of(&table, &slots)?;
+        let pat = Tensor::from_vec(pattern.to_vec(), (1, e), &dev)?;
+        let (s, _) = self.matching_for(&pat, &[u32::MAX], &slots, &side, false)?;
+        let max_len = self.tower.cfg.max_len;
+        let window = &history[history.len().saturating_sub(max_len)..];
+        let eu = self.tower.last_hidden(&[window])?;
+        let hist = vec![self.din_history(history)];
+        let scores = self.head(&eu, &hist, &[0], &s, Some(&vec![item; n]))?;
+        Ok(scores.flatten_all()?.to_vec1()?)
     }
 
     /// Windows (user, start, end, first target position in the window).

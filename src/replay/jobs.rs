@@ -1,0 +1,468 @@
+//! `curec replay` and `curec ingest`: the stages around the correction dataflow.
+//!
+//! A replay run directory holds `snapshots/` (the state after each N epochs), `epochs.jsonl`
+//! (the live per-epoch log, with timings), `metrics.json` (the reward model evaluated with the
+//! corrected features, no retraining), `config.toml` (the reward model's config pointing at the
+//! newest snapshot, so `curec eval --run` and `curec recommend --model-dir` work on it) and
+//! `model.safetensors` (the reward model's weights, copied).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::graph::{run_dataflow, CorrectorFactory, Initial};
+use super::llm_corrector::{LlmCorrector, LlmSetup};
+use super::policy::{Corrector, EpochMetrics};
+use super::snapshot::{self, Board, State};
+use super::source::{self, by_epoch};
+use super::Event;
+use crate::config::JobConfig;
+use crate::data::preprocess::ItemRow;
+use crate::data::{prepared, Dataset, Split};
+use crate::eval;
+use crate::jobs::{build_curec, metrics_json, write_json, write_text, TrainedRun};
+use crate::rec::Model;
+
+/// Where a job's stages live.
+struct Stages {
+    data: PathBuf,
+    reward_model: PathBuf,
+    model: String,
+    adapter: Option<PathBuf>,
+}
+
+fn stages(cfg: &JobConfig) -> Result<Stages> {
+    let out = cfg.train.out.clone().context("the job needs train.out (or pass --out)")?;
+    let data = cfg.prepare.out.clone().unwrap_or_else(|| out.join("data"));
+    let reward_model = cfg.replay.reward_model.clone().unwrap_or_else(|| out.join("curec-attention"));
+    let model = cfg.features.model.clone().context(
+        "replay: features.model names the LLM to correct (the one that wrote the features); set it in the job file",
+    )?;
+    let pretrained = out.join("pretrain").join("adapter.safetensors");
+    let adapter = cfg.features.adapter.clone().or_else(|| (cfg.features.aligned && pretrained.is_file()).then_some(pretrained));
+    Ok(Stages { data, reward_model, model, adapter })
+}
+
+fn identity_hash(v: &Value) -> String {
+    Sha256::digest(v.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The reward model of `run` evaluated with the features in `features` (test and valid splits).
+fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<(Map<String, Value>, Map<String, Value>, Value)> {
+    let TrainedRun { ds, mut cfg, .. } = TrainedRun::open(run, Some(data))?;
+    cfg.curec.features = Some(features.to_path_buf());
+    let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
+    m.load(&run.join("model.safetensors"))?;
+    let test = eval::evaluate(&m, &ds, Split::Test, cfg.train.eval_batch)?;
+    let valid = eval::evaluate(&m, &ds, Split::Valid, cfg.train.eval_batch)?;
+    let (n, seed) = (cfg.train.bootstrap, cfg.train.seed);
+    Ok((metrics_json(&test, n, seed), metrics_json(&valid, n, seed), serde_json::to_value(&cfg)?))
+}
+
+/// Copy the embedding caches of `from` into `to` where `to` has none (texts are keyed by hash).
+fn seed_caches(from: &Path, to: &Path) -> Result<()> {
+    for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("embeddings-") && name.ends_with(".parquet") && !to.join(&name).exists() {
+            std::fs::copy(e.path(), to.join(&name)).with_context(|| format!("{}: cannot copy", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `metrics.json`, `config.toml` and `model.safetensors` so the run reads as a trained run
+/// whose features are `features`.
+#[allow(clippy::too_many_arguments)]
+fn write_run(
+    out: &Path,
+    rm: &Path,
+    data: &Path,
+    features: &Path,
+    variant: &str,
+    ds: &Dataset,
+    seconds: f64,
+    extra: Value,
+) -> Result<Value> {
+    seed_caches(out, features)?;
+    let (test, valid, cfg) = evaluate_with(rm, data, features)?;
+    let mut m = Map::new();
+    m.insert("model".into(), json!("curec"));
+    m.insert("variant".into(), json!(variant));
+    m.insert("dataset".into(), json!(ds.name));
+    m.insert("data".into(), json!(data.display().to_string()));
+    m.insert("split".into(), json!("test"));
+    m.insert("users".into(), json!(ds.n_users));
+    m.insert("items".into(), json!(ds.n_items));
+    m.extend(test);
+    m.insert("valid".into(), Value::Object(valid));
+    m.insert("train_seconds".into(), json!(seconds));
+    m.insert("features".into(), json!(features.display().to_string()));
+    m.insert("reward_model".into(), json!(rm.display().to_string()));
+    m.insert("replay".into(), extra);
+    m.insert("config".into(), cfg);
+    let m = Value::Object(m);
+    let mut run_cfg = JobConfig::load(Some(&rm.join("config.toml")), &[])?;
+    run_cfg.curec.features = Some(features.to_path_buf());
+    run_cfg.curec.init_tower = None;
+    write_text(&out.join("config.toml"), &run_cfg.to_toml())?;
+    let weights = out.join("model.safetensors");
+    let tmp = prepared::tmp_path(&weights);
+    std::fs::copy(rm.join("model.safetensors"), &tmp)
+        .with_context(|| format!("{}: cannot copy the reward model", rm.display()))?;
+    std::fs::rename(&tmp, &weights)?;
+    write_json(&out.join("metrics.json"), &m)?;
+    Ok(m)
+}
+
+/// Prints the live line per epoch and appends it (with timings) to `epochs.jsonl`.
+fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> Box<dyn Fn(&EpochMetrics) + Send + Sync> {
+    let t0 = Instant::now();
+    let count = Mutex::new(0usize);
+    Box::new(move |m: &EpochMetrics| {
+        let mut n = count.lock().expect("logger lock");
+        *n += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        let left = total_epochs.saturating_sub(done_before + *n);
+        let eta = secs / *n as f64 * left as f64;
+        let tps = m.generated_tokens as f64 / (secs / *n as f64).max(1e-9);
+        let f = |x: Option<f64>| x.map_or("—".into(), |v| format!("{v:.4}"));
+        tracing::info!(
+            "epoch {} ({}/{total_epochs}): {} interactions, {} reasons, reward {}, kl {}, {tps:.0} tok/s, ETA {eta:.0} s",
+            m.epoch,
+            done_before + *n,
+            m.interactions,
+            m.reasons_written,
+            f(m.mean_reward()),
+            f(m.mean_kl())
+        );
+        let mut line = serde_json::to_value(m).unwrap_or_default();
+        line["seconds_since_start"] = json!(secs);
+        let _ = crate::features::store::append_log(&log, &[line]);
+    })
+}
+
+/// Initial state for a first replay: the features' patterns and reason lists, and each user's
+/// train items before their first replayed interaction.
+fn initial_state(ds: &Dataset, features: &Path, events: &[Event], keep: usize, history_kept: usize) -> Result<State> {
+    let mut state = State::load(features, keep)?;
+    let mut first: HashMap<u32, usize> = HashMap::new();
+    for e in events {
+        let pos = (e.key & 0xffff_ffff) as usize;
+        first.entry(e.user).and_modify(|p| *p = (*p).min(pos)).or_insert(pos);
+    }
+    for (u, seq) in ds.train.iter().enumerate() {
+        let end = first.get(&(u as u32)).copied().unwrap_or(seq.len());
+        if end > 0 {
+            let h = &seq[end.saturating_sub(history_kept)..end];
+            state.users.entry(u as u32).or_default().history = h.to_vec();
+        }
+    }
+    Ok(state)
+}
+
+/// Snapshot epochs: every `every`-th epoch of `order` and the last one.
+fn snapshot_epochs(order: &[u64], every: u64) -> BTreeSet<u64> {
+    let mut s: BTreeSet<u64> =
+        order.iter().enumerate().filter(|(i, _)| (*i as u64 + 1) % every == 0).map(|(_, e)| *e).collect();
+    if let Some(l) = order.last() {
+        s.insert(*l);
+    }
+    s
+}
+
+fn llm_factory(setup: LlmSetup, rm: PathBuf, data: PathBuf) -> CorrectorFactory {
+    Arc::new(move |index: usize, _peers: usize| -> Result<Option<Box<dyn Corrector>>> {
+        if index != 0 {
+            return Ok(None);
+        }
+        let TrainedRun { ds, cfg, .. } = TrainedRun::open(&rm, Some(&data))?;
+        let mut model = build_curec(&ds, &cfg, &Device::Cpu)?;
+        model.load(&rm.join("model.safetensors"))?;
+        let encoder = crate::embed::load(&cfg.curec.encoder, &Device::Cpu)?;
+        Ok(Some(Box::new(LlmCorrector::new(setup.clone(), model, encoder)?)))
+    })
+}
+
+/// `curec replay <job.toml> --out <run>`: every stage before the correction (reused when its
+/// output exists), the correction dataflow (resumed from the newest complete snapshot), and the
+/// reward model evaluated with the corrected features.
+pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
+    let mut cfg = job.clone();
+    cfg.replay.validate()?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    if cfg.train.out.is_none() {
+        cfg.train.out = Some(out.to_path_buf());
+    }
+    let st = stages(&cfg)?;
+    if !st.reward_model.join("metrics.json").is_file() || !st.data.join(prepared::STATS).is_file() {
+        crate::jobs::run_job(&cfg, false)?;
+    }
+    if !st.reward_model.join("model.safetensors").is_file() {
+        bail!(
+            "{}: no trained reward model (run `curec train curec`, or set replay.reward_model)",
+            st.reward_model.display()
+        );
+    }
+    let rm = TrainedRun::open(&st.reward_model, Some(&st.data))?;
+    let features = rm.cfg.curec.features.clone().context("the reward model run names no features directory")?;
+    let ds = rm.ds;
+    let t0 = Instant::now();
+    if !cfg.replay.correct {
+        let extra = json!({"correct": false});
+        return write_run(out, &st.reward_model, &st.data, &features, "no-correction", &ds, 0.0, extra);
+    }
+    let xs = prepared::read_interactions(&st.data.join(prepared::INTERACTIONS))?;
+    let seed = cfg.train.seed;
+    let events = source::replay_events(&ds, &xs, &cfg.replay, seed);
+    if events.is_empty() {
+        bail!("{}: no train interaction to replay with replay.users/per_user as set", st.data.display());
+    }
+    let ep = source::epochs(&events, &cfg.replay, 0)?;
+    let all_events = events.clone();
+    let grouped = by_epoch(events, &ep);
+    let order: Vec<u64> = grouped.iter().map(|(t, _)| *t).collect();
+    let mut rc = cfg.replay.clone();
+    rc.workers = 0;
+    let identity = json!({
+        "replay": rc,
+        "features": cfg.features,
+        "grpo": cfg.grpo,
+        "lora": cfg.lora,
+        "model": st.model,
+        "adapter": st.adapter,
+        "reward_model": st.reward_model,
+        "data": st.data,
+        "seed": seed,
+    });
+    let identity = json!({"hash": identity_hash(&identity), "config": identity});
+    let root = out.join("snapshots");
+    let (state, watermark, done) = match snapshot::newest(&root) {
+        Some((e, dir)) => {
+            let m = snapshot::manifest(&dir)?;
+            if m["identity"]["hash"] != identity["hash"] {
+                bail!("{}: written by another config (hash {}); use a new --out or delete it", dir.display(), m["identity"]["hash"]);
+            }
+            tracing::info!("resuming from {} (after epoch {e})", dir.display());
+            (State::load(&dir, cfg.replay.reasons_kept)?, Some((e, dir.clone())), snapshot::read_metrics(&dir.join(snapshot::METRICS))?)
+        }
+        None => {
+            seed_caches(&features, out)?;
+            let s = initial_state(&ds, &features, &all_events, cfg.replay.reasons_kept, cfg.replay.history_kept)?;
+            (s, None, Vec::new())
+        }
+    };
+    let wm = watermark.as_ref().map(|(e, _)| *e);
+    let todo: Vec<(u64, Vec<Event>)> = grouped.into_iter().filter(|(t, _)| wm.is_none_or(|w| *t > w)).collect();
+    let log = out.join("epochs.jsonl");
+    if wm.is_none() {
+        write_text(&log, "")?;
+    }
+    let board = Arc::new(Board::new(
+        root.clone(),
+        cfg.replay.workers,
+        snapshot_epochs(&order, cfg.replay.snapshot_every).into_iter().filter(|e| wm.is_none_or(|w| *e > w)).collect(),
+        identity.clone(),
+        ds.users.clone(),
+        ds.items.iter().map(|i| i.raw_id.clone()).collect(),
+        json!({}),
+        done,
+        epoch_logger(log, order.len(), order.len() - todo.len()),
+    ));
+    let setup = LlmSetup {
+        model: st.model.clone(),
+        adapter: st.adapter.clone(),
+        features: cfg.features.clone(),
+        grpo: cfg.grpo.clone(),
+        lora: cfg.lora.clone(),
+        replay: cfg.replay.clone(),
+        items: ds.items.clone(),
+        train: true,
+        resume: watermark.as_ref().map(|(_, d)| d.clone()),
+        cache_dir: out.to_path_buf(),
+        total_steps: order.len(),
+    };
+    let initial = Arc::new(Initial {
+        state,
+        history_kept: cfg.replay.history_kept,
+        reasons_kept: cfg.replay.reasons_kept,
+        freeze: !cfg.replay.update,
+        attach_reasons: true,
+        single_policy: true,
+    });
+    let outcome = run_dataflow(
+        todo,
+        initial,
+        llm_factory(setup, st.reward_model.clone(), st.data.clone()),
+        board,
+        cfg.replay.workers,
+    )?;
+    let (last, dir) = snapshot::newest(&root).context("the replay wrote no snapshot")?;
+    let ms = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
+    let rewards: Vec<Option<f64>> = ms.iter().map(EpochMetrics::mean_reward).collect();
+    let extra = json!({
+        "epochs": ms.len(),
+        "last_epoch": last,
+        "interactions": ms.iter().map(|m| m.interactions).sum::<u64>(),
+        "reasons_written": ms.iter().map(|m| m.reasons_written).sum::<u64>(),
+        "patterns_written": ms.iter().map(|m| m.patterns_written).sum::<u64>(),
+        "unparsed": ms.iter().map(|m| m.unparsed).sum::<u64>(),
+        "mean_reward_per_epoch": rewards,
+        "seconds_this_run": outcome.seconds,
+        "snapshot": dir.display().to_string(),
+        "update": cfg.replay.update,
+        "slice": format!("{} {}", cfg.replay.slice, cfg.replay.slice_by),
+        "users": cfg.replay.users,
+        "per_user": cfg.replay.per_user,
+    });
+    let variant = if cfg.replay.update { "correction" } else { "no-update" };
+    let _ = t0;
+    write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)
+}
+
+/// New interactions with raw ids, read from a generic CSV or Parquet log.
+fn read_new(path: &Path) -> Result<Vec<(String, String, i64)>> {
+    let raw = crate::data::read_raw(path, crate::data::Format::Generic)?;
+    let mut v: Vec<(String, String, i64)> = raw
+        .interactions
+        .iter()
+        .map(|x| (raw.users.name(x.user).to_string(), raw.items.name(x.item).to_string(), x.timestamp))
+        .collect();
+    v.sort_by_key(|x| x.2);
+    Ok(v)
+}
+
+/// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
+/// the same operators from the run's newest snapshot; GRPO only with `replay.grpo_on_ingest`.
+pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
+    let t0 = Instant::now();
+    let root = run.join("snapshots");
+    let (last, dir) = snapshot::newest(&root)
+        .with_context(|| format!("{}: no complete snapshot (run `curec replay` first)", run.display()))?;
+    let manifest = snapshot::manifest(&dir)?;
+    let identity = manifest["identity"].clone();
+    let cfg: JobConfig = {
+        let c = &identity["config"];
+        let mut j = JobConfig::default();
+        j.replay = serde_json::from_value(c["replay"].clone()).context("snapshot manifest: bad replay config")?;
+        j.features = serde_json::from_value(c["features"].clone()).context("snapshot manifest: bad features config")?;
+        j.grpo = serde_json::from_value(c["grpo"].clone()).context("snapshot manifest: bad grpo config")?;
+        j.lora = serde_json::from_value(c["lora"].clone()).context("snapshot manifest: bad lora config")?;
+        j.train.seed = c["seed"].as_u64().unwrap_or(j.train.seed);
+        j
+    };
+    let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);
+    let rm = PathBuf::from(identity["config"]["reward_model"].as_str().context("snapshot manifest: no reward model")?);
+    let model = identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string();
+    let adapter: Option<PathBuf> = identity["config"]["adapter"].as_str().map(PathBuf::from);
+    let ds = prepared::read_dataset(&data)?;
+    let new = read_new(file)?;
+    if new.is_empty() {
+        bail!("{}: no interactions to ingest", file.display());
+    }
+    // Id maps: the dataset's, then those grown by earlier ingests, then new ones.
+    let mut users: Vec<String> = ds.users.clone();
+    let mut items: Vec<ItemRow> = ds.items.clone();
+    let grown = &manifest["grown"];
+    for u in grown["users"].as_array().into_iter().flatten() {
+        users.push(u.as_str().unwrap_or_default().to_string());
+    }
+    for i in grown["items"].as_array().into_iter().flatten() {
+        let raw = i.as_str().unwrap_or_default().to_string();
+        items.push(ItemRow { raw_id: raw.clone(), info: crate::data::ItemInfo { title: raw.clone(), text: raw } });
+    }
+    let mut uid: HashMap<String, u32> = users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
+    let mut iid: HashMap<String, u32> = items.iter().enumerate().map(|(i, r)| (r.raw_id.clone(), i as u32)).collect();
+    let (mut new_users, mut new_items) = (Vec::new(), Vec::new());
+    let done_before = manifest["interactions"].as_u64().unwrap_or(0);
+    let mut events = Vec::with_capacity(new.len());
+    for (n, (u, i, ts)) in new.into_iter().enumerate() {
+        let user = *uid.entry(u.clone()).or_insert_with(|| {
+            users.push(u.clone());
+            new_users.push(u.clone());
+            users.len() as u32 - 1
+        });
+        let item = *iid.entry(i.clone()).or_insert_with(|| {
+            items.push(ItemRow { raw_id: i.clone(), info: crate::data::ItemInfo { title: i.clone(), text: i.clone() } });
+            new_items.push(i.clone());
+            items.len() as u32 - 1
+        });
+        // Keys of ingested records: above every position a train sequence can have.
+        let key = ((user as u64) << 32) | (0x8000_0000 | ((done_before + n as u64) & 0x7fff_ffff));
+        events.push(Event { key, user, item, timestamp: ts });
+    }
+    let n_events = events.len();
+    let ep = source::epochs(&events, &cfg.replay, last + 1)?;
+    let grouped = by_epoch(events, &ep);
+    let order: Vec<u64> = grouped.iter().map(|(t, _)| *t).collect();
+    let workers = workers.unwrap_or(cfg.replay.workers);
+    let all_users = grown["users"].as_array().cloned().unwrap_or_default().into_iter().chain(new_users.iter().map(|u| json!(u)));
+    let all_items = grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
+    let grown_now = json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>()});
+    let done = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
+    let board = Arc::new(Board::new(
+        root.clone(),
+        workers,
+        snapshot_epochs(&order, cfg.replay.snapshot_every),
+        identity.clone(),
+        users.clone(),
+        items.iter().map(|i| i.raw_id.clone()).collect(),
+        json!({ "grown": grown_now }),
+        done,
+        epoch_logger(run.join("epochs.jsonl"), order.len(), 0),
+    ));
+    let state = State::load(&dir, cfg.replay.reasons_kept)?;
+    let setup = LlmSetup {
+        model,
+        adapter,
+        features: cfg.features.clone(),
+        grpo: cfg.grpo.clone(),
+        lora: cfg.lora.clone(),
+        replay: cfg.replay.clone(),
+        items,
+        train: grpo || cfg.replay.grpo_on_ingest,
+        resume: Some(dir.clone()),
+        cache_dir: run.to_path_buf(),
+        total_steps: order.len(),
+    };
+    let initial = Arc::new(Initial {
+        state,
+        history_kept: cfg.replay.history_kept,
+        reasons_kept: cfg.replay.reasons_kept,
+        freeze: false,
+        attach_reasons: true,
+        single_policy: true,
+    });
+    let slices = order.len();
+    let outcome = run_dataflow(grouped, initial, llm_factory(setup, rm.clone(), data.clone()), board, workers)?;
+    let (_, newest) = snapshot::newest(&root).context("the ingest wrote no snapshot")?;
+    // The run now reads its features from the newest snapshot.
+    if run.join("config.toml").is_file() {
+        let mut run_cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
+        run_cfg.curec.features = Some(newest.clone());
+        seed_caches(run, &newest)?;
+        write_text(&run.join("config.toml"), &run_cfg.to_toml())?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(json!({
+        "interactions": n_events,
+        "new_users": new_users.len(),
+        "new_items": new_items.len(),
+        "seconds": seconds,
+        "dataflow_seconds": outcome.seconds,
+        "slices": slices,
+        "seconds_per_interaction": outcome.seconds / n_events as f64,
+        "seconds_per_slice": outcome.seconds / slices.max(1) as f64,
+        "snapshot": newest.display().to_string(),
+    }))
+}
+
+/// Used by the bench and tests: the id lists a replay's board needs.
+pub fn raw_ids(ds: &Dataset) -> (Vec<String>, Vec<String>) {
+    (ds.users.clone(), ds.items.iter().map(|i| i.raw_id.clone()).collect())
+}

@@ -1,0 +1,183 @@
+//! Chronological CoT correction (paper §4.4) as a timely dataflow, and incremental ingestion
+//! through the same operators.
+//!
+//! The train log replays in time order; each time slice is one epoch of the dataflow:
+//!
+//! ```text
+//! source ─▶ user_state ─▶ item_state ─▶ policy ─┐   (exchanged by user / by item / to the policy's worker)
+//!              ▲              ▲                  │
+//!              └── patterns ──┴──── reasons ─────┘   (feedback: epoch t's updates are read at t + 1)
+//! ```
+//!
+//! * [`source`]: interactions in time order, cut into epochs (by count or by duration).
+//! * [`user_state`]: per-user pattern and item history, exchanged by user.
+//! * [`item_state`]: per-item reason list, exchanged by item.
+//! * [`policy`]: once the frontier passes an epoch, hands its records (sorted by key) to a
+//!   [`Corrector`]: the LLM one ([`llm_corrector`]) samples G reasons per interaction, scores each
+//!   appended to the item's list with the reward model, takes one GRPO step, and rewrites the
+//!   user's pattern and a new reason with the Pattern Update prompt; the stand-in
+//!   ([`standin`]) writes fixed-cost text and is used only to measure the dataflow.
+//! * [`snapshot`]: every N epochs each state operator writes its shard, the policy its weights,
+//!   and the last one to finish merges the shards and writes the manifest (the mark of a complete
+//!   snapshot).
+//!
+//! Every random draw is seeded from (seed, record key), and every operator processes an epoch's
+//! records in key order, so the results do not depend on the number of workers.
+
+pub mod bench;
+pub mod graph;
+pub mod item_state;
+pub mod jobs;
+pub mod llm_corrector;
+pub mod policy;
+pub mod shared;
+pub mod snapshot;
+pub mod source;
+pub mod standin;
+pub mod state_op;
+pub mod user_state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+pub use graph::{run_dataflow, DataflowOutcome, Initial};
+pub use jobs::{ingest, replay};
+pub use policy::{Corrector, EpochMetrics, EpochOutput};
+pub use shared::Shared;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// How the log is cut into time slices: `count` (interactions per slice) or `seconds`.
+    pub slice_by: String,
+    /// Interactions per slice, or seconds per slice.
+    pub slice: u64,
+    /// Users replayed (seeded sample; 0 = all).
+    pub users: usize,
+    /// Each replayed user's most recent N train interactions (0 = all of them).
+    pub per_user: usize,
+    /// Write a snapshot every N epochs (and after the last one).
+    pub snapshot_every: u64,
+    /// Reasons kept per item in the state (the newest; the reward model reads `curec.reasons_per_item`).
+    pub reasons_kept: usize,
+    /// Items kept per user history in the state (the reward model's tower reads up to `sasrec.max_len`).
+    pub history_kept: usize,
+    /// Trained reward model (a `curec train curec` run directory); `curec replay` defaults to the
+    /// job's `curec-attention` run.
+    pub reward_model: Option<PathBuf>,
+    /// Rewrite patterns and reason lists during the replay (false = the paper's "w/o Update": the
+    /// LLM trains against the initial features; its rewrites are applied only at the end).
+    pub update: bool,
+    /// Run the correction at all (false = "w/o Corr.": the reward model on the initial features).
+    pub correct: bool,
+    /// Take GRPO steps during `curec ingest` (default: only rewrite the state).
+    pub grpo_on_ingest: bool,
+    /// Timely worker threads.
+    pub workers: usize,
+    /// Tokens for the Pattern Update answer (pattern + reason).
+    pub max_new_tokens_update: usize,
+    /// Tokens for each sampled reason in the GRPO step.
+    pub max_new_tokens_reason: usize,
+    /// Cap on prompts per GRPO step (the slice's records beyond it still update the state).
+    pub max_groups_per_step: usize,
+    /// Stand-in generator only: busy work per record, in nanoseconds (the bench's fixed cost).
+    pub standin_cost_ns: u64,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            slice_by: "count".into(),
+            slice: 8,
+            users: 0,
+            per_user: 0,
+            snapshot_every: 4,
+            reasons_kept: 20,
+            history_kept: 200,
+            reward_model: None,
+            update: true,
+            correct: true,
+            grpo_on_ingest: false,
+            workers: 1,
+            max_new_tokens_update: 128,
+            max_new_tokens_reason: 64,
+            max_groups_per_step: 0,
+            standin_cost_ns: 0,
+        }
+    }
+}
+
+impl ReplayConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.slice_by != "count" && self.slice_by != "seconds" {
+            bail!("replay.slice_by: expected 'count' or 'seconds', found '{}'", self.slice_by);
+        }
+        if self.slice == 0 || self.snapshot_every == 0 || self.workers == 0 {
+            bail!("replay.slice, replay.snapshot_every and replay.workers: expected at least 1");
+        }
+        if self.reasons_kept == 0 || self.history_kept == 0 {
+            bail!("replay.reasons_kept and replay.history_kept: expected at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// One interaction flowing through the dataflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Stable record key `(user << 32) | position in the user's sequence`: the RNG stream and the
+    /// processing order within an epoch.
+    pub key: u64,
+    pub user: u32,
+    pub item: u32,
+    pub timestamp: i64,
+}
+
+/// One entry of an item's reason list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    pub user: u32,
+    pub timestamp: i64,
+    pub text: Shared<str>,
+}
+
+/// An event with the state it meets: the user's pattern and history (before this event) and the
+/// item's reason list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Annotated {
+    pub event: Event,
+    pub pattern: Option<Shared<str>>,
+    /// Items before this one, oldest first (at most `replay.history_kept`).
+    pub history: Vec<u32>,
+    pub reasons: Shared<Vec<Reason>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateKind {
+    Pattern,
+    Reason,
+}
+
+/// A state rewrite produced by the policy at epoch t, read by the state operators at t + 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub kind: UpdateKind,
+    /// The event's key (the order in which an epoch's updates apply).
+    pub key: u64,
+    pub user: u32,
+    pub item: u32,
+    pub timestamp: i64,
+    pub text: Shared<str>,
+}
+
+impl Update {
+    pub fn pattern(e: &Event, text: Arc<str>) -> Self {
+        Self { kind: UpdateKind::Pattern, key: e.key, user: e.user, item: e.item, timestamp: e.timestamp, text: Shared(text) }
+    }
+    pub fn reason(e: &Event, text: Arc<str>) -> Self {
+        Self { kind: UpdateKind::Reason, key: e.key, user: e.user, item: e.item, timestamp: e.timestamp, text: Shared(text) }
+    }
+}

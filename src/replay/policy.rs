@@ -1,0 +1,130 @@
+//! The policy operator: holds an epoch's annotated records until its input frontier has passed
+//! the epoch, then hands them (sorted by key) to the [`Corrector`] in one batch, emits the state
+//! rewrites into the feedback loop, reports the epoch's metrics, and at snapshot epochs saves the
+//! policy. With one policy (the LLM being trained) every record goes to worker 0 and the GRPO
+//! steps apply in epoch order; a stateless corrector (the stand-in) runs keyed by user.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::Stream;
+
+use super::snapshot::Board;
+use super::{Annotated, Update};
+
+/// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
+/// progress log, so that snapshots are the same bytes run after run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    pub interactions: u64,
+    pub patterns_written: u64,
+    pub reasons_written: u64,
+    /// Interactions whose update answer could not be split into pattern and reason.
+    pub unparsed: u64,
+    /// GRPO groups (one per interaction in the step) and those with equal rewards.
+    pub groups: u64,
+    pub zero_variance_groups: u64,
+    pub reward_sum: f64,
+    pub reward_count: u64,
+    pub kl_sum: f64,
+    pub kl_count: u64,
+    pub loss: f64,
+    pub generated_tokens: u64,
+}
+
+impl EpochMetrics {
+    pub fn merge(&mut self, o: &EpochMetrics) {
+        self.interactions += o.interactions;
+        self.patterns_written += o.patterns_written;
+        self.reasons_written += o.reasons_written;
+        self.unparsed += o.unparsed;
+        self.groups += o.groups;
+        self.zero_variance_groups += o.zero_variance_groups;
+        self.reward_sum += o.reward_sum;
+        self.reward_count += o.reward_count;
+        self.kl_sum += o.kl_sum;
+        self.kl_count += o.kl_count;
+        self.loss += o.loss;
+        self.generated_tokens += o.generated_tokens;
+    }
+    pub fn mean_reward(&self) -> Option<f64> {
+        (self.reward_count > 0).then(|| self.reward_sum / self.reward_count as f64)
+    }
+    pub fn mean_kl(&self) -> Option<f64> {
+        (self.kl_count > 0).then(|| self.kl_sum / self.kl_count as f64)
+    }
+}
+
+pub struct EpochOutput {
+    pub updates: Vec<Update>,
+    pub metrics: EpochMetrics,
+}
+
+/// What runs on an epoch's records: the LLM correction or the bench's stand-in.
+pub trait Corrector {
+    /// One epoch's records, sorted by key.
+    fn epoch(&mut self, epoch: u64, records: Vec<Annotated>) -> Result<EpochOutput>;
+    /// Save the policy's state (weights, optimizer) into a snapshot directory.
+    fn save(&mut self, dir: &Path) -> Result<()>;
+}
+
+/// Wire the policy operator. `single`: all records go to worker 0 (one policy).
+pub fn policy_operator<'s>(
+    records: Stream<'s, u64, Vec<Annotated>>,
+    mut corrector: Option<Box<dyn Corrector>>,
+    single: bool,
+    epochs: Arc<Vec<u64>>,
+    board: Arc<Board>,
+) -> Stream<'s, u64, Vec<Update>> {
+    let pact = Exchange::new(move |a: &Annotated| if single { 0 } else { a.event.user as u64 });
+    records.unary_frontier(pact, "Policy", move |_cap, _info| {
+        // Capabilities only for stashed records (see the state operators).
+        let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Annotated>)> = BTreeMap::new();
+        let mut next = 0usize;
+        move |(input, frontier), output| {
+            input.for_each_stamp(|c, data| {
+                if let Some(cap) = c.retain_least(output.output_index()) {
+                    let slot = stash.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
+                    slot.1.extend(data.flat_map(|d| d.drain(..)));
+                }
+            });
+            let limit = frontier.frontier().iter().min().copied();
+            while let Some(&t) = epochs.get(next).filter(|&&t| limit.is_none_or(|b| t < b)) {
+                next += 1;
+                let (cap, mut recs) = match stash.remove(&t) {
+                    Some((c, r)) => (Some(c), r),
+                    None => (None, Vec::new()),
+                };
+                recs.sort_by_key(|a| a.event.key);
+                let mut metrics = EpochMetrics { epoch: t, ..Default::default() };
+                if let Some(c) = corrector.as_mut().filter(|_| !board.failed() && !recs.is_empty()) {
+                    match c.epoch(t, recs) {
+                        Ok(out) => {
+                            metrics = out.metrics;
+                            metrics.epoch = t;
+                            if let Some(at) = &cap {
+                                output.session(at).give_iterator(out.updates.into_iter());
+                            }
+                        }
+                        Err(e) => board.fail(format!("epoch {t}: {e:#}")),
+                    }
+                }
+                board.report_metrics(metrics);
+                if board.is_snapshot(t) {
+                    let r = match corrector.as_mut() {
+                        Some(c) if !board.failed() => board.shard_dir(t).and_then(|d| c.save(&d)),
+                        _ => Ok(()),
+                    };
+                    board.report_part(t, r);
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,113 @@
+//! The skeleton both state operators share: records exchanged by their key, updates (from the
+//! feedback loop) exchanged by the same key, and the state folded epoch by epoch once both
+//! frontiers have passed it: first the updates stamped t (the rewrites of epoch t − 1, in key
+//! order), then the records of t. After the updates stamped e + 1 are in, the state is the state
+//! "after epoch e", and if e is a snapshot epoch the operator writes its shard.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::Stream;
+use timely::progress::frontier::MutableAntichain;
+
+use super::snapshot::Board;
+use super::{Update, UpdateKind};
+
+/// State partitioned by a key (user or item).
+pub trait KeyedState: 'static {
+    type In: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
+    type Out: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
+    /// Which updates this state folds.
+    const KIND: UpdateKind;
+    /// The exchange key of a record.
+    fn key(rec: &Self::In) -> u64;
+    /// The processing order of a record within an epoch (the event key).
+    fn order(rec: &Self::In) -> u64;
+    /// The exchange key of an update of [`Self::KIND`].
+    fn update_key(u: &Update) -> u64;
+    /// Fold one epoch's updates (sorted by key).
+    fn apply(&mut self, updates: Vec<Update>);
+    /// Annotate one epoch's records (sorted by key), folding what they change (e.g. histories).
+    fn annotate(&mut self, records: Vec<Self::In>) -> Vec<Self::Out>;
+    /// Write this worker's shard of the state into a snapshot directory.
+    fn write_shard(&self, dir: &Path, worker: usize) -> Result<()>;
+}
+
+fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
+    f.frontier().iter().min().copied()
+}
+
+/// Wire a keyed state operator: `records` and `updates` in, annotated records out.
+pub fn state_operator<'s, S: KeyedState>(
+    records: Stream<'s, u64, Vec<S::In>>,
+    updates: Stream<'s, u64, Vec<Update>>,
+    mut state: S,
+    board: Arc<Board>,
+    worker: usize,
+    name: &str,
+) -> Stream<'s, u64, Vec<S::Out>> {
+    let mut pending: VecDeque<u64> = board.pending_snapshots();
+    records.binary_frontier(
+        updates,
+        Exchange::new(|r: &S::In| S::key(r)),
+        Exchange::new(|u: &Update| if u.kind == S::KIND { S::update_key(u) } else { 0 }),
+        name,
+        move |_cap, _info| {
+            // Capabilities are held only for records waiting to be annotated: holding one for
+            // nothing would keep the feedback loop alive forever.
+            let mut recs: BTreeMap<u64, (Capability<u64>, Vec<S::In>)> = BTreeMap::new();
+            let mut ups: BTreeMap<u64, Vec<Update>> = BTreeMap::new();
+            move |(in1, f1), (in2, f2), output| {
+                in1.for_each_stamp(|c, data| {
+                    if let Some(cap) = c.retain_least(output.output_index()) {
+                        let slot = recs.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
+                        slot.1.extend(data.flat_map(|d| d.drain(..)));
+                    }
+                });
+                in2.for_each_stamp(|c, data| {
+                    if let Some(&t) = c.least() {
+                        let v = ups.entry(t).or_default();
+                        v.extend(data.flat_map(|d| d.drain(..)).filter(|u| u.kind == S::KIND));
+                    }
+                });
+                let limit = match (bound(f1), bound(f2)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let ready = |t: u64| limit.is_none_or(|b| t < b);
+                let snapshot = |e: u64, state: &S| {
+                    if board.failed() {
+                        return;
+                    }
+                    let r = board.shard_dir(e).and_then(|d| state.write_shard(&d, worker));
+                    board.report_part(e, r);
+                };
+                loop {
+                    let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();
+                    let Some(t) = next.filter(|&t| ready(t)) else { break };
+                    while let Some(&e) = pending.front().filter(|&&e| e + 1 < t) {
+                        snapshot(e, &state);
+                        pending.pop_front();
+                    }
+                    if let Some(mut u) = ups.remove(&t) {
+                        u.sort_by_key(|u| u.key);
+                        state.apply(u);
+                    }
+                    if let Some((c, mut r)) = recs.remove(&t) {
+                        r.sort_by_key(|r| S::order(r));
+                        let out = state.annotate(r);
+                        output.session(&c).give_iterator(out.into_iter());
+                    }
+                }
+                while let Some(&e) = pending.front().filter(|&&e| ready(e + 1)) {
+                    snapshot(e, &state);
+                    pending.pop_front();
+                }
+            }
+        },
+    )
+}
