@@ -354,6 +354,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         j.grpo = serde_json::from_value(c["grpo"].clone()).context("snapshot manifest: bad grpo config")?;
         j.lora = serde_json::from_value(c["lora"].clone()).context("snapshot manifest: bad lora config")?;
         j.train.seed = c["seed"].as_u64().unwrap_or(j.train.seed);
+        // The identity leaves the worker count out (results do not depend on it).
+        j.replay.workers = j.replay.workers.max(1);
         j
     };
     let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);

@@ -265,9 +265,11 @@ impl LlmCorrector {
                 let (pattern, reason) = match parse_pattern_update(&answer) {
                     Some(pr) => pr,
                     None => {
-                        // No "Pattern:/Reason:" split: keep the pattern, the answer is the reason.
+                        // No "Pattern:/Reason:" split: the answer is the reason; the pattern is
+                        // kept, or for a user without one (a new user) the answer is the first.
                         m.unparsed += 1;
-                        (String::new(), answer)
+                        let first = if a.pattern.is_none() { answer.clone() } else { String::new() };
+                        (first, answer)
                     }
                 };
                 if !pattern.is_empty() {

@@ -1,8 +1,9 @@
 //! The skeleton both state operators share: records exchanged by their key, updates (from the
 //! feedback loop) exchanged by the same key, and the state folded epoch by epoch once both
 //! frontiers have passed it: first the updates stamped t (the rewrites of epoch t − 1, in key
-//! order), then the records of t. After the updates stamped e + 1 are in, the state is the state
-//! "after epoch e", and if e is a snapshot epoch the operator writes its shard.
+//! order), then the records of t. Once the updates stamped e + 1 are in, and before the records of
+//! e + 1 fold into it, the state is the state "after epoch e"; if e is a snapshot epoch the
+//! operator writes its shard then.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -96,6 +97,11 @@ pub fn state_operator<'s, S: KeyedState>(
                     if let Some(mut u) = ups.remove(&t) {
                         u.sort_by_key(|u| u.key);
                         state.apply(u);
+                    }
+                    // The state after epoch t − 1: its rewrites are in, epoch t's records not yet.
+                    while let Some(&e) = pending.front().filter(|&&e| e + 1 <= t) {
+                        snapshot(e, &state);
+                        pending.pop_front();
                     }
                     if let Some((c, mut r)) = recs.remove(&t) {
                         r.sort_by_key(|r| S::order(r));

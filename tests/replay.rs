@@ -1,0 +1,253 @@
+//! The chronological-correction dataflow: worker-count independence, resume after a kill (same
+//! bytes), the `curec replay` / `curec ingest` contracts, and their one-line errors.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::setup;
+use curec::config::JobConfig;
+use curec::features::{generate_features, FeaturesConfig};
+use curec::rec::ModelKind;
+use curec::replay::bench::{synthetic, BenchSpec};
+use curec::replay::graph::{run_dataflow, CorrectorFactory, Initial};
+use curec::replay::policy::Corrector;
+use curec::replay::snapshot::{self, Board, State};
+use curec::replay::standin::StandIn;
+use serde_json::{json, Value};
+
+fn curec_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().unwrap()
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+const STATE_FILES: [&str; 4] = ["patterns.parquet", "reasons.parquet", "history.parquet", "metrics.parquet"];
+
+/// Run the stand-in dataflow over `epochs` from `state` into `root`.
+fn standin_run(root: &Path, epochs: Vec<(u64, Vec<curec::replay::Event>)>, state: State, workers: usize, snaps: BTreeSet<u64>, done: Vec<curec::replay::EpochMetrics>) {
+    let board = Arc::new(Board::new(
+        root.to_path_buf(),
+        workers,
+        snaps,
+        json!({"test": 1}),
+        (0..50).map(|u| format!("u{u}")).collect(),
+        (0..30).map(|i| format!("i{i}")).collect(),
+        json!({}),
+        done,
+        Box::new(|_| {}),
+    ));
+    let initial = Arc::new(Initial {
+        state,
+        history_kept: 5,
+        reasons_kept: 3,
+        freeze: false,
+        attach_reasons: true,
+        single_policy: false,
+    });
+    let factory: CorrectorFactory = Arc::new(|_, _| -> anyhow::Result<Option<Box<dyn Corrector>>> {
+        Ok(Some(Box::new(StandIn { cost: Duration::ZERO, seed: 7 })))
+    });
+    run_dataflow(epochs, initial, factory, board, workers).unwrap();
+}
+
+#[test]
+fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
+    let spec = BenchSpec { interactions: 3000, users: 50, items: 30, slice: 100, snapshot_every: 10, cost_ns: 0, seed: 3 };
+    let epochs = synthetic(&spec);
+    assert_eq!(epochs.len(), 30);
+    let snaps: BTreeSet<u64> = [9, 19, 29].into_iter().collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let one = tmp.path().join("one");
+    let two = tmp.path().join("two");
+    standin_run(&one, epochs.clone(), State::default(), 1, snaps.clone(), vec![]);
+    standin_run(&two, epochs.clone(), State::default(), 2, snaps.clone(), vec![]);
+    let (e1, d1) = snapshot::newest(&one.clone()).unwrap();
+    let (e2, d2) = snapshot::newest(&two).unwrap();
+    assert_eq!((e1, e2), (29, 29));
+    for f in STATE_FILES {
+        assert!(read(&d1.join(f)) == read(&d2.join(f)), "{f} differs between 1 and 2 workers");
+    }
+    let m = snapshot::manifest(&d1).unwrap();
+    assert_eq!(m["interactions"], 3000);
+    // Only the newest two complete snapshots are kept.
+    assert_eq!(snapshot::complete(&one).iter().map(|s| s.0).collect::<Vec<_>>(), vec![19, 29]);
+
+    // Resume: a run that stopped after epoch 19, continued from its snapshot on 2 workers.
+    let part = tmp.path().join("part");
+    standin_run(&part, epochs[..20].to_vec(), State::default(), 1, [9, 19].into_iter().collect(), vec![]);
+    let (e, dir) = snapshot::newest(&part).unwrap();
+    assert_eq!(e, 19);
+    // A half-written newer snapshot (a kill during writing) is ignored and removed.
+    std::fs::create_dir_all(part.join("snapshots-ignored")).unwrap();
+    let torn = snapshot::epoch_dir(&part, 25);
+    std::fs::create_dir_all(&torn).unwrap();
+    std::fs::write(torn.join("patterns.w0.parquet"), b"torn").unwrap();
+    assert_eq!(snapshot::newest(&part).unwrap().0, 19);
+    assert!(!torn.exists());
+    let state = State::load(&dir, 3).unwrap();
+    let done = snapshot::read_metrics(&dir.join(snapshot::METRICS)).unwrap();
+    standin_run(&part, epochs[20..].to_vec(), state, 2, [29].into_iter().collect(), done);
+    let (_, d3) = snapshot::newest(&part).unwrap();
+    for f in STATE_FILES {
+        assert!(read(&d1.join(f)) == read(&d3.join(f)), "{f} differs after a resume");
+    }
+}
+
+struct Chain {
+    _s: common::Setup,
+    job: PathBuf,
+    base: PathBuf,
+}
+
+/// Tiny LLM features, a reward model on them, and a replay job file.
+fn chain() -> Chain {
+    let s = setup();
+    let model = s.model.to_str().unwrap().to_string();
+    let feats = s.base.join("features");
+    let fcfg = FeaturesConfig {
+        model: Some(model.clone()),
+        users: 12,
+        reasons_per_user: 3,
+        max_new_tokens_pattern: 8,
+        max_new_tokens_reason: 8,
+        batch: 8,
+        ..Default::default()
+    };
+    generate_features(&s.data, &model, &feats, &fcfg).unwrap();
+    let mut cfg = JobConfig::default();
+    cfg.curec.features = Some(feats.clone());
+    cfg.curec.encoder = format!("llm:{model}");
+    cfg.curec.positions_per_user = 4;
+    cfg.sasrec.max_len = 20;
+    cfg.curec.max_epochs = 1;
+    cfg.train.bootstrap = 20;
+    let rm = s.base.join("rm");
+    curec::jobs::train(ModelKind::Curec, &s.data, &rm, &cfg).unwrap();
+    let job = s.base.join("replay.toml");
+    let text = format!(
+        "[prepare]\nout = {data:?}\n[train]\nout = {stages:?}\nmodels = []\nbootstrap = 20\n\
+         [features]\nmodel = {model:?}\nmax_new_tokens_reason = 8\n[sasrec]\nmax_len = 20\n\
+         [grpo]\ngroup_size = 2\n\
+         [replay]\nreward_model = {rm:?}\nusers = 6\nper_user = 2\nslice = 2\nsnapshot_every = 2\n\
+         max_new_tokens_update = 8\nmax_new_tokens_reason = 6\n",
+        data = s.data,
+        stages = s.base.join("stages"),
+        rm = rm,
+    );
+    std::fs::write(&job, text).unwrap();
+    let base = s.base.clone();
+    Chain { _s: s, job, base }
+}
+
+fn final_snapshot(run: &Path) -> PathBuf {
+    snapshot::newest(&run.join("snapshots")).unwrap().1
+}
+
+#[test]
+fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() {
+    let c = chain();
+    let job = c.job.to_str().unwrap();
+
+    // Uninterrupted, on 2 workers.
+    let a = c.base.join("a");
+    let o = curec_cli(&["replay", job, "--out", a.to_str().unwrap(), "-w", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: Value = serde_json::from_slice(&read(&a.join("metrics.json"))).unwrap();
+    assert_eq!(m["variant"], "correction");
+    for k in ["ndcg@10", "recall@10", "train_seconds"] {
+        assert!(m[k].as_f64().is_some(), "metrics.json lacks {k}");
+    }
+    assert_eq!(m["replay"]["interactions"], 12);
+    assert_eq!(m["replay"]["epochs"], 6);
+    let da = final_snapshot(&a);
+    let manifest = snapshot::manifest(&da).unwrap();
+    assert_eq!(manifest["epoch"], 5);
+    assert!(da.join("policy/adapter.safetensors").is_file());
+
+    // Killed once its first snapshot is complete, then the same command again (1 worker).
+    let b = c.base.join("b");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_curec"))
+        .args(["replay", job, "--out", b.to_str().unwrap()])
+        .env("CUREC_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while snapshot::complete(&b.join("snapshots")).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no snapshot after 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "replay ended before the first snapshot");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!b.join("metrics.json").exists(), "the replay finished before it could be killed");
+    let o = curec_cli(&["replay", job, "--out", b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let db = final_snapshot(&b);
+    for f in STATE_FILES.iter().chain(&["policy/trainable.safetensors", "policy/optimizer.safetensors"]) {
+        assert!(read(&da.join(f)) == read(&db.join(f)), "{f}: resumed (1 worker) ≠ uninterrupted (2 workers)");
+    }
+    let mb: Value = serde_json::from_slice(&read(&b.join("metrics.json"))).unwrap();
+    assert_eq!(mb["ndcg@10"], m["ndcg@10"]);
+
+    // The ablations write their variant.
+    let o = curec_cli(&["replay", job, "--out", c.base.join("nc").to_str().unwrap(), "--no-correction"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let nc: Value = serde_json::from_slice(&read(&c.base.join("nc/metrics.json"))).unwrap();
+    assert_eq!(nc["variant"], "no-correction");
+
+    // Ingest: a known user, a new user and a new item.
+    let data = c.base.join("data");
+    let ds = curec::data::prepared::read_dataset(&data).unwrap();
+    let (u0, i0) = (&ds.users[0], &ds.items[0].raw_id);
+    let new = c.base.join("new.csv");
+    std::fs::write(
+        &new,
+        format!("user,item,timestamp,rating\n{u0},{i0},2000000000,5\nnewbie,{i0},2000000001,4\n{u0},brand-new-item,2000000002,5\n"),
+    )
+    .unwrap();
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), new.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((line["interactions"].as_u64(), line["new_users"].as_u64(), line["new_items"].as_u64()), (Some(3), Some(1), Some(1)));
+    assert!(line["seconds"].as_f64().unwrap() > 0.0);
+    let (e, dir) = snapshot::newest(&a.join("snapshots")).unwrap();
+    assert!(e > 5, "ingest continues the epochs");
+    let pats = curec::features::store::read_patterns(&dir.join("patterns.parquet")).unwrap();
+    let newbie = (ds.n_users) as u32;
+    assert!(pats.iter().any(|p| p.user == newbie), "the new user has a first pattern");
+    let reasons = curec::features::store::read_reasons(&dir.join("reasons.parquet")).unwrap();
+    assert!(reasons.iter().any(|r| r.item == ds.n_items as u32), "the new item has a reason list");
+    let grown = &snapshot::manifest(&dir).unwrap()["grown"];
+    assert_eq!(grown["users"], json!(["newbie"]));
+    assert_eq!(grown["items"], json!(["brand-new-item"]));
+    // Recommendations read the updated state.
+    let o = curec_cli(&["recommend", "--model-dir", a.to_str().unwrap(), "--user", u0, "-k", "3", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn replay_and_ingest_errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = curec_cli(&["ingest", "--from", tmp.path().to_str().unwrap(), "x.csv"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no complete snapshot"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let job = tmp.path().join("j.toml");
+    std::fs::write(&job, "[replay]\nslice_by = \"days\"\n").unwrap();
+    let o = curec_cli(&["replay", job.to_str().unwrap(), "--out", tmp.path().join("r").to_str().unwrap()]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("replay.slice_by") && e.contains("days"), "{e}");
+    std::fs::write(&job, "[replay]\nslices = 3\n").unwrap();
+    let o = curec_cli(&["replay", job.to_str().unwrap(), "--out", tmp.path().join("r").to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("slices"), "{e}");
+}
