@@ -19,5 +19,5 @@ pub mod jobs;
 pub mod llm;
 pub mod ops;
 pub mod progress;
-pub mod replay;
 pub mod rec;
+pub mod replay;

@@ -450,7 +450,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             what: BenchWhat::Replay { interactions, users, items, slice, snapshot_every, cost_ns, workers },
         } => {
-            anyhow::ensure!(users > 0 && items > 0 && slice > 0 && snapshot_every > 0, "bench replay: sizes must be positive");
+            anyhow::ensure!(
+                users > 0 && items > 0 && slice > 0 && snapshot_every > 0,
+                "bench replay: sizes must be positive"
+            );
             let spec = curec::replay::bench::BenchSpec {
                 interactions,
                 users,

@@ -31,7 +31,14 @@ fn read(p: &Path) -> Vec<u8> {
 const STATE_FILES: [&str; 4] = ["patterns.parquet", "reasons.parquet", "history.parquet", "metrics.parquet"];
 
 /// Run the stand-in dataflow over `epochs` from `state` into `root`.
-fn standin_run(root: &Path, epochs: Vec<(u64, Vec<curec::replay::Event>)>, state: State, workers: usize, snaps: BTreeSet<u64>, done: Vec<curec::replay::EpochMetrics>) {
+fn standin_run(
+    root: &Path,
+    epochs: Vec<(u64, Vec<curec::replay::Event>)>,
+    state: State,
+    workers: usize,
+    snaps: BTreeSet<u64>,
+    done: Vec<curec::replay::EpochMetrics>,
+) {
     let board = Arc::new(Board::new(
         root.to_path_buf(),
         workers,
@@ -52,14 +59,15 @@ fn standin_run(root: &Path, epochs: Vec<(u64, Vec<curec::replay::Event>)>, state
         single_policy: false,
     });
     let factory: CorrectorFactory = Arc::new(|_, _| -> anyhow::Result<Option<Box<dyn Corrector>>> {
-        Ok(Some(Box::new(StandIn { cost: Duration::ZERO, seed: 7 })))
+        Ok(Some(Box::new(StandIn::new(Duration::ZERO, 7))))
     });
     run_dataflow(epochs, initial, factory, board, workers).unwrap();
 }
 
 #[test]
 fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
-    let spec = BenchSpec { interactions: 3000, users: 50, items: 30, slice: 100, snapshot_every: 10, cost_ns: 0, seed: 3 };
+    let spec =
+        BenchSpec { interactions: 3000, users: 50, items: 30, slice: 100, snapshot_every: 10, cost_ns: 0, seed: 3 };
     let epochs = synthetic(&spec);
     assert_eq!(epochs.len(), 30);
     let snaps: BTreeSet<u64> = [9, 19, 29].into_iter().collect();
@@ -215,7 +223,10 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), new.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let line: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((line["interactions"].as_u64(), line["new_users"].as_u64(), line["new_items"].as_u64()), (Some(3), Some(1), Some(1)));
+    assert_eq!(
+        (line["interactions"].as_u64(), line["new_users"].as_u64(), line["new_items"].as_u64()),
+        (Some(3), Some(1), Some(1))
+    );
     assert!(line["seconds"].as_f64().unwrap() > 0.0);
     let (e, dir) = snapshot::newest(&a.join("snapshots")).unwrap();
     assert!(e > 5, "ingest continues the epochs");

@@ -408,7 +408,7 @@ impl Curec {
         let u = users.len();
         let m = &self.matcher;
         let q = m.q.forward(pat)?; // U × d
-                                    // Allowed slots per (user, item): real and, if configured, not written by the user.
+                                   // Allowed slots per (user, item): real and, if configured, not written by the user.
         let mut allowed = Vec::with_capacity(u * n * l);
         for &user in users {
             let start = allowed.len();

@@ -79,9 +79,8 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
         single_policy: false,
     });
     let (cost, seed) = (Duration::from_nanos(spec.cost_ns), spec.seed);
-    let factory: CorrectorFactory = Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> {
-        Ok(Some(Box::new(StandIn { cost, seed })))
-    });
+    let factory: CorrectorFactory =
+        Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) });
     let out = run_dataflow(epochs.to_vec(), initial, factory, board, workers)?;
     let _ = std::fs::remove_dir_all(&dir);
     let per_s = spec.interactions as f64 / out.seconds;

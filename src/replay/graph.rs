@@ -24,7 +24,7 @@ pub struct Initial {
     pub reasons_kept: usize,
     /// "w/o Update": records meet the initial state; rewrites fold into the state but are not read.
     pub freeze: bool,
-    /// Records carry the item's reason list (the LLM corrector's reward needs it).
+    /// Records carry the item's reason list and the user's history (the LLM corrector needs them).
     pub attach_reasons: bool,
     /// One policy on worker 0 (else the corrector runs keyed by user on every worker).
     pub single_policy: bool,
@@ -58,7 +58,14 @@ pub fn run_dataflow(
                 None
             }
         };
-        let users = UserState::new(&initial.state.users, index, peers, initial.history_kept, initial.freeze);
+        let users = UserState::new(
+            &initial.state.users,
+            index,
+            peers,
+            initial.history_kept,
+            initial.freeze,
+            initial.attach_reasons,
+        );
         let items = ItemState::new(
             &initial.state.items,
             index,
@@ -71,8 +78,8 @@ pub fn run_dataflow(
         worker.dataflow::<u64, _, _>(|scope| {
             let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
             let events = input.to_stream(scope);
-            let annotated = state_operator(events, cycle.clone(), users, board.clone(), index, "UserState");
-            let annotated = state_operator(annotated, cycle, items, board.clone(), index, "ItemState");
+            let annotated = state_operator(events, cycle.clone(), users, board.clone(), "UserState");
+            let annotated = state_operator(annotated, cycle, items, board.clone(), "ItemState");
             policy_operator(annotated, corrector, single, order, board).connect_loop(handle);
         });
         for (t, evs) in epochs.iter() {

@@ -4,12 +4,9 @@
 //! corrected reason replaces the one feature generation wrote rather than doubling it.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
-
-use super::snapshot::write_reason_shard;
+use super::snapshot::{reason_shard, Shard};
 use super::state_op::KeyedState;
 use super::{Annotated, Reason, Shared, Update, UpdateKind};
 
@@ -87,8 +84,8 @@ impl KeyedState for ItemState {
         records
     }
 
-    fn write_shard(&self, dir: &Path, worker: usize) -> Result<()> {
-        write_reason_shard(dir, worker, &self.items)
+    fn shard(&self) -> Shard {
+        reason_shard(&self.items)
     }
 }
 

@@ -45,7 +45,8 @@ fn stages(cfg: &JobConfig) -> Result<Stages> {
         "replay: features.model names the LLM to correct (the one that wrote the features); set it in the job file",
     )?;
     let pretrained = out.join("pretrain").join("adapter.safetensors");
-    let adapter = cfg.features.adapter.clone().or_else(|| (cfg.features.aligned && pretrained.is_file()).then_some(pretrained));
+    let adapter =
+        cfg.features.adapter.clone().or_else(|| (cfg.features.aligned && pretrained.is_file()).then_some(pretrained));
     Ok(Stages { data, reward_model, model, adapter })
 }
 
@@ -54,7 +55,10 @@ fn identity_hash(v: &Value) -> String {
 }
 
 /// The reward model of `run` evaluated with the features in `features` (test and valid splits).
-fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<(Map<String, Value>, Map<String, Value>, Value)> {
+/// Test metrics, valid metrics and the config used.
+type Evaluated = (Map<String, Value>, Map<String, Value>, Value);
+
+fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<Evaluated> {
     let TrainedRun { ds, mut cfg, .. } = TrainedRun::open(run, Some(data))?;
     cfg.curec.features = Some(features.to_path_buf());
     let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
@@ -246,10 +250,18 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         Some((e, dir)) => {
             let m = snapshot::manifest(&dir)?;
             if m["identity"]["hash"] != identity["hash"] {
-                bail!("{}: written by another config (hash {}); use a new --out or delete it", dir.display(), m["identity"]["hash"]);
+                bail!(
+                    "{}: written by another config (hash {}); use a new --out or delete it",
+                    dir.display(),
+                    m["identity"]["hash"]
+                );
             }
             tracing::info!("resuming from {} (after epoch {e})", dir.display());
-            (State::load(&dir, cfg.replay.reasons_kept)?, Some((e, dir.clone())), snapshot::read_metrics(&dir.join(snapshot::METRICS))?)
+            (
+                State::load(&dir, cfg.replay.reasons_kept)?,
+                Some((e, dir.clone())),
+                snapshot::read_metrics(&dir.join(snapshot::METRICS))?,
+            )
         }
         None => {
             seed_caches(&features, out)?;
@@ -348,11 +360,14 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     let identity = manifest["identity"].clone();
     let cfg: JobConfig = {
         let c = &identity["config"];
-        let mut j = JobConfig::default();
-        j.replay = serde_json::from_value(c["replay"].clone()).context("snapshot manifest: bad replay config")?;
-        j.features = serde_json::from_value(c["features"].clone()).context("snapshot manifest: bad features config")?;
-        j.grpo = serde_json::from_value(c["grpo"].clone()).context("snapshot manifest: bad grpo config")?;
-        j.lora = serde_json::from_value(c["lora"].clone()).context("snapshot manifest: bad lora config")?;
+        let mut j = JobConfig {
+            replay: serde_json::from_value(c["replay"].clone()).context("snapshot manifest: bad replay config")?,
+            features: serde_json::from_value(c["features"].clone())
+                .context("snapshot manifest: bad features config")?,
+            grpo: serde_json::from_value(c["grpo"].clone()).context("snapshot manifest: bad grpo config")?,
+            lora: serde_json::from_value(c["lora"].clone()).context("snapshot manifest: bad lora config")?,
+            ..Default::default()
+        };
         j.train.seed = c["seed"].as_u64().unwrap_or(j.train.seed);
         // The identity leaves the worker count out (results do not depend on it).
         j.replay.workers = j.replay.workers.max(1);
@@ -390,7 +405,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
             users.len() as u32 - 1
         });
         let item = *iid.entry(i.clone()).or_insert_with(|| {
-            items.push(ItemRow { raw_id: i.clone(), info: crate::data::ItemInfo { title: i.clone(), text: i.clone() } });
+            items
+                .push(ItemRow { raw_id: i.clone(), info: crate::data::ItemInfo { title: i.clone(), text: i.clone() } });
             new_items.push(i.clone());
             items.len() as u32 - 1
         });
@@ -403,8 +419,10 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     let grouped = by_epoch(events, &ep);
     let order: Vec<u64> = grouped.iter().map(|(t, _)| *t).collect();
     let workers = workers.unwrap_or(cfg.replay.workers);
-    let all_users = grown["users"].as_array().cloned().unwrap_or_default().into_iter().chain(new_users.iter().map(|u| json!(u)));
-    let all_items = grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
+    let all_users =
+        grown["users"].as_array().cloned().unwrap_or_default().into_iter().chain(new_users.iter().map(|u| json!(u)));
+    let all_items =
+        grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
     let grown_now = json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>()});
     let done = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
     let board = Arc::new(Board::new(

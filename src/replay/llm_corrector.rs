@@ -185,7 +185,10 @@ impl LlmCorrector {
     fn update_ids(&self, a: &Annotated) -> Result<Vec<u32>> {
         let f = &self.setup.features;
         let mut v: BTreeMap<&str, String> = BTreeMap::new();
-        v.insert("pattern", a.pattern.as_ref().map_or_else(|| "(no pattern yet: this is their first choice)".into(), |p| p.to_string()));
+        v.insert(
+            "pattern",
+            a.pattern.as_ref().map_or_else(|| "(no pattern yet: this is their first choice)".into(), |p| p.to_string()),
+        );
         v.insert("item", item_text(&self.setup.items, a.event.item).to_string());
         self.llm.prompt_ids(f.system.as_deref(), &self.update_prompt.render(&v)?, &f.prefix)
     }
@@ -208,7 +211,11 @@ impl LlmCorrector {
     }
 
     fn grpo_step(&mut self, epoch: u64, records: &[Annotated], m: &mut EpochMetrics) -> Result<()> {
-        let cap = if self.setup.replay.max_groups_per_step == 0 { records.len() } else { self.setup.replay.max_groups_per_step };
+        let cap = if self.setup.replay.max_groups_per_step == 0 {
+            records.len()
+        } else {
+            self.setup.replay.max_groups_per_step
+        };
         // Records without history cannot be scored by the reward model's tower.
         // and items it has no embedding for (new ones from ingestion) cannot be scored.
         let n_items = self.reward_model.n_items() as u32;
@@ -316,7 +323,8 @@ impl Corrector for LlmCorrector {
 fn load_policy(dir: &Path, vars: &[(String, Var)], grpo: &mut Grpo) -> Result<usize> {
     let path = dir.join("trainable.safetensors");
     let dev = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let saved = candle_core::safetensors::load(&path, &dev).with_context(|| format!("{}: cannot read", path.display()))?;
+    let saved =
+        candle_core::safetensors::load(&path, &dev).with_context(|| format!("{}: cannot read", path.display()))?;
     for (name, var) in vars {
         let t = saved.get(name).with_context(|| format!("{}: lacks {name}", path.display()))?;
         var.set(t)?;

@@ -175,9 +175,23 @@ pub struct Update {
 
 impl Update {
     pub fn pattern(e: &Event, text: Arc<str>) -> Self {
-        Self { kind: UpdateKind::Pattern, key: e.key, user: e.user, item: e.item, timestamp: e.timestamp, text: Shared(text) }
+        Self {
+            kind: UpdateKind::Pattern,
+            key: e.key,
+            user: e.user,
+            item: e.item,
+            timestamp: e.timestamp,
+            text: Shared(text),
+        }
     }
     pub fn reason(e: &Event, text: Arc<str>) -> Self {
-        Self { kind: UpdateKind::Reason, key: e.key, user: e.user, item: e.item, timestamp: e.timestamp, text: Shared(text) }
+        Self {
+            kind: UpdateKind::Reason,
+            key: e.key,
+            user: e.user,
+            item: e.item,
+            timestamp: e.timestamp,
+            text: Shared(text),
+        }
     }
 }

@@ -119,8 +119,8 @@ pub fn policy_operator<'s>(
                 board.report_metrics(metrics);
                 if board.is_snapshot(t) {
                     let r = match corrector.as_mut() {
-                        Some(c) if !board.failed() => board.shard_dir(t).and_then(|d| c.save(&d)),
-                        _ => Ok(()),
+                        Some(c) if !board.failed() => board.shard_dir(t).and_then(|d| c.save(&d)).map(|_| None),
+                        _ => Ok(None),
                     };
                     board.report_part(t, r);
                 }

@@ -1,5 +1,5 @@
-//! Snapshots: `snapshots/epoch-<e>/` holds the state after epoch e. Each state operator writes
-//! its shard there, the policy its weights; the [`Board`] counts the parts, and the last part in
+//! Snapshots: `snapshots/epoch-<e>/` holds the state after epoch e. Each state operator hands
+//! its shard to the [`Board`] (in memory), the policy writes its weights there; the last part in
 //! merges the shards into `patterns.parquet`, `reasons.parquet` (a features directory, so the
 //! reward model reads a snapshot as it reads `curec features` output), `history.parquet` and
 //! `metrics.parquet`, then writes `manifest.json`. The manifest is written last and atomically:
@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, UInt32Type};
-use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray, UInt32Array};
 use arrow_schema::DataType;
 use serde_json::{json, Value};
 
@@ -20,7 +20,7 @@ use super::policy::EpochMetrics;
 use super::user_state::UserEntry;
 use super::{Reason, Shared};
 use crate::data::prepared::{batch, column, read_parquet, write_parquet};
-use crate::features::store::{self, PatternRow, ReasonRow};
+use crate::features::store;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const HISTORY: &str = "history.parquet";
@@ -57,29 +57,93 @@ pub fn newest(root: &Path) -> Option<(u64, PathBuf)> {
     complete(root).pop()
 }
 
-fn shard(dir: &Path, name: &str, worker: usize) -> PathBuf {
-    dir.join(format!("{name}.w{worker}.parquet"))
+/// One worker's part of the state, handed to the [`Board`] (texts shared, not copied).
+#[derive(Default)]
+pub struct Shard {
+    /// (user, timestamp, text)
+    pub patterns: Vec<(u32, i64, Arc<str>)>,
+    /// (user, position, item)
+    pub history: Vec<(u32, u32, u32)>,
+    /// (item, timestamp, user, text), each item's list in order.
+    pub reasons: Vec<(u32, i64, u32, Arc<str>)>,
 }
 
-pub fn write_pattern_shard(dir: &Path, worker: usize, users: &HashMap<u32, UserEntry>) -> Result<()> {
-    let mut rows: Vec<PatternRow> = users
-        .iter()
-        .filter_map(|(&u, e)| {
-            e.pattern.as_ref().map(|(ts, t)| PatternRow {
-                user: u,
-                timestamp: *ts,
-                text: t.to_string(),
-                parsed: true,
-                tokens: 0,
-            })
-        })
-        .collect();
-    rows.sort_by_key(|r| r.user);
-    Ok(store::write_patterns(&shard(dir, "patterns", worker), &rows, &[])?)
+impl Shard {
+    fn absorb(&mut self, o: Shard) {
+        self.patterns.extend(o.patterns);
+        self.history.extend(o.history);
+        self.reasons.extend(o.reasons);
+    }
+}
+
+pub fn pattern_shard(users: &HashMap<u32, UserEntry>) -> Shard {
+    let mut sh = Shard::default();
+    for (&u, e) in users {
+        if let Some((ts, t)) = &e.pattern {
+            sh.patterns.push((u, *ts, t.clone()));
+        }
+        sh.history.extend(e.history.iter().enumerate().map(|(p, &i)| (u, p as u32, i)));
+    }
+    sh
+}
+
+pub fn reason_shard(items: &HashMap<u32, Arc<Vec<Reason>>>) -> Shard {
+    let mut sh = Shard::default();
+    for (&i, l) in items {
+        sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
+    }
+    sh
+}
+
+fn write_pattern_rows(path: &Path, rows: &[(u32, i64, Arc<str>)], raw_users: &[String]) -> Result<()> {
+    Ok(write_parquet(
+        path,
+        &batch(
+            vec![
+                ("user", DataType::UInt32),
+                ("raw_user", DataType::Utf8),
+                ("timestamp", DataType::Int64),
+                ("text", DataType::Utf8),
+            ],
+            vec![
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| raw_users.get(r.0 as usize).map_or("", String::as_str)),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.2))),
+            ],
+        ),
+    )?)
+}
+
+fn write_reason_rows(path: &Path, rows: &[(u32, i64, u32, Arc<str>)], raw_items: &[String]) -> Result<()> {
+    Ok(write_parquet(
+        path,
+        &batch(
+            vec![
+                ("user", DataType::UInt32),
+                ("item", DataType::UInt32),
+                ("raw_item", DataType::Utf8),
+                ("timestamp", DataType::Int64),
+                ("text", DataType::Utf8),
+            ],
+            vec![
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| raw_items.get(r.0 as usize).map_or("", String::as_str)),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.3))),
+            ],
+        ),
+    )?)
 }
 
 fn write_history(path: &Path, rows: &[(u32, u32, u32)]) -> Result<()> {
-    let col = |f: fn(&(u32, u32, u32)) -> u32| -> ArrayRef { Arc::new(UInt32Array::from_iter_values(rows.iter().map(f))) };
+    let col =
+        |f: fn(&(u32, u32, u32)) -> u32| -> ArrayRef { Arc::new(UInt32Array::from_iter_values(rows.iter().map(f))) };
     Ok(write_parquet(
         path,
         &batch(
@@ -95,33 +159,6 @@ fn read_history(path: &Path) -> Result<Vec<(u32, u32, u32)>> {
     let p = column(path, &b, "position", DataType::UInt32)?.as_primitive::<UInt32Type>();
     let i = column(path, &b, "item", DataType::UInt32)?.as_primitive::<UInt32Type>();
     Ok((0..b.num_rows()).map(|r| (u.value(r), p.value(r), i.value(r))).collect())
-}
-
-pub fn write_history_shard(dir: &Path, worker: usize, users: &HashMap<u32, UserEntry>) -> Result<()> {
-    let mut rows: Vec<(u32, u32, u32)> = users
-        .iter()
-        .flat_map(|(&u, e)| e.history.iter().enumerate().map(move |(p, &i)| (u, p as u32, i)))
-        .collect();
-    rows.sort_unstable();
-    write_history(&shard(dir, "history", worker), &rows)
-}
-
-pub fn write_reason_shard(dir: &Path, worker: usize, items: &HashMap<u32, Arc<Vec<Reason>>>) -> Result<()> {
-    let mut rows: Vec<ReasonRow> = items
-        .iter()
-        .flat_map(|(&i, l)| {
-            l.iter().map(move |r| ReasonRow {
-                user: r.user,
-                item: i,
-                timestamp: r.timestamp,
-                text: r.text.to_string(),
-                parsed: true,
-                tokens: 0,
-            })
-        })
-        .collect();
-    rows.sort_by_key(|r| (r.item, r.timestamp, r.user));
-    Ok(store::write_reasons(&shard(dir, "reasons", worker), &rows, &[])?)
 }
 
 fn write_metrics(path: &Path, ms: &[EpochMetrics]) -> Result<()> {
@@ -154,11 +191,7 @@ fn write_metrics(path: &Path, ms: &[EpochMetrics]) -> Result<()> {
         i(|m| m.kl_count),
         i(|m| m.generated_tokens),
     ];
-    for (n, c) in [
-        ("reward_sum", f(|m| m.reward_sum)),
-        ("kl_sum", f(|m| m.kl_sum)),
-        ("loss", f(|m| m.loss)),
-    ] {
+    for (n, c) in [("reward_sum", f(|m| m.reward_sum)), ("kl_sum", f(|m| m.kl_sum)), ("loss", f(|m| m.loss))] {
         fields.push((n, DataType::Float64));
         cols.push(c);
     }
@@ -247,6 +280,7 @@ impl State {
 #[derive(Default)]
 struct Inner {
     parts: BTreeMap<u64, usize>,
+    shards: BTreeMap<u64, Shard>,
     partial: BTreeMap<u64, (usize, EpochMetrics)>,
     done: Vec<EpochMetrics>,
     error: Option<String>,
@@ -285,7 +319,18 @@ impl Board {
         on_epoch: Box<dyn Fn(&EpochMetrics) + Send + Sync>,
     ) -> Self {
         let inner = Inner { done, ..Default::default() };
-        Self { root, peers, snapshots, identity, raw_users, raw_items, extra, keep: 2, inner: Mutex::new(inner), on_epoch }
+        Self {
+            root,
+            peers,
+            snapshots,
+            identity,
+            raw_users,
+            raw_items,
+            extra,
+            keep: 2,
+            inner: Mutex::new(inner),
+            on_epoch,
+        }
     }
 
     pub fn pending_snapshots(&self) -> VecDeque<u64> {
@@ -328,7 +373,8 @@ impl Board {
     pub fn report_metrics(&self, m: EpochMetrics) {
         let finished = {
             let mut g = self.inner.lock().expect("board lock");
-            let slot = g.partial.entry(m.epoch).or_insert_with(|| (0, EpochMetrics { epoch: m.epoch, ..Default::default() }));
+            let slot =
+                g.partial.entry(m.epoch).or_insert_with(|| (0, EpochMetrics { epoch: m.epoch, ..Default::default() }));
             slot.0 += 1;
             slot.1.merge(&m);
             if slot.0 == self.peers {
@@ -345,13 +391,19 @@ impl Board {
     }
 
     /// One part of snapshot `e` is written (or failed); the last part completes the snapshot.
-    pub fn report_part(&self, e: u64, r: Result<()>) {
-        if let Err(err) = r {
-            self.fail(format!("snapshot after epoch {e}: {err:#}"));
-            return;
-        }
+    pub fn report_part(&self, e: u64, r: Result<Option<Shard>>) {
+        let shard = match r {
+            Ok(s) => s,
+            Err(err) => {
+                self.fail(format!("snapshot after epoch {e}: {err:#}"));
+                return;
+            }
+        };
         let last = {
             let mut g = self.inner.lock().expect("board lock");
+            if let Some(sh) = shard {
+                g.shards.entry(e).or_default().absorb(sh);
+            }
             let n = g.parts.entry(e).or_default();
             *n += 1;
             *n == 3 * self.peers
@@ -364,25 +416,15 @@ impl Board {
     }
 
     fn finish(&self, e: u64) -> Result<()> {
-        let dir = epoch_dir(&self.root, e);
-        let mut patterns = Vec::new();
-        let mut reasons = Vec::new();
-        let mut history = Vec::new();
-        for w in 0..self.peers {
-            let (p, r, h) = (shard(&dir, "patterns", w), shard(&dir, "reasons", w), shard(&dir, "history", w));
-            patterns.extend(store::read_patterns(&p)?);
-            reasons.extend(store::read_reasons(&r)?);
-            history.extend(read_history(&h)?);
-            for f in [p, r, h] {
-                std::fs::remove_file(&f).with_context(|| format!("{}: cannot remove", f.display()))?;
-            }
-        }
-        patterns.sort_by_key(|r| r.user);
-        reasons.sort_by_key(|r| (r.item, r.timestamp, r.user));
-        history.sort_unstable();
-        store::write_patterns(&dir.join(store::PATTERNS), &patterns, &self.raw_users)?;
-        store::write_reasons(&dir.join(store::REASONS), &reasons, &self.raw_items)?;
-        write_history(&dir.join(HISTORY), &history)?;
+        let dir = self.shard_dir(e)?;
+        let mut sh = self.inner.lock().expect("board lock").shards.remove(&e).unwrap_or_default();
+        sh.patterns.sort_by_key(|r| r.0);
+        sh.reasons.sort_by_key(|r| (r.0, r.1, r.2));
+        sh.history.sort_unstable();
+        write_pattern_rows(&dir.join(store::PATTERNS), &sh.patterns, &self.raw_users)?;
+        write_reason_rows(&dir.join(store::REASONS), &sh.reasons, &self.raw_items)?;
+        write_history(&dir.join(HISTORY), &sh.history)?;
+        let (patterns, reasons) = (sh.patterns, sh.reasons);
         let (metrics, interactions) = {
             let g = self.inner.lock().expect("board lock");
             let ms: Vec<EpochMetrics> = g.done.iter().filter(|m| m.epoch <= e).cloned().collect();

@@ -14,6 +14,17 @@ use super::{Annotated, Update};
 pub struct StandIn {
     pub cost: Duration,
     pub seed: u64,
+    /// Texts to pick from (by a hash of seed and record): writing one costs a pointer copy.
+    texts: Vec<(Arc<str>, Arc<str>)>,
+}
+
+impl StandIn {
+    pub fn new(cost: Duration, seed: u64) -> Self {
+        let texts = (0..256)
+            .map(|k| (format!("stand-in interest pattern #{k}").into(), format!("stand-in reason #{k}").into()))
+            .collect();
+        Self { cost, seed, texts }
+    }
 }
 
 impl Corrector for StandIn {
@@ -27,12 +38,10 @@ impl Corrector for StandIn {
                 }
             }
             let e = &a.event;
-            let tag = (e.key ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
-            let seen = a.history.len();
-            let pattern: Arc<str> = format!("user {} after {seen} items, last {} (epoch {epoch})", e.user, e.item).into();
-            let reason: Arc<str> = format!("item {} suits user {} ({tag:06x})", e.item, e.user).into();
-            updates.push(Update::pattern(e, pattern));
-            updates.push(Update::reason(e, reason));
+            let k = ((e.key ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize;
+            let (pattern, reason) = &self.texts[k % self.texts.len()];
+            updates.push(Update::pattern(e, pattern.clone()));
+            updates.push(Update::reason(e, reason.clone()));
         }
         let n = records.len() as u64;
         let metrics =

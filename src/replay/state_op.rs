@@ -6,16 +6,14 @@
 //! operator writes its shard then.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
-use super::snapshot::Board;
+use super::snapshot::{Board, Shard};
 use super::{Update, UpdateKind};
 
 /// State partitioned by a key (user or item).
@@ -34,8 +32,8 @@ pub trait KeyedState: 'static {
     fn apply(&mut self, updates: Vec<Update>);
     /// Annotate one epoch's records (sorted by key), folding what they change (e.g. histories).
     fn annotate(&mut self, records: Vec<Self::In>) -> Vec<Self::Out>;
-    /// Write this worker's shard of the state into a snapshot directory.
-    fn write_shard(&self, dir: &Path, worker: usize) -> Result<()>;
+    /// This worker's shard of the state, for a snapshot.
+    fn shard(&self) -> Shard;
 }
 
 fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
@@ -48,7 +46,6 @@ pub fn state_operator<'s, S: KeyedState>(
     updates: Stream<'s, u64, Vec<Update>>,
     mut state: S,
     board: Arc<Board>,
-    worker: usize,
     name: &str,
 ) -> Stream<'s, u64, Vec<S::Out>> {
     let mut pending: VecDeque<u64> = board.pending_snapshots();
@@ -84,8 +81,7 @@ pub fn state_operator<'s, S: KeyedState>(
                     if board.failed() {
                         return;
                     }
-                    let r = board.shard_dir(e).and_then(|d| state.write_shard(&d, worker));
-                    board.report_part(e, r);
+                    board.report_part(e, Ok(Some(state.shard())));
                 };
                 loop {
                     let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();
@@ -99,7 +95,7 @@ pub fn state_operator<'s, S: KeyedState>(
                         state.apply(u);
                     }
                     // The state after epoch t − 1: its rewrites are in, epoch t's records not yet.
-                    while let Some(&e) = pending.front().filter(|&&e| e + 1 <= t) {
+                    while let Some(&e) = pending.front().filter(|&&e| e < t) {
                         snapshot(e, &state);
                         pending.pop_front();
                     }

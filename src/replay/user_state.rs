@@ -3,12 +3,9 @@
 //! by the event's item. Pattern updates of epoch t − 1 replace p_u before epoch t's events.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Result;
-
-use super::snapshot::{write_history_shard, write_pattern_shard};
+use super::snapshot::{pattern_shard, Shard};
 use super::state_op::KeyedState;
 use super::{Annotated, Event, Shared, Update, UpdateKind};
 
@@ -23,6 +20,8 @@ pub struct UserState {
     /// "w/o Update": events meet these initial patterns, while the rewrites still fold into `users`.
     pub frozen: Option<HashMap<u32, Arc<str>>>,
     pub history_kept: usize,
+    /// Whether records carry the history (the stand-in corrector does not read it).
+    pub attach: bool,
     pub empty: Shared<Vec<super::Reason>>,
 }
 
@@ -34,13 +33,13 @@ impl UserState {
         peers: usize,
         history_kept: usize,
         freeze: bool,
+        attach: bool,
     ) -> Self {
         let users: HashMap<u32, UserEntry> =
             all.iter().filter(|(u, _)| **u as usize % peers == index).map(|(u, e)| (*u, e.clone())).collect();
-        let frozen = freeze.then(|| {
-            users.iter().filter_map(|(u, e)| e.pattern.as_ref().map(|(_, p)| (*u, p.clone()))).collect()
-        });
-        Self { users, frozen, history_kept, empty: Shared(Arc::new(Vec::new())) }
+        let frozen = freeze
+            .then(|| users.iter().filter_map(|(u, e)| e.pattern.as_ref().map(|(_, p)| (*u, p.clone()))).collect());
+        Self { users, frozen, history_kept, attach, empty: Shared(Arc::new(Vec::new())) }
     }
 }
 
@@ -73,7 +72,7 @@ impl KeyedState for UserState {
                 Some(f) => f.get(&e.user).cloned(),
                 None => entry.pattern.as_ref().map(|(_, p)| p.clone()),
             };
-            let history = entry.history.clone();
+            let history = if self.attach { entry.history.clone() } else { Vec::new() };
             entry.history.push(e.item);
             if entry.history.len() > self.history_kept {
                 let cut = entry.history.len() - self.history_kept;
@@ -84,8 +83,7 @@ impl KeyedState for UserState {
         out
     }
 
-    fn write_shard(&self, dir: &Path, worker: usize) -> Result<()> {
-        write_pattern_shard(dir, worker, &self.users)?;
-        write_history_shard(dir, worker, &self.users)
+    fn shard(&self) -> Shard {
+        pattern_shard(&self.users)
     }
 }
