@@ -238,6 +238,25 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let grown = &snapshot::manifest(&dir).unwrap()["grown"];
     assert_eq!(grown["users"], json!(["newbie"]));
     assert_eq!(grown["items"], json!(["brand-new-item"]));
+    // Ingest with GRPO steps: the policy takes one step per slice (2 slices of 2 here).
+    let step_of = |d: &Path| -> u64 {
+        let v: Value = serde_json::from_slice(&read(&d.join("policy/state.json"))).unwrap();
+        v["step"].as_u64().unwrap()
+    };
+    let before = step_of(&dir);
+    let more = c.base.join("more.csv");
+    std::fs::write(
+        &more,
+        format!("user,item,timestamp,rating\n{u0},{i1},2000000100,5\n{u1},{i1},2000000101,5\n{u1},{i0},2000000102,4\n{u0},{i2},2000000103,4\n",
+            u1 = ds.users[1], i1 = ds.items[1].raw_id, i2 = ds.items[2].raw_id),
+    )
+    .unwrap();
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), more.to_str().unwrap(), "--grpo"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, dir2) = snapshot::newest(&a.join("snapshots")).unwrap();
+    assert_eq!(step_of(&dir2), before + 2);
+    let m2 = snapshot::read_metrics(&dir2.join(snapshot::METRICS)).unwrap();
+    assert!(m2.last().unwrap().reward_count > 0, "the ingest's GRPO step scored rewards");
     // Recommendations read the updated state.
     let o = curec_cli(&["recommend", "--model-dir", a.to_str().unwrap(), "--user", u0, "-k", "3", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
+use timely::dataflow::operators::vec::Filter;
 use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::InputHandle;
 
@@ -12,7 +13,7 @@ use super::policy::{policy_operator, Corrector, EpochMetrics};
 use super::snapshot::{Board, State};
 use super::state_op::state_operator;
 use super::user_state::UserState;
-use super::{Event, Update};
+use super::{Event, Update, UpdateKind};
 
 /// Builds worker `index`'s corrector (`None`: this worker holds no policy).
 pub type CorrectorFactory = Arc<dyn Fn(usize, usize) -> Result<Option<Box<dyn Corrector>>> + Send + Sync>;
@@ -77,9 +78,11 @@ pub fn run_dataflow(
         let (order, board, single) = (order.clone(), b.clone(), initial.single_policy);
         worker.dataflow::<u64, _, _>(|scope| {
             let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
+            let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
+            let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
             let events = input.to_stream(scope);
-            let annotated = state_operator(events, cycle.clone(), users, board.clone(), "UserState");
-            let annotated = state_operator(annotated, cycle, items, board.clone(), "ItemState");
+            let annotated = state_operator(events, patterns, users, board.clone(), "UserState");
+            let annotated = state_operator(annotated, reasons, items, board.clone(), "ItemState");
             policy_operator(annotated, corrector, single, order, board).connect_loop(handle);
         });
         for (t, evs) in epochs.iter() {

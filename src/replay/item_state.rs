@@ -3,17 +3,16 @@
 //! it supersedes an earlier reason for the same interaction (same user and timestamp), so a
 //! corrected reason replaces the one feature generation wrote rather than doubling it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::snapshot::{reason_shard, Shard};
 use super::state_op::KeyedState;
-use super::{Annotated, Reason, Shared, Update, UpdateKind};
+use super::{Annotated, IdMap, Reason, Shared, Update, UpdateKind};
 
 pub struct ItemState {
-    pub items: HashMap<u32, Arc<Vec<Reason>>>,
+    pub items: IdMap<Arc<Vec<Reason>>>,
     /// "w/o Update": events meet these initial lists, while the rewrites still fold into `items`.
-    pub frozen: Option<HashMap<u32, Arc<Vec<Reason>>>>,
+    pub frozen: Option<IdMap<Arc<Vec<Reason>>>>,
     pub reasons_kept: usize,
     /// Whether records carry the list (the stand-in corrector does not read it).
     pub attach: bool,
@@ -22,14 +21,14 @@ pub struct ItemState {
 
 impl ItemState {
     pub fn new(
-        all: &HashMap<u32, Arc<Vec<Reason>>>,
+        all: &IdMap<Arc<Vec<Reason>>>,
         index: usize,
         peers: usize,
         reasons_kept: usize,
         freeze: bool,
         attach: bool,
     ) -> Self {
-        let items: HashMap<u32, Arc<Vec<Reason>>> =
+        let items: IdMap<Arc<Vec<Reason>>> =
             all.iter().filter(|(i, _)| **i as usize % peers == index).map(|(i, l)| (*i, l.clone())).collect();
         let frozen = freeze.then(|| items.clone());
         Self { items, frozen, reasons_kept, attach, empty: Arc::new(Vec::new()) }

@@ -298,6 +298,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         resume: watermark.as_ref().map(|(_, d)| d.clone()),
         cache_dir: out.to_path_buf(),
         total_steps: order.len(),
+        fresh_schedule: false,
     };
     let initial = Arc::new(Initial {
         state,
@@ -449,6 +450,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         resume: Some(dir.clone()),
         cache_dir: run.to_path_buf(),
         total_steps: order.len(),
+        fresh_schedule: true,
     };
     let initial = Arc::new(Initial {
         state,

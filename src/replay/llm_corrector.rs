@@ -116,6 +116,9 @@ pub struct LlmSetup {
     pub cache_dir: PathBuf,
     /// Total GRPO steps planned (the schedule's length).
     pub total_steps: usize,
+    /// Start a new warm-up + cosine schedule at the resumed step (ingest) instead of continuing
+    /// the saved one (a resumed replay).
+    pub fresh_schedule: bool,
 }
 
 pub struct LlmCorrector {
@@ -125,6 +128,8 @@ pub struct LlmCorrector {
     lora: LoraConfig,
     grpo: Grpo,
     step: usize,
+    /// Step at which this run's schedule starts.
+    base_step: usize,
     reward_model: Curec,
     encoder: Box<dyn Encoder>,
     cache: EmbeddingCache,
@@ -156,6 +161,7 @@ impl LlmCorrector {
         if let Some(dir) = &setup.resume {
             step = load_policy(&dir.join(POLICY), &vars, &mut grpo)?;
         }
+        let base_step = if setup.fresh_schedule { step } else { 0 };
         let cache = EmbeddingCache::open(&setup.cache_dir, encoder.as_ref())?;
         let prompts = setup.features.prompts.clone();
         Ok(Self {
@@ -167,6 +173,7 @@ impl LlmCorrector {
             lora,
             grpo,
             step,
+            base_step,
             reward_model,
             encoder,
             cache,
@@ -240,7 +247,7 @@ impl LlmCorrector {
             prefix: self.setup.features.prefix.clone(),
             keep: self.setup.replay.reasons_kept,
         };
-        let rep = self.grpo.step(&self.llm.model, &self.llm.tokenizer, &batch, &reward, self.step)?;
+        let rep = self.grpo.step(&self.llm.model, &self.llm.tokenizer, &batch, &reward, self.step - self.base_step)?;
         self.step += 1;
         let s = &rep.stats;
         anyhow::ensure!(s.loss.is_finite(), "GRPO loss is not finite at epoch {epoch}");

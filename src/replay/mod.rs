@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 pub use graph::{run_dataflow, DataflowOutcome, Initial};
 pub use jobs::{ingest, replay};
 pub use policy::{Corrector, EpochMetrics, EpochOutput};
-pub use shared::Shared;
+pub use shared::{IdMap, Shared};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

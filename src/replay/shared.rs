@@ -52,3 +52,24 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<Vec<T>> {
         Ok(Shared(Arc::new(Vec::<T>::deserialize(d)?)))
     }
 }
+
+/// A hash map keyed by dense ids (users, items) with a multiplicative hash: the state operators
+/// look one up per record, and SipHash would be most of their cost.
+pub type IdMap<V> = std::collections::HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.0 = (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}

@@ -5,7 +5,7 @@
 //! `metrics.parquet`, then writes `manifest.json`. The manifest is written last and atomically:
 //! a snapshot without one is incomplete and ignored (and removed) on resume.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::policy::EpochMetrics;
 use super::user_state::UserEntry;
-use super::{Reason, Shared};
+use super::{IdMap, Reason, Shared};
 use crate::data::prepared::{batch, column, read_parquet, write_parquet};
 use crate::features::store;
 
@@ -76,7 +76,7 @@ impl Shard {
     }
 }
 
-pub fn pattern_shard(users: &HashMap<u32, UserEntry>) -> Shard {
+pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
     let mut sh = Shard::default();
     for (&u, e) in users {
         if let Some((ts, t)) = &e.pattern {
@@ -87,7 +87,7 @@ pub fn pattern_shard(users: &HashMap<u32, UserEntry>) -> Shard {
     sh
 }
 
-pub fn reason_shard(items: &HashMap<u32, Arc<Vec<Reason>>>) -> Shard {
+pub fn reason_shard(items: &IdMap<Arc<Vec<Reason>>>) -> Shard {
     let mut sh = Shard::default();
     for (&i, l) in items {
         sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
@@ -243,8 +243,8 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
 /// The state held in a snapshot (or built from features for a first run).
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    pub users: HashMap<u32, UserEntry>,
-    pub items: HashMap<u32, Arc<Vec<Reason>>>,
+    pub users: IdMap<UserEntry>,
+    pub items: IdMap<Arc<Vec<Reason>>>,
 }
 
 impl State {
@@ -263,7 +263,7 @@ impl State {
                 s.users.entry(u).or_default().history.push(i);
             }
         }
-        let mut lists: HashMap<u32, Vec<Reason>> = HashMap::new();
+        let mut lists: IdMap<Vec<Reason>> = IdMap::default();
         for r in store::read_reasons(&dir.join(store::REASONS))? {
             let l = lists.entry(r.item).or_default();
             super::item_state::fold_reason(

@@ -2,12 +2,11 @@
 //! An event leaves annotated with the pattern and the history before it; the history then grows
 //! by the event's item. Pattern updates of epoch t − 1 replace p_u before epoch t's events.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::snapshot::{pattern_shard, Shard};
 use super::state_op::KeyedState;
-use super::{Annotated, Event, Shared, Update, UpdateKind};
+use super::{Annotated, Event, IdMap, Shared, Update, UpdateKind};
 
 #[derive(Debug, Clone, Default)]
 pub struct UserEntry {
@@ -16,9 +15,9 @@ pub struct UserEntry {
 }
 
 pub struct UserState {
-    pub users: HashMap<u32, UserEntry>,
+    pub users: IdMap<UserEntry>,
     /// "w/o Update": events meet these initial patterns, while the rewrites still fold into `users`.
-    pub frozen: Option<HashMap<u32, Arc<str>>>,
+    pub frozen: Option<IdMap<Arc<str>>>,
     pub history_kept: usize,
     /// Whether records carry the history (the stand-in corrector does not read it).
     pub attach: bool,
@@ -28,14 +27,14 @@ pub struct UserState {
 impl UserState {
     /// The share of `all` this worker owns (`user % peers == index`).
     pub fn new(
-        all: &HashMap<u32, UserEntry>,
+        all: &IdMap<UserEntry>,
         index: usize,
         peers: usize,
         history_kept: usize,
         freeze: bool,
         attach: bool,
     ) -> Self {
-        let users: HashMap<u32, UserEntry> =
+        let users: IdMap<UserEntry> =
             all.iter().filter(|(u, _)| **u as usize % peers == index).map(|(u, e)| (*u, e.clone())).collect();
         let frozen = freeze
             .then(|| users.iter().filter_map(|(u, e)| e.pattern.as_ref().map(|(_, p)| (*u, p.clone()))).collect());
