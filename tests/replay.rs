@@ -201,6 +201,13 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     for f in STATE_FILES.iter().chain(&["policy/trainable.safetensors", "policy/optimizer.safetensors"]) {
         assert!(read(&da.join(f)) == read(&db.join(f)), "{f}: resumed (1 worker) ≠ uninterrupted (2 workers)");
     }
+    // The per-epoch log has each epoch once, as the uninterrupted run's.
+    let epochs_of = |d: &Path| -> Vec<u64> {
+        let text = String::from_utf8(read(&d.join("epochs.jsonl"))).unwrap();
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["epoch"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(epochs_of(&b), (0..6).collect::<Vec<u64>>());
+    assert_eq!(epochs_of(&a), (0..6).collect::<Vec<u64>>());
     let mb: Value = serde_json::from_slice(&read(&b.join("metrics.json"))).unwrap();
     assert_eq!(mb["ndcg@10"], m["ndcg@10"]);
 

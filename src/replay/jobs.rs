@@ -272,8 +272,17 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     let wm = watermark.as_ref().map(|(e, _)| *e);
     let todo: Vec<(u64, Vec<Event>)> = grouped.into_iter().filter(|(t, _)| wm.is_none_or(|w| *t > w)).collect();
     let log = out.join("epochs.jsonl");
-    if wm.is_none() {
-        write_text(&log, "")?;
+    match wm {
+        None => write_text(&log, "")?,
+        // Lines a killed run wrote after its last snapshot are written again as the epochs rerun.
+        Some(w) => {
+            let kept: Vec<Value> = crate::features::store::read_log::<Value>(&log)?
+                .into_iter()
+                .filter(|l| l["epoch"].as_u64().is_some_and(|e| e <= w))
+                .collect();
+            write_text(&log, "")?;
+            crate::features::store::append_log(&log, &kept)?;
+        }
     }
     let board = Arc::new(Board::new(
         root.clone(),
