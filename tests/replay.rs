@@ -48,7 +48,7 @@ fn standin_run(
         (0..30).map(|i| format!("i{i}")).collect(),
         json!({}),
         done,
-        Box::new(|_| {}),
+        Box::new(|_, _| {}),
     ));
     let initial = Arc::new(Initial {
         state,

@@ -68,7 +68,7 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
         (0..spec.items).map(|i| i.to_string()).collect(),
         json!({}),
         Vec::new(),
-        Box::new(|_| {}),
+        Box::new(|_, _| {}),
     ));
     let initial = Arc::new(Initial {
         state: State::default(),

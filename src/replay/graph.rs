@@ -33,6 +33,8 @@ pub struct Initial {
 
 pub struct DataflowOutcome {
     pub metrics: Vec<EpochMetrics>,
+    /// Seconds the corrector spent on each epoch of this run (model loading excluded).
+    pub epoch_seconds: Vec<f64>,
     pub snapshots: Vec<u64>,
     pub seconds: f64,
 }
@@ -103,5 +105,10 @@ pub fn run_dataflow(
     if let Some(e) = board.error() {
         return Err(anyhow!(e));
     }
-    Ok(DataflowOutcome { metrics: board.metrics(), snapshots: board.written(), seconds: t0.elapsed().as_secs_f64() })
+    Ok(DataflowOutcome {
+        epoch_seconds: board.epoch_seconds().into_values().collect(),
+        metrics: board.metrics(),
+        snapshots: board.written(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }

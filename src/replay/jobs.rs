@@ -125,16 +125,16 @@ fn write_run(
 }
 
 /// Prints the live line per epoch and appends it (with timings) to `epochs.jsonl`.
-fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> Box<dyn Fn(&EpochMetrics) + Send + Sync> {
+fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> snapshot::EpochHook {
     let t0 = Instant::now();
     let count = Mutex::new(0usize);
-    Box::new(move |m: &EpochMetrics| {
+    Box::new(move |m: &EpochMetrics, epoch_secs: f64| {
         let mut n = count.lock().expect("logger lock");
         *n += 1;
         let secs = t0.elapsed().as_secs_f64();
         let left = total_epochs.saturating_sub(done_before + *n);
         let eta = secs / *n as f64 * left as f64;
-        let tps = m.generated_tokens as f64 / (secs / *n as f64).max(1e-9);
+        let tps = m.generated_tokens as f64 / epoch_secs.max(1e-9);
         let f = |x: Option<f64>| x.map_or("—".into(), |v| format!("{v:.4}"));
         tracing::info!(
             "epoch {} ({}/{total_epochs}): {} interactions, {} reasons, reward {}, kl {}, {tps:.0} tok/s, ETA {eta:.0} s",
@@ -147,6 +147,7 @@ fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> Box<dy
         );
         let mut line = serde_json::to_value(m).unwrap_or_default();
         line["seconds_since_start"] = json!(secs);
+        line["seconds"] = json!(epoch_secs);
         let _ = crate::features::store::append_log(&log, &[line]);
     })
 }
@@ -336,6 +337,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         "unparsed": ms.iter().map(|m| m.unparsed).sum::<u64>(),
         "mean_reward_per_epoch": rewards,
         "seconds_this_run": outcome.seconds,
+        "epoch_seconds_this_run": outcome.epoch_seconds,
         "snapshot": dir.display().to_string(),
         "update": cfg.replay.update,
         "slice": format!("{} {}", cfg.replay.slice, cfg.replay.slice_by),
@@ -487,8 +489,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         "seconds": seconds,
         "dataflow_seconds": outcome.seconds,
         "slices": slices,
-        "seconds_per_interaction": outcome.seconds / n_events as f64,
-        "seconds_per_slice": outcome.seconds / slices.max(1) as f64,
+        "slice_seconds": outcome.epoch_seconds,
+        "seconds_per_interaction": outcome.epoch_seconds.iter().sum::<f64>() / n_events as f64,
+        "seconds_per_slice": outcome.epoch_seconds.iter().sum::<f64>() / slices.max(1) as f64,
         "snapshot": newest.display().to_string(),
     }))
 }

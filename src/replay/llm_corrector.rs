@@ -201,7 +201,12 @@ impl LlmCorrector {
     }
 
     fn task(&mut self, a: &Annotated) -> Result<ReasonTask> {
-        let mut texts: Vec<&str> = a.reasons.iter().map(|r| &*r.text).collect();
+        let list: &[super::Reason] = &[];
+        let reasons: Vec<&super::Reason> = match &a.reasons {
+            Some(l) => l.iter().collect(),
+            None => list.iter().collect(),
+        };
+        let mut texts: Vec<&str> = reasons.iter().map(|r| &*r.text).collect();
         let pattern = a.pattern.as_deref().unwrap_or("");
         texts.push(pattern);
         let mut vecs = self.cache.embed(self.encoder.as_ref(), &texts, |_, _| {})?;
@@ -213,7 +218,7 @@ impl LlmCorrector {
             timestamp: a.event.timestamp,
             history: a.history.clone(),
             pattern: pv,
-            reasons: a.reasons.iter().zip(vecs).map(|(r, v)| (r.user, r.timestamp, v)).collect(),
+            reasons: reasons.iter().zip(vecs).map(|(r, v)| (r.user, r.timestamp, v)).collect(),
         })
     }
 

@@ -136,6 +136,10 @@ pub struct Event {
     pub timestamp: i64,
 }
 
+/// An item's reason list, oldest first (a ring: the newest joins at the back, the oldest leaves
+/// at the front).
+pub type ReasonList = std::collections::VecDeque<Reason>;
+
 /// One entry of an item's reason list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reason {
@@ -152,7 +156,8 @@ pub struct Annotated {
     pub pattern: Option<Shared<str>>,
     /// Items before this one, oldest first (at most `replay.history_kept`).
     pub history: Vec<u32>,
-    pub reasons: Shared<Vec<Reason>>,
+    /// The item's reason list (`None` when the corrector does not read it).
+    pub reasons: Option<Shared<ReasonList>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

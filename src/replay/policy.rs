@@ -104,6 +104,7 @@ pub fn policy_operator<'s>(
                 };
                 recs.sort_by_key(|a| a.event.key);
                 let mut metrics = EpochMetrics { epoch: t, ..Default::default() };
+                let started = std::time::Instant::now();
                 if let Some(c) = corrector.as_mut().filter(|_| !board.failed() && !recs.is_empty()) {
                     match c.epoch(t, recs) {
                         Ok(out) => {
@@ -116,7 +117,7 @@ pub fn policy_operator<'s>(
                         Err(e) => board.fail(format!("epoch {t}: {e:#}")),
                     }
                 }
-                board.report_metrics(metrics);
+                board.report_metrics(metrics, started.elapsed().as_secs_f64());
                 if board.is_snapshot(t) {
                     let r = match corrector.as_mut() {
                         Some(c) if !board.failed() => board.shard_dir(t).and_then(|d| c.save(&d)).map(|_| None),

@@ -73,3 +73,9 @@ impl std::hash::Hasher for IdHasher {
         self.0 = (x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<std::collections::VecDeque<T>> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Shared(Arc::new(std::collections::VecDeque::<T>::deserialize(d)?)))
+    }
+}

@@ -18,9 +18,12 @@ use serde_json::{json, Value};
 
 use super::policy::EpochMetrics;
 use super::user_state::UserEntry;
-use super::{IdMap, Reason, Shared};
+use super::{IdMap, Reason, ReasonList, Shared};
 use crate::data::prepared::{batch, column, read_parquet, write_parquet};
 use crate::features::store;
+
+/// Called once per finished epoch with its metrics and the seconds the corrector spent on it.
+pub type EpochHook = Box<dyn Fn(&EpochMetrics, f64) + Send + Sync>;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const HISTORY: &str = "history.parquet";
@@ -87,7 +90,7 @@ pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
     sh
 }
 
-pub fn reason_shard(items: &IdMap<Arc<Vec<Reason>>>) -> Shard {
+pub fn reason_shard(items: &IdMap<Arc<ReasonList>>) -> Shard {
     let mut sh = Shard::default();
     for (&i, l) in items {
         sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
@@ -244,7 +247,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
 #[derive(Debug, Clone, Default)]
 pub struct State {
     pub users: IdMap<UserEntry>,
-    pub items: IdMap<Arc<Vec<Reason>>>,
+    pub items: IdMap<Arc<ReasonList>>,
 }
 
 impl State {
@@ -263,7 +266,7 @@ impl State {
                 s.users.entry(u).or_default().history.push(i);
             }
         }
-        let mut lists: IdMap<Vec<Reason>> = IdMap::default();
+        let mut lists: IdMap<ReasonList> = IdMap::default();
         for r in store::read_reasons(&dir.join(store::REASONS))? {
             let l = lists.entry(r.item).or_default();
             super::item_state::fold_reason(
@@ -282,6 +285,8 @@ struct Inner {
     parts: BTreeMap<u64, usize>,
     shards: BTreeMap<u64, Shard>,
     partial: BTreeMap<u64, (usize, EpochMetrics)>,
+    /// Seconds the corrector spent on each epoch (the slowest worker); not part of snapshots.
+    seconds: BTreeMap<u64, f64>,
     done: Vec<EpochMetrics>,
     error: Option<String>,
     written: Vec<u64>,
@@ -300,7 +305,7 @@ pub struct Board {
     extra: Value,
     keep: usize,
     inner: Mutex<Inner>,
-    on_epoch: Box<dyn Fn(&EpochMetrics) + Send + Sync>,
+    on_epoch: EpochHook,
 }
 
 impl Board {
@@ -316,7 +321,7 @@ impl Board {
         raw_items: Vec<String>,
         extra: Value,
         done: Vec<EpochMetrics>,
-        on_epoch: Box<dyn Fn(&EpochMetrics) + Send + Sync>,
+        on_epoch: EpochHook,
     ) -> Self {
         let inner = Inner { done, ..Default::default() };
         Self {
@@ -369,10 +374,13 @@ impl Board {
         self.inner.lock().expect("board lock").written.clone()
     }
 
-    /// One policy instance's metrics for an epoch; the sum is final once every worker reported.
-    pub fn report_metrics(&self, m: EpochMetrics) {
+    /// One policy instance's metrics for an epoch and the seconds it spent on it; the sum is
+    /// final once every worker reported.
+    pub fn report_metrics(&self, m: EpochMetrics, seconds: f64) {
         let finished = {
             let mut g = self.inner.lock().expect("board lock");
+            let s = g.seconds.entry(m.epoch).or_default();
+            *s = s.max(seconds);
             let slot =
                 g.partial.entry(m.epoch).or_insert_with(|| (0, EpochMetrics { epoch: m.epoch, ..Default::default() }));
             slot.0 += 1;
@@ -380,14 +388,19 @@ impl Board {
             if slot.0 == self.peers {
                 let (_, total) = g.partial.remove(&m.epoch).expect("present");
                 g.done.push(total.clone());
-                Some(total)
+                Some((total, g.seconds[&m.epoch]))
             } else {
                 None
             }
         };
-        if let Some(t) = finished {
-            (self.on_epoch)(&t);
+        if let Some((t, secs)) = finished {
+            (self.on_epoch)(&t, secs);
         }
+    }
+
+    /// Seconds spent on each epoch of this run.
+    pub fn epoch_seconds(&self) -> BTreeMap<u64, f64> {
+        self.inner.lock().expect("board lock").seconds.clone()
     }
 
     /// One part of snapshot `e` is written (or failed); the last part completes the snapshot.

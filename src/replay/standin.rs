@@ -20,7 +20,8 @@ pub struct StandIn {
 
 impl StandIn {
     pub fn new(cost: Duration, seed: u64) -> Self {
-        let texts = (0..256)
+        // Many texts, so that workers rarely touch the same reference counts.
+        let texts = (0..4096)
             .map(|k| (format!("stand-in interest pattern #{k}").into(), format!("stand-in reason #{k}").into()))
             .collect();
         Self { cost, seed, texts }
@@ -38,7 +39,7 @@ impl Corrector for StandIn {
                 }
             }
             let e = &a.event;
-            let k = ((e.key ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize;
+            let k = ((e.key ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize;
             let (pattern, reason) = &self.texts[k % self.texts.len()];
             updates.push(Update::pattern(e, pattern.clone()));
             updates.push(Update::reason(e, reason.clone()));

@@ -21,7 +21,6 @@ pub struct UserState {
     pub history_kept: usize,
     /// Whether records carry the history (the stand-in corrector does not read it).
     pub attach: bool,
-    pub empty: Shared<Vec<super::Reason>>,
 }
 
 impl UserState {
@@ -38,7 +37,7 @@ impl UserState {
             all.iter().filter(|(u, _)| **u as usize % peers == index).map(|(u, e)| (*u, e.clone())).collect();
         let frozen = freeze
             .then(|| users.iter().filter_map(|(u, e)| e.pattern.as_ref().map(|(_, p)| (*u, p.clone()))).collect());
-        Self { users, frozen, history_kept, attach, empty: Shared(Arc::new(Vec::new())) }
+        Self { users, frozen, history_kept, attach }
     }
 }
 
@@ -77,7 +76,7 @@ impl KeyedState for UserState {
                 let cut = entry.history.len() - self.history_kept;
                 entry.history.drain(..cut);
             }
-            out.push(Annotated { event: e, pattern: pattern.map(Shared), history, reasons: self.empty.clone() });
+            out.push(Annotated { event: e, pattern: pattern.map(Shared), history, reasons: None });
         }
         out
     }
