@@ -28,7 +28,24 @@ fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-const STATE_FILES: [&str; 4] = ["patterns.parquet", "reasons.parquet", "history.parquet", "metrics.parquet"];
+/// The snapshot's state files (every partition, and the metrics) are the same, byte for byte.
+fn same_state(a: &Path, b: &Path, what: &str) {
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".parquet") && !n.starts_with("embeddings-"))
+            .collect();
+        v.sort();
+        v
+    };
+    let (na, nb) = (names(a), names(b));
+    assert_eq!(na, nb, "{what}: different files");
+    assert_eq!(na.len(), 3 * snapshot::PARTITIONS + 1, "{what}: {na:?}");
+    for f in na {
+        assert!(read(&a.join(&f)) == read(&b.join(&f)), "{f}: {what}");
+    }
+}
 
 /// Run the stand-in dataflow over `epochs` from `state` into `root`.
 fn standin_run(
@@ -79,9 +96,11 @@ fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
     let (e1, d1) = snapshot::newest(&one.clone()).unwrap();
     let (e2, d2) = snapshot::newest(&two).unwrap();
     assert_eq!((e1, e2), (29, 29));
-    for f in STATE_FILES {
-        assert!(read(&d1.join(f)) == read(&d2.join(f)), "{f} differs between 1 and 2 workers");
-    }
+    same_state(&d1, &d2, "1 vs 2 workers");
+    // 3 workers do not divide the partition count: the board merges the rows instead.
+    let three = tmp.path().join("three");
+    standin_run(&three, epochs.clone(), State::default(), 3, snaps.clone(), vec![]);
+    same_state(&d1, &snapshot::newest(&three).unwrap().1, "1 vs 3 workers");
     let m = snapshot::manifest(&d1).unwrap();
     assert_eq!(m["interactions"], 3000);
     // Only the newest two complete snapshots are kept.
@@ -103,9 +122,7 @@ fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
     let done = snapshot::read_metrics(&dir.join(snapshot::METRICS)).unwrap();
     standin_run(&part, epochs[20..].to_vec(), state, 2, [29].into_iter().collect(), done);
     let (_, d3) = snapshot::newest(&part).unwrap();
-    for f in STATE_FILES {
-        assert!(read(&d1.join(f)) == read(&d3.join(f)), "{f} differs after a resume");
-    }
+    same_state(&d1, &d3, "uninterrupted vs resumed");
 }
 
 struct Chain {
@@ -198,7 +215,8 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let o = curec_cli(&["replay", job, "--out", b.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let db = final_snapshot(&b);
-    for f in STATE_FILES.iter().chain(&["policy/trainable.safetensors", "policy/optimizer.safetensors"]) {
+    same_state(&da, &db, "resumed (1 worker) vs uninterrupted (2 workers)");
+    for f in ["policy/trainable.safetensors", "policy/optimizer.safetensors"] {
         assert!(read(&da.join(f)) == read(&db.join(f)), "{f}: resumed (1 worker) ≠ uninterrupted (2 workers)");
     }
     // The per-epoch log has each epoch once, as the uninterrupted run's.
@@ -237,10 +255,10 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(line["seconds"].as_f64().unwrap() > 0.0);
     let (e, dir) = snapshot::newest(&a.join("snapshots")).unwrap();
     assert!(e > 5, "ingest continues the epochs");
-    let pats = curec::features::store::read_patterns(&dir.join("patterns.parquet")).unwrap();
+    let pats = curec::features::store::read_patterns_in(&dir).unwrap();
     let newbie = (ds.n_users) as u32;
     assert!(pats.iter().any(|p| p.user == newbie), "the new user has a first pattern");
-    let reasons = curec::features::store::read_reasons(&dir.join("reasons.parquet")).unwrap();
+    let reasons = curec::features::store::read_reasons_in(&dir).unwrap();
     assert!(reasons.iter().any(|r| r.item == ds.n_items as u32), "the new item has a reason list");
     let grown = &snapshot::manifest(&dir).unwrap()["grown"];
     assert_eq!(grown["users"], json!(["newbie"]));

@@ -44,15 +44,14 @@ pub struct Features {
 
 impl Features {
     pub fn load(dir: &Path) -> Result<Self> {
-        let p = dir.join(store::PATTERNS);
-        let r = dir.join(store::REASONS);
-        if !p.is_file() || !r.is_file() {
+        use crate::replay::snapshot::kind_files;
+        if kind_files(dir, "patterns").is_empty() || kind_files(dir, "reasons").is_empty() {
             bail!(
-                "{}: not a features directory (expected patterns.parquet and reasons.parquet from `curec features`)",
+                "{}: not a features directory (expected patterns.parquet and reasons.parquet from `curec features`, or a replay snapshot)",
                 dir.display()
             );
         }
-        Ok(Self { patterns: store::read_patterns(&p)?, reasons: store::read_reasons(&r)? })
+        Ok(Self { patterns: store::read_patterns_in(dir)?, reasons: store::read_reasons_in(dir)? })
     }
 }
 

@@ -174,6 +174,24 @@ pub fn read_reasons(path: &Path) -> Result<Vec<ReasonRow>, DataError> {
         .collect())
 }
 
+/// The patterns of a features directory or a replay snapshot (`patterns.parquet` or its partitions).
+pub fn read_patterns_in(dir: &Path) -> Result<Vec<PatternRow>, DataError> {
+    let mut rows = Vec::new();
+    for p in crate::replay::snapshot::kind_files(dir, "patterns") {
+        rows.extend(read_patterns(&p)?);
+    }
+    Ok(rows)
+}
+
+/// The reasons of a features directory or a replay snapshot (`reasons.parquet` or its partitions).
+pub fn read_reasons_in(dir: &Path) -> Result<Vec<ReasonRow>, DataError> {
+    let mut rows = Vec::new();
+    for p in crate::replay::snapshot::kind_files(dir, "reasons") {
+        rows.extend(read_reasons(&p)?);
+    }
+    Ok(rows)
+}
+
 /// Each user's newest pattern (ties: the later row).
 pub fn latest_patterns(rows: &[PatternRow]) -> HashMap<u32, &PatternRow> {
     let mut m: HashMap<u32, &PatternRow> = HashMap::new();

@@ -83,8 +83,8 @@ pub fn run_dataflow(
             let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
             let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
             let events = input.to_stream(scope);
-            let annotated = state_operator(events, patterns, users, board.clone(), "UserState");
-            let annotated = state_operator(annotated, reasons, items, board.clone(), "ItemState");
+            let annotated = state_operator(events, patterns, users, board.clone(), index, "UserState");
+            let annotated = state_operator(annotated, reasons, items, board.clone(), index, "ItemState");
             policy_operator(annotated, corrector, single, order, board).connect_loop(handle);
         });
         for (t, evs) in epochs.iter() {

@@ -14,7 +14,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::Stream;
 
-use super::snapshot::Board;
+use super::snapshot::{Board, Part};
 use super::{Annotated, Update};
 
 /// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
@@ -120,8 +120,10 @@ pub fn policy_operator<'s>(
                 board.report_metrics(metrics, started.elapsed().as_secs_f64());
                 if board.is_snapshot(t) {
                     let r = match corrector.as_mut() {
-                        Some(c) if !board.failed() => board.shard_dir(t).and_then(|d| c.save(&d)).map(|_| None),
-                        _ => Ok(None),
+                        Some(c) if !board.failed() => {
+                            board.shard_dir(t).and_then(|d| c.save(&d)).map(|_| Part::default())
+                        }
+                        _ => Ok(Part::default()),
                     };
                     board.report_part(t, r);
                 }

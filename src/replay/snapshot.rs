@@ -1,8 +1,9 @@
-//! Snapshots: `snapshots/epoch-<e>/` holds the state after epoch e. Each state operator hands
-//! its shard to the [`Board`] (in memory), the policy writes its weights there; the last part in
-//! merges the shards into `patterns.parquet`, `reasons.parquet` (a features directory, so the
-//! reward model reads a snapshot as it reads `curec features` output), `history.parquet` and
-//! `metrics.parquet`, then writes `manifest.json`. The manifest is written last and atomically:
+//! Snapshots: `snapshots/epoch-<e>/` holds the state after epoch e: `patterns-p<k>.parquet`,
+//! `reasons-p<k>.parquet` (the `curec features` schema, so the reward model reads a snapshot as
+//! it reads a features directory), `history-p<k>.parquet` in [`PARTITIONS`] partitions by key,
+//! `metrics.parquet`, the policy's weights, and `manifest.json`. Each state operator writes its
+//! own partitions (or, with a worker count that does not divide the partition count, hands its
+//! rows to the [`Board`] to merge); the last part in writes the metrics and the manifest. The manifest is written last and atomically:
 //! a snapshot without one is incomplete and ignored (and removed) on resume.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -69,18 +70,52 @@ pub struct Shard {
     pub history: Vec<(u32, u32, u32)>,
     /// (item, timestamp, user, text), each item's list in order.
     pub reasons: Vec<(u32, i64, u32, Arc<str>)>,
+    /// Which kinds it holds: user state (patterns, history) and/or item state (reasons).
+    pub users: bool,
+    pub items: bool,
 }
 
 impl Shard {
     fn absorb(&mut self, o: Shard) {
+        self.users |= o.users;
+        self.items |= o.items;
         self.patterns.extend(o.patterns);
         self.history.extend(o.history);
         self.reasons.extend(o.reasons);
     }
 }
 
+/// A state operator's contribution to a snapshot: its rows for the board to merge (when the
+/// worker count does not divide [`PARTITIONS`]), or the counts of the rows it wrote itself.
+#[derive(Default)]
+pub struct Part {
+    pub shard: Option<Shard>,
+    pub patterns: usize,
+    pub reasons: usize,
+}
+
+/// Snapshot state files are split into this many partitions by key (user for patterns and
+/// history, item for reasons). When the worker count divides it, every key of a partition lives on
+/// one worker, so each worker writes its own partitions in parallel and the files do not depend on
+/// the worker count; otherwise the board merges the rows and writes every partition.
+pub const PARTITIONS: usize = 4;
+
+pub fn part_path(dir: &Path, stem: &str, k: usize) -> PathBuf {
+    dir.join(format!("{stem}-p{k}.parquet"))
+}
+
+/// The files of one kind (`patterns`, `reasons`, `history`) in a directory: `<stem>.parquet`
+/// (from `curec features`) or its partitions (from a snapshot).
+pub fn kind_files(dir: &Path, stem: &str) -> Vec<PathBuf> {
+    let whole = dir.join(format!("{stem}.parquet"));
+    if whole.is_file() {
+        return vec![whole];
+    }
+    (0..PARTITIONS).map(|k| part_path(dir, stem, k)).filter(|p| p.is_file()).collect()
+}
+
 pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
-    let mut sh = Shard::default();
+    let mut sh = Shard { users: true, ..Default::default() };
     for (&u, e) in users {
         if let Some((ts, t)) = &e.pattern {
             sh.patterns.push((u, *ts, t.clone()));
@@ -91,7 +126,7 @@ pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
 }
 
 pub fn reason_shard(items: &IdMap<Arc<ReasonList>>) -> Shard {
-    let mut sh = Shard::default();
+    let mut sh = Shard { items: true, ..Default::default() };
     for (&i, l) in items {
         sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
     }
@@ -254,20 +289,22 @@ impl State {
     /// Read `patterns.parquet`, `reasons.parquet` and (if present) `history.parquet` from `dir`.
     pub fn load(dir: &Path, reasons_kept: usize) -> Result<State> {
         let mut s = State::default();
-        for p in store::read_patterns(&dir.join(store::PATTERNS))? {
+        for p in store::read_patterns_in(dir)? {
             let e = s.users.entry(p.user).or_default();
             if e.pattern.as_ref().is_none_or(|(ts, _)| *ts <= p.timestamp) {
                 e.pattern = Some((p.timestamp, Arc::from(p.text.as_str())));
             }
         }
-        let h = dir.join(HISTORY);
-        if h.is_file() {
-            for (u, _, i) in read_history(&h)? {
-                s.users.entry(u).or_default().history.push(i);
-            }
+        let mut hist = Vec::new();
+        for h in kind_files(dir, "history") {
+            hist.extend(read_history(&h)?);
+        }
+        hist.sort_unstable();
+        for (u, _, i) in hist {
+            s.users.entry(u).or_default().history.push(i);
         }
         let mut lists: IdMap<ReasonList> = IdMap::default();
-        for r in store::read_reasons(&dir.join(store::REASONS))? {
+        for r in store::read_reasons_in(dir)? {
             let l = lists.entry(r.item).or_default();
             super::item_state::fold_reason(
                 l,
@@ -284,6 +321,7 @@ impl State {
 struct Inner {
     parts: BTreeMap<u64, usize>,
     shards: BTreeMap<u64, Shard>,
+    counts: BTreeMap<u64, (usize, usize)>,
     partial: BTreeMap<u64, (usize, EpochMetrics)>,
     /// Seconds the corrector spent on each epoch (the slowest worker); not part of snapshots.
     seconds: BTreeMap<u64, f64>,
@@ -403,9 +441,49 @@ impl Board {
         self.inner.lock().expect("board lock").seconds.clone()
     }
 
+    /// Whether workers write their own partitions (the worker count divides [`PARTITIONS`]).
+    pub fn direct(&self) -> bool {
+        PARTITIONS % self.peers == 0
+    }
+
+    /// A state operator's part of snapshot `e`: in direct mode it writes the partitions worker
+    /// `index` owns (patterns and history, or reasons), else it hands the rows over.
+    pub fn part(&self, e: u64, shard: Shard, index: usize) -> Result<Part> {
+        if !self.direct() {
+            return Ok(Part { shard: Some(shard), ..Default::default() });
+        }
+        let dir = self.shard_dir(e)?;
+        let owned: Vec<usize> = (0..PARTITIONS).filter(|k| k % self.peers == index).collect();
+        self.write_partitions(&dir, shard, &owned)
+    }
+
+    /// Write partitions `owned` of the kinds `shard` holds (users: patterns and history; items:
+    /// reasons), sorted by key.
+    fn write_partitions(&self, dir: &Path, mut sh: Shard, owned: &[usize]) -> Result<Part> {
+        let p = PARTITIONS as u32;
+        sh.patterns.sort_by_key(|r| r.0);
+        sh.reasons.sort_by_key(|r| (r.0, r.1, r.2));
+        sh.history.sort_unstable();
+        for &k in owned {
+            let k32 = k as u32;
+            if sh.users {
+                let pats: Vec<(u32, i64, Arc<str>)> = sh.patterns.iter().filter(|r| r.0 % p == k32).cloned().collect();
+                write_pattern_rows(&part_path(dir, "patterns", k), &pats, &self.raw_users)?;
+                let hist: Vec<(u32, u32, u32)> = sh.history.iter().filter(|r| r.0 % p == k32).copied().collect();
+                write_history(&part_path(dir, "history", k), &hist)?;
+            }
+            if sh.items {
+                let rs: Vec<(u32, i64, u32, Arc<str>)> =
+                    sh.reasons.iter().filter(|r| r.0 % p == k32).cloned().collect();
+                write_reason_rows(&part_path(dir, "reasons", k), &rs, &self.raw_items)?;
+            }
+        }
+        Ok(Part { shard: None, patterns: sh.patterns.len(), reasons: sh.reasons.len() })
+    }
+
     /// One part of snapshot `e` is written (or failed); the last part completes the snapshot.
-    pub fn report_part(&self, e: u64, r: Result<Option<Shard>>) {
-        let shard = match r {
+    pub fn report_part(&self, e: u64, r: Result<Part>) {
+        let part = match r {
             Ok(s) => s,
             Err(err) => {
                 self.fail(format!("snapshot after epoch {e}: {err:#}"));
@@ -414,9 +492,12 @@ impl Board {
         };
         let last = {
             let mut g = self.inner.lock().expect("board lock");
-            if let Some(sh) = shard {
+            if let Some(sh) = part.shard {
                 g.shards.entry(e).or_default().absorb(sh);
             }
+            let c = g.counts.entry(e).or_default();
+            c.0 += part.patterns;
+            c.1 += part.reasons;
             let n = g.parts.entry(e).or_default();
             *n += 1;
             *n == 3 * self.peers
@@ -430,14 +511,20 @@ impl Board {
 
     fn finish(&self, e: u64) -> Result<()> {
         let dir = self.shard_dir(e)?;
-        let mut sh = self.inner.lock().expect("board lock").shards.remove(&e).unwrap_or_default();
-        sh.patterns.sort_by_key(|r| r.0);
-        sh.reasons.sort_by_key(|r| (r.0, r.1, r.2));
-        sh.history.sort_unstable();
-        write_pattern_rows(&dir.join(store::PATTERNS), &sh.patterns, &self.raw_users)?;
-        write_reason_rows(&dir.join(store::REASONS), &sh.reasons, &self.raw_items)?;
-        write_history(&dir.join(HISTORY), &sh.history)?;
-        let (patterns, reasons) = (sh.patterns, sh.reasons);
+        let (merged, counts) = {
+            let mut g = self.inner.lock().expect("board lock");
+            (g.shards.remove(&e), g.counts.remove(&e).unwrap_or_default())
+        };
+        let (patterns, reasons) = match merged {
+            Some(mut sh) if !self.direct() => {
+                let all: Vec<usize> = (0..PARTITIONS).collect();
+                sh.users = true;
+                sh.items = true;
+                let part = self.write_partitions(&dir, sh, &all)?;
+                (part.patterns, part.reasons)
+            }
+            _ => counts,
+        };
         let (metrics, interactions) = {
             let g = self.inner.lock().expect("board lock");
             let ms: Vec<EpochMetrics> = g.done.iter().filter(|m| m.epoch <= e).cloned().collect();
@@ -449,8 +536,8 @@ impl Board {
             "epoch": e,
             "watermark": e,
             "interactions": interactions,
-            "patterns": patterns.len(),
-            "reasons": reasons.len(),
+            "patterns": patterns,
+            "reasons": reasons,
             "users": self.raw_users.len(),
             "items": self.raw_items.len(),
             "identity": self.identity,

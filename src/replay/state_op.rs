@@ -46,6 +46,7 @@ pub fn state_operator<'s, S: KeyedState>(
     updates: Stream<'s, u64, Vec<Update>>,
     mut state: S,
     board: Arc<Board>,
+    worker: usize,
     name: &str,
 ) -> Stream<'s, u64, Vec<S::Out>> {
     let mut pending: VecDeque<u64> = board.pending_snapshots();
@@ -81,7 +82,7 @@ pub fn state_operator<'s, S: KeyedState>(
                     if board.failed() {
                         return;
                     }
-                    board.report_part(e, Ok(Some(state.shard())));
+                    board.report_part(e, board.part(e, state.shard(), worker));
                 };
                 loop {
                     let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();
