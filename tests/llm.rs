@@ -348,6 +348,12 @@ fn prompts_render_and_completions_parse() {
         Some(("Likes 90s action.".into(), "Heat is a 90s heist film.".into()))
     );
     assert_eq!(parse_pattern_update("Pattern: only"), None);
+    // The first label dropped: the text before `Reason:` is the pattern.
+    assert_eq!(
+        parse_pattern_update("Likes 90s action. Reason: Heat is a 90s heist film."),
+        Some(("Likes 90s action.".into(), "Heat is a 90s heist film.".into()))
+    );
+    assert_eq!(parse_pattern_update("Reason: nothing before it"), None);
 }
 
 #[test]

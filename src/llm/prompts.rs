@@ -224,10 +224,15 @@ pub fn parse_completion(text: &str) -> Parsed {
 }
 
 /// Split a pattern-update answer into (pattern, reason) from its `Pattern:` / `Reason:` lines.
+/// An answer with a `Reason:` line but no `Pattern:` label (small models often drop the first
+/// label) takes the text before `Reason:` as the pattern.
 pub fn parse_pattern_update(answer: &str) -> Option<(String, String)> {
     let lower = answer.to_ascii_lowercase();
-    let p = lower.find("pattern:")?;
     let r = lower.find("reason:")?;
+    let Some(p) = lower.find("pattern:") else {
+        let (pattern, reason) = (answer[..r].trim(), answer[r + 7..].trim());
+        return (!pattern.is_empty() && !reason.is_empty()).then(|| (pattern.to_string(), reason.to_string()));
+    };
     let (pattern, reason) =
         if p < r { (&answer[p + 8..r], &answer[r + 7..]) } else { (&answer[p + 8..], &answer[r + 7..p]) };
     let (pattern, reason) = (pattern.trim(), reason.trim());
