@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -151,10 +151,7 @@ fn save_checkpoint(out: &Path, step: usize, hash: &str, vars: &[(String, Var)], 
         std::fs::remove_dir_all(&dir)?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let data: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    safetensors::serialize_to_file(data.iter().map(|(k, v)| (k.as_str(), v)), None, &dir.join("trainable.safetensors"))
-        .with_context(|| format!("{}: cannot write", dir.display()))?;
-    grpo.optimizer().save(&dir.join("optimizer.safetensors"))?;
+    crate::grpo::checkpoint::save(&dir, vars, grpo)?;
     let state = CheckpointState { step, config_hash: hash.to_string() };
     crate::jobs::write_json(&dir.join("state.json"), &serde_json::to_value(&state)?)?;
     for e in std::fs::read_dir(out)?.flatten() {
@@ -176,15 +173,7 @@ fn load_checkpoint(dir: &Path, hash: &str, vars: &[(String, Var)], grpo: &mut Gr
             state.config_hash
         );
     }
-    let path = dir.join("trainable.safetensors");
-    let dev = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let saved =
-        candle_core::safetensors::load(&path, &dev).with_context(|| format!("{}: cannot read", path.display()))?;
-    for (name, var) in vars {
-        let t = saved.get(name).with_context(|| format!("{}: lacks {name}", path.display()))?;
-        var.set(t)?;
-    }
-    grpo.optimizer().load(&dir.join("optimizer.safetensors"))?;
+    crate::grpo::checkpoint::load(dir, vars, grpo)?;
     Ok(state.step)
 }
 

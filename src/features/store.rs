@@ -95,6 +95,17 @@ pub fn append_log<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
 }
 
 pub fn write_patterns(path: &Path, rows: &[PatternRow], raw_users: &[String]) -> Result<(), DataError> {
+    write_pattern_columns(path, rows, |r| (r.user, r.timestamp, r.text.as_str()), raw_users)
+}
+
+/// The `patterns.parquet` schema for any row type: `cols` gives (user, timestamp, text).
+pub fn write_pattern_columns<T>(
+    path: &Path,
+    rows: &[T],
+    cols: impl Fn(&T) -> (u32, i64, &str),
+    raw_users: &[String],
+) -> Result<(), DataError> {
+    let raw = |u: u32| raw_users.get(u as usize).map_or("", String::as_str);
     write_parquet(
         path,
         &batch(
@@ -105,18 +116,27 @@ pub fn write_patterns(path: &Path, rows: &[PatternRow], raw_users: &[String]) ->
                 ("text", DataType::Utf8),
             ],
             vec![
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.user))),
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| raw_users.get(r.user as usize).map_or("", String::as_str)),
-                )),
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| cols(r).0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| raw(cols(r).0)))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| cols(r).1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| cols(r).2))),
             ],
         ),
     )
 }
 
 pub fn write_reasons(path: &Path, rows: &[ReasonRow], raw_items: &[String]) -> Result<(), DataError> {
+    write_reason_columns(path, rows, |r| (r.user, r.item, r.timestamp, r.text.as_str()), raw_items)
+}
+
+/// The `reasons.parquet` schema for any row type: `cols` gives (user, item, timestamp, text).
+pub fn write_reason_columns<T>(
+    path: &Path,
+    rows: &[T],
+    cols: impl Fn(&T) -> (u32, u32, i64, &str),
+    raw_items: &[String],
+) -> Result<(), DataError> {
+    let raw = |i: u32| raw_items.get(i as usize).map_or("", String::as_str);
     write_parquet(
         path,
         &batch(
@@ -128,13 +148,11 @@ pub fn write_reasons(path: &Path, rows: &[ReasonRow], raw_items: &[String]) -> R
                 ("text", DataType::Utf8),
             ],
             vec![
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.user))),
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.item))),
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| raw_items.get(r.item as usize).map_or("", String::as_str)),
-                )),
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.text.as_str()))),
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| cols(r).0))),
+                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| cols(r).1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| raw(cols(r).1)))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| cols(r).2))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| cols(r).3))),
             ],
         ),
     )

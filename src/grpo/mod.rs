@@ -4,6 +4,7 @@
 //! reuses it with the reward model.
 
 pub mod advantage;
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod reward;

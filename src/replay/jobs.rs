@@ -217,7 +217,6 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     let rm = TrainedRun::open(&st.reward_model, Some(&st.data))?;
     let features = rm.cfg.curec.features.clone().context("the reward model run names no features directory")?;
     let ds = rm.ds;
-    let t0 = Instant::now();
     if !cfg.replay.correct {
         let extra = json!({"correct": false});
         return write_run(out, &st.reward_model, &st.data, &features, "no-correction", &ds, 0.0, extra);
@@ -345,7 +344,6 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         "per_user": cfg.replay.per_user,
     });
     let variant = if cfg.replay.update { "correction" } else { "no-update" };
-    let _ = t0;
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)
 }
 
@@ -494,9 +492,4 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         "seconds_per_slice": outcome.epoch_seconds.iter().sum::<f64>() / slices.max(1) as f64,
         "snapshot": newest.display().to_string(),
     }))
-}
-
-/// Used by the bench and tests: the id lists a replay's board needs.
-pub fn raw_ids(ds: &Dataset) -> (Vec<String>, Vec<String>) {
-    (ds.users.clone(), ds.items.iter().map(|i| i.raw_id.clone()).collect())
 }

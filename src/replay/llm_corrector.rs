@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 
 use super::policy::{Corrector, EpochMetrics, EpochOutput};
 use super::snapshot::POLICY;
@@ -322,26 +322,14 @@ impl Corrector for LlmCorrector {
         let dir = dir.join(POLICY);
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         self.llm.model.save_lora(&dir.join("adapter.safetensors"), &self.lora)?;
-        let data: Vec<(String, Tensor)> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        let tmp = crate::data::prepared::tmp_path(&dir.join("trainable.safetensors"));
-        safetensors::serialize_to_file(data.iter().map(|(k, v)| (k.as_str(), v)), None, &tmp)?;
-        std::fs::rename(&tmp, dir.join("trainable.safetensors"))?;
-        self.grpo.optimizer().save(&dir.join("optimizer.safetensors"))?;
+        crate::grpo::checkpoint::save(&dir, &self.vars, &mut self.grpo)?;
         crate::jobs::write_json(&dir.join("state.json"), &serde_json::json!({"step": self.step}))
     }
 }
 
 /// Restore the trainable weights, optimizer and step count saved by [`LlmCorrector::save`].
 fn load_policy(dir: &Path, vars: &[(String, Var)], grpo: &mut Grpo) -> Result<usize> {
-    let path = dir.join("trainable.safetensors");
-    let dev = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let saved =
-        candle_core::safetensors::load(&path, &dev).with_context(|| format!("{}: cannot read", path.display()))?;
-    for (name, var) in vars {
-        let t = saved.get(name).with_context(|| format!("{}: lacks {name}", path.display()))?;
-        var.set(t)?;
-    }
-    grpo.optimizer().load(&dir.join("optimizer.safetensors"))?;
+    crate::grpo::checkpoint::load(dir, vars, grpo)?;
     let state = crate::jobs::read_json(&dir.join("state.json"))?;
     state["step"].as_u64().map(|s| s as usize).with_context(|| format!("{}: no step in state.json", dir.display()))
 }

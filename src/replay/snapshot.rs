@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, UInt32Type};
-use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray, UInt32Array};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow_schema::DataType;
 use serde_json::{json, Value};
 
@@ -131,52 +131,6 @@ pub fn reason_shard(items: &IdMap<Arc<ReasonList>>) -> Shard {
         sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
     }
     sh
-}
-
-fn write_pattern_rows(path: &Path, rows: &[(u32, i64, Arc<str>)], raw_users: &[String]) -> Result<()> {
-    Ok(write_parquet(
-        path,
-        &batch(
-            vec![
-                ("user", DataType::UInt32),
-                ("raw_user", DataType::Utf8),
-                ("timestamp", DataType::Int64),
-                ("text", DataType::Utf8),
-            ],
-            vec![
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| raw_users.get(r.0 as usize).map_or("", String::as_str)),
-                )),
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.2))),
-            ],
-        ),
-    )?)
-}
-
-fn write_reason_rows(path: &Path, rows: &[(u32, i64, u32, Arc<str>)], raw_items: &[String]) -> Result<()> {
-    Ok(write_parquet(
-        path,
-        &batch(
-            vec![
-                ("user", DataType::UInt32),
-                ("item", DataType::UInt32),
-                ("raw_item", DataType::Utf8),
-                ("timestamp", DataType::Int64),
-                ("text", DataType::Utf8),
-            ],
-            vec![
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.2))),
-                Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.0))),
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| raw_items.get(r.0 as usize).map_or("", String::as_str)),
-                )),
-                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.3))),
-            ],
-        ),
-    )?)
 }
 
 fn write_history(path: &Path, rows: &[(u32, u32, u32)]) -> Result<()> {
@@ -468,14 +422,24 @@ impl Board {
             let k32 = k as u32;
             if sh.users {
                 let pats: Vec<(u32, i64, Arc<str>)> = sh.patterns.iter().filter(|r| r.0 % p == k32).cloned().collect();
-                write_pattern_rows(&part_path(dir, "patterns", k), &pats, &self.raw_users)?;
+                store::write_pattern_columns(
+                    &part_path(dir, "patterns", k),
+                    &pats,
+                    |r| (r.0, r.1, &*r.2),
+                    &self.raw_users,
+                )?;
                 let hist: Vec<(u32, u32, u32)> = sh.history.iter().filter(|r| r.0 % p == k32).copied().collect();
                 write_history(&part_path(dir, "history", k), &hist)?;
             }
             if sh.items {
                 let rs: Vec<(u32, i64, u32, Arc<str>)> =
                     sh.reasons.iter().filter(|r| r.0 % p == k32).cloned().collect();
-                write_reason_rows(&part_path(dir, "reasons", k), &rs, &self.raw_items)?;
+                store::write_reason_columns(
+                    &part_path(dir, "reasons", k),
+                    &rs,
+                    |r| (r.2, r.0, r.1, &*r.3),
+                    &self.raw_items,
+                )?;
             }
         }
         Ok(Part { shard: None, patterns: sh.patterns.len(), reasons: sh.reasons.len() })
