@@ -616,7 +616,7 @@ impl Curec {
     fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize, usize)> {
         let k = self.cfg.positions_per_user;
         if k == 0 {
-            return self.tower.windows(ds).into_iter().map(|(u, a, e)| (u, a, e, 0)).collect();
+            return self.tower.windows(ds);
         }
         let l = self.tower.cfg.max_len;
         ds.train

@@ -30,6 +30,12 @@ const INIT_STD: f32 = 0.02;
 pub struct SasRecConfig {
     /// Longest input sequence (most recent items kept).
     pub max_len: usize,
+    /// Training windows of `max_len` inputs end every `stride` targets, and each window trains
+    /// only its newest `stride` targets (the oldest window all of its own), so every target is
+    /// trained once per epoch with at least `max_len - stride` items before it. 0 = `max_len`
+    /// (windows do not overlap: cheapest). 1 = every target with its full `max_len` context, as
+    /// when training on one sliding prefix per sample (RecBole).
+    pub stride: usize,
     pub dim: usize,
     pub blocks: usize,
     pub heads: usize,
@@ -47,6 +53,7 @@ impl Default for SasRecConfig {
     fn default() -> Self {
         SasRecConfig {
             max_len: 200,
+            stride: 0,
             dim: 64,
             blocks: 2,
             heads: 2,
@@ -182,17 +189,24 @@ impl SasRecTower {
         x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)
     }
 
-    /// (input, target) windows covering every train target of every user exactly once.
-    pub fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize)> {
+    /// Training windows `(user, start, end, first)`: inputs `seq[start..end]` predict
+    /// `seq[start + 1..end + 1]`, and the loss covers the window positions `first..end - start`.
+    /// Together they cover every train target of every user exactly once (see `stride`).
+    pub fn windows(&self, ds: &Dataset) -> Vec<(u32, usize, usize, usize)> {
         let l = self.cfg.max_len;
+        let stride = if self.cfg.stride == 0 { l } else { self.cfg.stride.min(l) };
         let mut w = Vec::new();
         for (u, seq) in ds.train.iter().enumerate() {
             // Targets are seq[1..]; a window of inputs seq[a..e] predicts seq[a+1..e+1].
             let mut end = seq.len().saturating_sub(1);
             while end > 0 {
                 let start = end.saturating_sub(l);
-                w.push((u as u32, start, end));
-                end = start;
+                let first = if start == 0 { 0 } else { end - start - stride.min(end - start) };
+                w.push((u as u32, start, end, first));
+                if start == 0 {
+                    break;
+                }
+                end -= stride.min(end - start);
             }
         }
         w
@@ -219,19 +233,19 @@ impl Model for SasRec {
         // pools of 16 batches, then shuffle the order of the batches.
         let bs = self.tower.cfg.batch_size;
         for pool in windows.chunks_mut(bs * 16) {
-            pool.sort_by_key(|&(_, a, e)| std::cmp::Reverse(e - a));
+            pool.sort_by_key(|&(_, a, e, _)| std::cmp::Reverse(e - a));
         }
-        let mut batches: Vec<&[(u32, usize, usize)]> = windows.chunks(bs).collect();
+        let mut batches: Vec<&[(u32, usize, usize, usize)]> = windows.chunks(bs).collect();
         batches.shuffle(&mut rng);
         let dev = self.tower.item_emb.device().clone();
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in batches.into_iter().enumerate() {
-            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e)| &ds.train[u as usize][a..e]).collect();
+            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
             let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
             // Rows of the flattened B × T hidden states that have a target, and those targets.
             let (mut rows, mut targets) = (Vec::new(), Vec::new());
-            for (r, &(u, a, e)) in batch.iter().enumerate() {
-                for j in 0..e - a {
+            for (r, &(u, a, e, first)) in batch.iter().enumerate() {
+                for j in first..e - a {
                     rows.push((r * t + j) as u32);
                     targets.push(ds.train[u as usize][a + 1 + j]);
                 }
@@ -291,14 +305,37 @@ mod tests {
     }
 
     #[test]
+    fn strided_windows_train_every_target_once_with_long_context() {
+        let ds = toy(30, &[1, 2, 9, 40, 57]);
+        for (max_len, stride) in [(16, 0), (16, 1), (16, 5), (16, 16), (16, 40), (50, 7)] {
+            let cfg = SasRecConfig { max_len, stride, ..Default::default() };
+            let m = SasRec::new(&cfg, 30, 3, &Device::Cpu).unwrap();
+            let eff = if stride == 0 { max_len } else { stride.min(max_len) };
+            let mut seen: Vec<Vec<usize>> = ds.train.iter().map(|s| vec![0; s.len()]).collect();
+            for (u, a, e, first) in m.tower.windows(&ds) {
+                assert!(e - a <= max_len && first < e - a, "{max_len}/{stride}: window {a}..{e} from {first}");
+                for j in first..e - a {
+                    // Input position a + j predicts target a + j + 1 from a + j + 1 items before it.
+                    seen[u as usize][a + j + 1] += 1;
+                    assert!(j + 1 >= (a + j + 1).min(max_len - eff + 1), "{max_len}/{stride}: context {}", j + 1);
+                }
+            }
+            for (u, s) in seen.iter().enumerate() {
+                let want: Vec<usize> = (0..s.len()).map(|i| usize::from(i > 0)).collect();
+                assert_eq!(s, &want, "{max_len}/{stride}: user {u}");
+            }
+        }
+    }
+
+    #[test]
     fn windows_cover_every_target_once_and_every_weight_learns() {
         let ds = toy(30, &[3, 40]);
         let cfg = SasRecConfig { max_len: 16, batch_size: 4, ..Default::default() };
         let mut m = SasRec::new(&cfg, 30, 3, &Device::Cpu).unwrap();
         let w = m.tower.windows(&ds);
-        let covered: usize = w.iter().map(|&(_, a, e)| e - a).sum();
+        let covered: usize = w.iter().map(|&(_, a, e, f)| e - a - f).sum();
         assert_eq!(covered, 2 + 39);
-        assert!(w.iter().all(|&(_, a, e)| e - a <= 16));
+        assert!(w.iter().all(|&(_, a, e, _)| e - a <= 16));
         let before = super::super::nn::named_values(&m.params.varmap);
         m.train_epoch(&ds, 0).unwrap();
         for ((name, a), (_, b)) in before.iter().zip(super::super::nn::named_values(&m.params.varmap)) {
