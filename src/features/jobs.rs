@@ -44,8 +44,7 @@ pub struct Features {
 
 impl Features {
     pub fn load(dir: &Path) -> Result<Self> {
-        use crate::replay::snapshot::kind_files;
-        if kind_files(dir, "patterns").is_empty() || kind_files(dir, "reasons").is_empty() {
+        if store::kind_files(dir, "patterns").is_empty() || store::kind_files(dir, "reasons").is_empty() {
             bail!(
                 "{}: not a features directory (expected patterns.parquet and reasons.parquet from `curec features`, or a replay snapshot)",
                 dir.display()

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -22,6 +22,26 @@ use crate::data::DataError;
 pub const PATTERNS: &str = "patterns.parquet";
 pub const REASONS: &str = "reasons.parquet";
 pub const MANIFEST: &str = "manifest.json";
+
+/// Snapshot state files are split into this many partitions by key (user for patterns and
+/// history, item for reasons). When the worker count divides it, every key of a partition lives on
+/// one worker, so each worker writes its own partitions in parallel and the files do not depend on
+/// the worker count; otherwise the board merges the rows and writes every partition.
+pub const PARTITIONS: usize = 4;
+
+pub fn part_path(dir: &Path, stem: &str, k: usize) -> PathBuf {
+    dir.join(format!("{stem}-p{k}.parquet"))
+}
+
+/// The files of one kind (`patterns`, `reasons`, `history`) in a directory: `<stem>.parquet`
+/// (from `curec features`) or its partitions (from a snapshot).
+pub fn kind_files(dir: &Path, stem: &str) -> Vec<PathBuf> {
+    let whole = dir.join(format!("{stem}.parquet"));
+    if whole.is_file() {
+        return vec![whole];
+    }
+    (0..PARTITIONS).map(|k| part_path(dir, stem, k)).filter(|p| p.is_file()).collect()
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PatternRow {
@@ -195,7 +215,7 @@ pub fn read_reasons(path: &Path) -> Result<Vec<ReasonRow>, DataError> {
 /// The patterns of a features directory or a replay snapshot (`patterns.parquet` or its partitions).
 pub fn read_patterns_in(dir: &Path) -> Result<Vec<PatternRow>, DataError> {
     let mut rows = Vec::new();
-    for p in crate::replay::snapshot::kind_files(dir, "patterns") {
+    for p in kind_files(dir, "patterns") {
         rows.extend(read_patterns(&p)?);
     }
     Ok(rows)
@@ -204,7 +224,7 @@ pub fn read_patterns_in(dir: &Path) -> Result<Vec<PatternRow>, DataError> {
 /// The reasons of a features directory or a replay snapshot (`reasons.parquet` or its partitions).
 pub fn read_reasons_in(dir: &Path) -> Result<Vec<ReasonRow>, DataError> {
     let mut rows = Vec::new();
-    for p in crate::replay::snapshot::kind_files(dir, "reasons") {
+    for p in kind_files(dir, "reasons") {
         rows.extend(read_reasons(&p)?);
     }
     Ok(rows)

@@ -17,6 +17,8 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow_schema::DataType;
 use serde_json::{json, Value};
 
+pub use crate::features::store::{kind_files, part_path, PARTITIONS};
+
 use super::policy::EpochMetrics;
 use super::user_state::UserEntry;
 use super::{IdMap, Reason, ReasonList, Shared};
@@ -94,26 +96,6 @@ pub struct Part {
     pub reasons: usize,
 }
 
-/// Snapshot state files are split into this many partitions by key (user for patterns and
-/// history, item for reasons). When the worker count divides it, every key of a partition lives on
-/// one worker, so each worker writes its own partitions in parallel and the files do not depend on
-/// the worker count; otherwise the board merges the rows and writes every partition.
-pub const PARTITIONS: usize = 4;
-
-pub fn part_path(dir: &Path, stem: &str, k: usize) -> PathBuf {
-    dir.join(format!("{stem}-p{k}.parquet"))
-}
-
-/// The files of one kind (`patterns`, `reasons`, `history`) in a directory: `<stem>.parquet`
-/// (from `curec features`) or its partitions (from a snapshot).
-pub fn kind_files(dir: &Path, stem: &str) -> Vec<PathBuf> {
-    let whole = dir.join(format!("{stem}.parquet"));
-    if whole.is_file() {
-        return vec![whole];
-    }
-    (0..PARTITIONS).map(|k| part_path(dir, stem, k)).filter(|p| p.is_file()).collect()
-}
-
 pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
     let mut sh = Shard { users: true, ..Default::default() };
     for (&u, e) in users {
@@ -131,6 +113,15 @@ pub fn reason_shard(items: &IdMap<Arc<ReasonList>>) -> Shard {
         sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
     }
     sh
+}
+
+/// `rows` split into [`PARTITIONS`] lists by `key % PARTITIONS`, in their order.
+fn by_partition<T: Clone>(rows: &[T], key: impl Fn(&T) -> u32) -> Vec<Vec<T>> {
+    let mut out = vec![Vec::new(); PARTITIONS];
+    for r in rows {
+        out[key(r) as usize % PARTITIONS].push(r.clone());
+    }
+    out
 }
 
 fn write_history(path: &Path, rows: &[(u32, u32, u32)]) -> Result<()> {
@@ -414,32 +405,22 @@ impl Board {
     /// Write partitions `owned` of the kinds `shard` holds (users: patterns and history; items:
     /// reasons), sorted by key.
     fn write_partitions(&self, dir: &Path, mut sh: Shard, owned: &[usize]) -> Result<Part> {
-        let p = PARTITIONS as u32;
         sh.patterns.sort_by_key(|r| r.0);
         sh.reasons.sort_by_key(|r| (r.0, r.1, r.2));
         sh.history.sort_unstable();
+        // One pass per kind puts every row in its partition (rows stay sorted within each).
+        let pats = by_partition(&sh.patterns, |r| r.0);
+        let hist = by_partition(&sh.history, |r| r.0);
+        let rs = by_partition(&sh.reasons, |r| r.0);
         for &k in owned {
-            let k32 = k as u32;
             if sh.users {
-                let pats: Vec<(u32, i64, Arc<str>)> = sh.patterns.iter().filter(|r| r.0 % p == k32).cloned().collect();
-                store::write_pattern_columns(
-                    &part_path(dir, "patterns", k),
-                    &pats,
-                    |r| (r.0, r.1, &*r.2),
-                    &self.raw_users,
-                )?;
-                let hist: Vec<(u32, u32, u32)> = sh.history.iter().filter(|r| r.0 % p == k32).copied().collect();
-                write_history(&part_path(dir, "history", k), &hist)?;
+                let raw = &self.raw_users;
+                store::write_pattern_columns(&part_path(dir, "patterns", k), &pats[k], |r| (r.0, r.1, &*r.2), raw)?;
+                write_history(&part_path(dir, "history", k), &hist[k])?;
             }
             if sh.items {
-                let rs: Vec<(u32, i64, u32, Arc<str>)> =
-                    sh.reasons.iter().filter(|r| r.0 % p == k32).cloned().collect();
-                store::write_reason_columns(
-                    &part_path(dir, "reasons", k),
-                    &rs,
-                    |r| (r.2, r.0, r.1, &*r.3),
-                    &self.raw_items,
-                )?;
+                let raw = &self.raw_items;
+                store::write_reason_columns(&part_path(dir, "reasons", k), &rs[k], |r| (r.2, r.0, r.1, &*r.3), raw)?;
             }
         }
         Ok(Part { shard: None, patterns: sh.patterns.len(), reasons: sh.reasons.len() })
