@@ -150,4 +150,21 @@ mod tests {
         let e = JobConfig::load(None, &["nope.x=1".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown section 'nope'"), "{e}");
     }
+
+    #[test]
+    fn every_shipped_job_file_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dataflows");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                JobConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "found {n} job files in {}", dir.display());
+        let c = JobConfig::load(Some(&dir.join("sasrec-reference.toml")), &[]).unwrap();
+        assert_eq!((c.sasrec.max_len, c.sasrec.stride, c.sasrec.batch_size), (50, 10, 205));
+        assert_eq!((c.sasrec.dropout, c.sasrec.patience), (0.5, 20));
+    }
 }
