@@ -20,7 +20,7 @@ sasrec-reference.toml). Evaluation: full ranking over all items, history masked 
 validation, train + validation item at test), pessimistic ties. On this 2-core CPU an epoch of
 sliding prefixes on ml-latest-small takes about 55 s; on a GPU, under a second.
 """
-import argparse, json, math, sys, time
+import argparse, json, math, time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -184,18 +184,21 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(2)
+    d = prepare(a)
+    if a.check:
+        model = SASRec(d["n_items"], a).to(d["dev"])
+        load_ours(model, a.check, a.blocks)
+        print(json.dumps({"check": a.check, "valid": evaluate(model, *d["valid"]), "test": evaluate(model, *d["test"])}))
+        return
     for seed in [int(x) for x in a.seed.split(",")]:
         a.seed = seed
-        run(a)
+        run(a, d)
 
 
-def run(a):
+def prepare(a):
+    """The split, its evaluation inputs and the training samples, on the device (once for all seeds)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(a.seed)
-    np.random.seed(a.seed)
     n_users, n_items, train, valid, test = load(a.data)
-    model = SASRec(n_items, a).to(dev)
-
     vin = pad(train, a.max_len)
     tin = pad([train[u] + [valid[u]] for u in range(n_users)], a.max_len)
     vmask = torch.zeros(n_users, n_items + 1, dtype=torch.bool)
@@ -208,12 +211,9 @@ def run(a):
     vin, tin = (T(vin[0]), T(vin[1])), (T(tin[0]), T(tin[1]))
     vmask, tmask = vmask.to(dev), tmask.to(dev)
     vt, tt = T(np.array(valid)), T(np.array(test))
-
+    d = {"dev": dev, "n_items": n_items, "valid": (vin, vt, vmask, dev), "test": (tin, tt, tmask, dev)}
     if a.check:
-        load_ours(model, a.check, a.blocks)
-        print(json.dumps({"check": a.check, "valid": evaluate(model, vin, vt, vmask, dev), "test": evaluate(model, tin, tt, tmask, dev)}))
-        return
-
+        return d
     if a.stride > 0:
         # curec's training windows (rec/sasrec.rs, SasRecTower::windows): inputs seq[st:e]
         # predict seq[st+1:e+1]; the loss covers positions first..e-st.
@@ -232,9 +232,7 @@ def run(a):
                 if st == 0:
                     break
                 end -= min(a.stride, end - st)
-        X, _ = pad(wins, a.max_len)
-        X, Y = T(X), T(np.array(tgts))
-        XL = None
+        d["X"], d["Y"], d["XL"] = T(pad(wins, a.max_len)[0]), T(np.array(tgts)), None
     else:
         # RecBole's data augmentation: every prefix of the train sequence (last max_len items) -> next item.
         seqs, tg = [], []
@@ -244,17 +242,25 @@ def run(a):
                 seqs.append(s_[max(0, i - a.max_len) : i])
                 tg.append(s_[i])
         X, XL = pad(seqs, a.max_len)
-        X, XL, Y = T(X), T(XL), T(np.array(tg))
+        d["X"], d["Y"], d["XL"] = T(X), T(np.array(tg)), T(XL)
+    return d
+
+
+def run(a, d):
+    torch.manual_seed(a.seed)
+    np.random.seed(a.seed)
+    model = SASRec(d["n_items"], a).to(d["dev"])
+    X, Y, XL = d["X"], d["Y"], d["XL"]
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     n = len(Y)
     best, best_ep, cur, hist = -1.0, -1, 0, []
     t0 = time.time()
     for ep in range(a.epochs):
-        perm = torch.randperm(n, device=dev)
+        perm = torch.randperm(n, device=d["dev"])
         tot, cnt = 0.0, 0
         for b in range(0, n, a.bs):
             idx = perm[b : b + a.bs]
-            if XL is None:
+            if a.stride > 0:
                 h = model.forward_all(X[idx])
                 y = Y[idx].reshape(-1)
                 loss = F.cross_entropy((h @ model.item.weight.T).reshape(y.shape[0], -1), y, ignore_index=-100)
@@ -268,8 +274,8 @@ def run(a):
             opt.step()
             tot += loss.item() * k
             cnt += k
-        v = evaluate(model, vin, vt, vmask, dev)
-        te = evaluate(model, tin, tt, tmask, dev)
+        v = evaluate(model, *d["valid"])
+        te = evaluate(model, *d["test"])
         hist.append({"epoch": ep, "loss": tot / cnt, "valid": v, "test": te})
         if v[a.metric] >= best:
             best, best_ep, cur = v[a.metric], ep, 0
