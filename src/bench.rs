@@ -64,35 +64,64 @@ pub fn generate_throughput(
     }))
 }
 
-/// Log-prob throughput: a batch of `batch` sequences of `seq_len` tokens (half prompt, half
-/// completion): without gradient, or (`backward`) a LoRA training step's forward and backward
-/// with activation checkpointing.
-pub fn logprob_throughput(llm: &Llm, batch: usize, seq_len: usize, backward: bool) -> Result<serde_json::Value> {
+/// Log-prob throughput: `batch` sequences of `seq_len` tokens (`completion` of them completion,
+/// default half): without gradient, or (`backward`) a LoRA training step's forward and backward
+/// with activation checkpointing. Measured twice in the same process: with `batch` distinct
+/// prompts (one row each, the baseline) and with one prompt shared by all `batch` completions, as
+/// in a GRPO group (packed into one row, the prompt computed once); `packed_speedup` is the ratio
+/// of their times.
+pub fn logprob_throughput(
+    llm: &Llm,
+    batch: usize,
+    seq_len: usize,
+    completion: Option<usize>,
+    backward: bool,
+) -> Result<serde_json::Value> {
     let ids = prompt_ids(llm, seq_len)?;
-    let half = seq_len / 2;
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..batch).map(|_| (ids[..half].to_vec(), ids[half..].to_vec())).collect();
-    let t0 = Instant::now();
+    let c = completion.unwrap_or(seq_len / 2).clamp(1, seq_len.saturating_sub(1).max(1));
+    let half = seq_len - c;
+    anyhow::ensure!(half >= 1, "bench logprobs: the prompt needs at least one token (seq_len > completion)");
+    let vocab = llm.model.cfg.vocab_size as u32;
+    let distinct: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
+        .map(|i| {
+            let mut p = ids[..half].to_vec();
+            p[0] = (p[0] + i as u32) % vocab;
+            (p, ids[half..].to_vec())
+        })
+        .collect();
+    let shared: Vec<(Vec<u32>, Vec<u32>)> = (0..batch).map(|_| (ids[..half].to_vec(), ids[half..].to_vec())).collect();
     let mode = if backward { Grad::Checkpointed } else { Grad::None };
-    let (lp, ck) = log_probs_with(&llm.model, &pairs, true, mode)?;
-    let fwd = t0.elapsed().as_secs_f64();
-    let mut bwd = 0.0;
-    if let Some(ck) = ck {
-        let t1 = Instant::now();
-        let loss = (lp.log_probs.sum_all()? / (batch * (seq_len - half)) as f64)?;
-        let grads = llm.model.backward_checkpointed(&loss, ck)?;
-        bwd = t1.elapsed().as_secs_f64();
-        drop(grads);
-    }
-    let mean: f32 = (lp.log_probs.sum_all()? / lp.mask.sum_all()?)?.to_scalar()?;
+    let run = |pairs: &[(Vec<u32>, Vec<u32>)]| -> Result<(f64, f64, f32)> {
+        let t0 = Instant::now();
+        let (lp, ck) = log_probs_with(&llm.model, pairs, true, mode)?;
+        let fwd = t0.elapsed().as_secs_f64();
+        let mut bwd = 0.0;
+        if let Some(ck) = ck {
+            let t1 = Instant::now();
+            let loss = (lp.log_probs.sum_all()? / (batch * c) as f64)?;
+            let grads = llm.model.backward_checkpointed(&loss, ck)?;
+            bwd = t1.elapsed().as_secs_f64();
+            drop(grads);
+        }
+        let mean: f32 = (lp.log_probs.sum_all()? / lp.mask.sum_all()?)?.to_scalar()?;
+        Ok((fwd, bwd, mean))
+    };
+    let (fwd, bwd, mean) = run(&distinct)?;
+    let (pfwd, pbwd, pmean) = run(&shared)?;
     Ok(json!({
         "bench": "logprobs",
         "model": llm.source.display().to_string(),
         "batch": batch,
         "seq_len": seq_len,
+        "completion_tokens": c,
         "forward_seconds": fwd,
         "backward_seconds": bwd,
         "tokens_per_s": (batch * seq_len) as f64 / fwd,
         "mean_log_prob": mean,
+        "packed_forward_seconds": pfwd,
+        "packed_backward_seconds": pbwd,
+        "packed_mean_log_prob": pmean,
+        "packed_speedup": (fwd + bwd) / (pfwd + pbwd).max(1e-12),
         "peak_rss_mib": peak_rss_mib(),
     }))
 }

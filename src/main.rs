@@ -289,6 +289,9 @@ enum BenchWhat {
         batch: usize,
         #[arg(long, default_value_t = 256)]
         seq_len: usize,
+        /// Completion tokens of each sequence (default: half of seq_len).
+        #[arg(long)]
+        completion: Option<usize>,
         /// Also run the backward pass through fresh LoRA adapters (rank 8, all projections).
         #[arg(long)]
         backward: bool,
@@ -439,12 +442,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let v = curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?;
             println!("{v}");
         }
-        Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, backward, device, dtype } } => {
+        Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, completion, backward, device, dtype } } => {
             let mut llm = load_llm(&model, &device, &dtype)?;
             if backward {
                 llm.model.add_lora(&curec::llm::LoraConfig::default())?;
             }
-            let v = curec::bench::logprob_throughput(&llm, batch, seq_len, backward)?;
+            let v = curec::bench::logprob_throughput(&llm, batch, seq_len, completion, backward)?;
             println!("{v}");
         }
         Command::Bench {

@@ -419,3 +419,76 @@ fn checkpointed_backward_equals_full_graph_backward() {
         }
     }
 }
+
+#[test]
+fn completions_sharing_a_prompt_are_packed_without_changing_log_probs_or_gradients() {
+    // A GRPO group: one prompt, completions of different lengths (one empty), plus a second
+    // prompt in between. Packed into shared rows, every log-prob and every adapter gradient must
+    // equal scoring each pair alone (nothing to pack).
+    use curec::llm::{log_probs_with, Grad};
+    let a = vec![5u32, 9, 2, 7, 1];
+    let b = vec![3u32, 3, 8];
+    let pairs = vec![
+        (a.clone(), vec![4u32, 5, 6, 7]),
+        (a.clone(), vec![11u32]),
+        (b.clone(), vec![12u32, 13]),
+        (a.clone(), vec![20u32, 21, 22]),
+        (a.clone(), vec![]),
+        (b.clone(), vec![30u32, 31, 32, 33, 34]),
+    ];
+    for fam in [Family::Qwen2, Family::Llama] {
+        let mut m = tiny(fam);
+        m.add_lora(&LoraConfig::default()).unwrap();
+        for (_, v) in m.lora_vars() {
+            v.set(&v.as_tensor().randn_like(0.0, 0.05).unwrap()).unwrap();
+        }
+        let weights: Vec<f32> = (0..pairs.len() * 5).map(|i| 0.3 + 0.1 * (i % 7) as f32).collect();
+        let w = Tensor::from_vec(weights, (pairs.len(), 5), &Device::Cpu).unwrap();
+        let loss_of = |lp: &Tensor, rows: std::ops::Range<usize>| {
+            let wr = w.narrow(0, rows.start, rows.len()).unwrap().narrow(1, 0, lp.dim(1).unwrap()).unwrap();
+            (lp * wr).unwrap().sum_all().unwrap()
+        };
+        for grad in [Grad::Full, Grad::Checkpointed] {
+            let (packed, ck) = log_probs_with(&m, &pairs, true, grad).unwrap();
+            let loss = loss_of(&packed.log_probs, 0..pairs.len());
+            let g_packed = match ck {
+                Some(ck) => m.backward_checkpointed(&loss, ck).unwrap(),
+                None => loss.backward().unwrap(),
+            };
+            let got: Vec<Vec<f32>> = packed.log_probs.to_vec2().unwrap();
+            let mask: Vec<Vec<f32>> = packed.mask.to_vec2().unwrap();
+            let mut g_alone: Vec<Vec<f32>> = Vec::new();
+            for (i, pair) in pairs.iter().enumerate() {
+                let (one, _) = log_probs_with(&m, std::slice::from_ref(pair), true, Grad::Full).unwrap();
+                let one_v: Vec<f32> = one.log_probs.flatten_all().unwrap().to_vec1().unwrap();
+                for k in 0..pair.1.len() {
+                    assert!((got[i][k] - one_v[k]).abs() < 1e-5, "{fam:?} {grad:?} pair {i} token {k}");
+                    assert_eq!(mask[i][k], 1.0);
+                }
+                assert!(got[i][pair.1.len()..].iter().all(|&x| x == 0.0), "padding must be zero");
+                assert!(mask[i][pair.1.len()..].iter().all(|&x| x == 0.0), "padding must be masked");
+                if pair.1.is_empty() {
+                    continue;
+                }
+                let grads = loss_of(&one.log_probs, i..i + 1).backward().unwrap();
+                for (k, (_, v)) in m.lora_vars().iter().enumerate() {
+                    let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    if g_alone.len() <= k {
+                        g_alone.push(g);
+                    } else {
+                        g_alone[k].iter_mut().zip(&g).for_each(|(s, x)| *s += x);
+                    }
+                }
+            }
+            for ((name, v), want) in m.lora_vars().iter().zip(&g_alone) {
+                let got: Vec<f32> = g_packed.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+                assert!(
+                    max_abs_diff(&got, want) / scale < 1e-4,
+                    "{fam:?} {grad:?} {name}: packed gradient differs by {}",
+                    max_abs_diff(&got, want)
+                );
+            }
+        }
+    }
+}

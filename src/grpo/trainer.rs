@@ -48,7 +48,8 @@ pub struct GrpoConfig {
     /// Global gradient-norm clip (0 = off).
     pub grad_clip: f64,
     pub adamw: AdamWConfig,
-    /// Rows per forward/backward pass (gradients are accumulated).
+    /// Distinct prompts per forward/backward pass (gradients are accumulated); the completions
+    /// of one prompt are packed into one row with the prompt computed once.
     pub micro_batch: usize,
     /// Activation checkpointing in the training pass (memory of one layer instead of all).
     pub checkpointing: bool,
@@ -320,9 +321,22 @@ impl Grpo {
             })
             .collect();
         let row_adv: Vec<f32> = rows.iter().map(|&i| adv[i]).collect();
-        let mb = self.cfg.micro_batch;
-        let chunks: Vec<std::ops::Range<usize>> =
-            (0..seqs.len()).step_by(mb).map(|s| s..(s + mb).min(seqs.len())).collect();
+        // Micro-batches of at most `micro_batch` distinct prompts: a group's completions share
+        // one packed row (see `llm::logprob`), so a group is never split across two passes.
+        let mut chunks: Vec<std::ops::Range<usize>> = Vec::new();
+        let (mut start, mut distinct) = (0, 0);
+        for i in 0..seqs.len() {
+            if i == 0 || seqs[i].0 != seqs[i - 1].0 {
+                if distinct == self.cfg.micro_batch {
+                    chunks.push(start..i);
+                    (start, distinct) = (i, 0);
+                }
+                distinct += 1;
+            }
+        }
+        if start < seqs.len() {
+            chunks.push(start..seqs.len());
+        }
         let no_grad = |model: &CausalLm, adapters: bool, timer: &mut f64| -> Result<Vec<Tensor>> {
             let t0 = Instant::now();
             let out = chunks
