@@ -222,3 +222,66 @@ fn steps_are_deterministic_and_independent_of_batch_composition() {
         b.step(&m, &tok, &batch(0)[2..3], &Constant, 0).unwrap().completions.into_iter().map(|c| c.text).collect();
     assert_eq!(one, full[12..18].to_vec());
 }
+
+#[test]
+fn likelihood_ranking_equals_scoring_each_candidate_alone() {
+    use curec::align::eval::{likelihood_rates, rank_by_likelihood, AnswerLabel};
+    use curec::align::AlignTask;
+    use curec::llm::completion_log_probs;
+    use serde_json::json;
+    // Word-level vocabulary in which every forced answer is two distinct words.
+    let mut vocab = serde_json::Map::new();
+    for i in 0..81u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    vocab.insert("</think>".into(), json!(81));
+    for j in 1..=10u32 {
+        vocab.insert(format!("<answer>{j}</answer>"), json!(81 + j));
+    }
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), serde_json::to_vec(&doc).unwrap()).unwrap();
+    let tok = Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+    let m = CausalLm::random(LlmConfig::tiny(Family::Llama), 9, DType::F32, &Device::Cpu).unwrap();
+    let tasks: Vec<AlignTask> = (0..5u32)
+        .map(|u| {
+            let candidates: Vec<u32> = (0..4).map(|j| u * 10 + (j * 7 + u) % 10).collect();
+            AlignTask {
+                record: u as u64,
+                user: u,
+                target: candidates[(u % 4) as usize],
+                history: vec![],
+                candidates,
+                example: 0,
+            }
+        })
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..5u32).map(|u| (0..6 + u).map(|k| (u * 13 + k * 5) % 80 + 1).collect()).collect();
+    let titles = vec!["unused"; 100];
+    let rows =
+        rank_by_likelihood(&m, &tok, &prompts, &tasks, &titles, AnswerLabel::Index, "</think> ", 2, |_| {}).unwrap();
+    assert_eq!(rows.len(), 5);
+    let mut hits = 0;
+    for ((row, task), prompt) in rows.iter().zip(&tasks).zip(&prompts) {
+        let alone: Vec<f32> = (0..4u32)
+            .map(|j| {
+                let pair = (prompt.clone(), vec![81, 82 + j]);
+                let lp = completion_log_probs(&m, &[pair], false).unwrap().log_probs;
+                lp.sum_all().unwrap().to_scalar::<f32>().unwrap() / 2.0
+            })
+            .collect();
+        for (a, b) in row.scores.iter().zip(&alone) {
+            assert!((a - b).abs() < 1e-5, "user {}: {a} vs {b}", task.user);
+        }
+        let best = (0..4).fold(0, |b, j| if alone[j] > alone[b] { j } else { b });
+        assert_eq!((row.position, row.choice), (best + 1, task.candidates[best]));
+        assert_eq!(row.hit, task.candidates[best] == task.target);
+        hits += row.hit as usize;
+    }
+    let (rate, ci, top) = likelihood_rates(&rows, 50, 1);
+    assert_eq!(rate, hits as f64 / 5.0);
+    assert!(ci.0 <= rate && rate <= ci.1);
+    assert!((0.2..=1.0).contains(&top));
+}

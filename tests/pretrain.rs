@@ -92,6 +92,21 @@ fn killed_run_resumes_to_the_same_bytes() {
     assert_eq!(steps_without_timing(&a), steps_without_timing(&b));
     assert_eq!(eval_without_timing(&ea), eval_without_timing(&eb));
 
+    // A finished run started again with other evaluation settings is re-evaluated, not
+    // retrained: same adapter and step log, the likelihood ranking added, training time kept.
+    let adapter = std::fs::read(a.join("adapter.safetensors")).unwrap();
+    let p2 = PretrainConfig { eval_users: 6, rank_answers: Some(curec::align::eval::AnswerLabel::Index), ..p.clone() };
+    let ea2 = pretrain(&s.data, model, &a, &p2, &g, &l).unwrap();
+    assert_eq!(std::fs::read(a.join("adapter.safetensors")).unwrap(), adapter);
+    assert_eq!(steps_without_timing(&a), log);
+    assert_eq!(ea2["eval_users"], json!(6));
+    for k in ["likelihood_hit_rate", "base_likelihood_hit_rate", "likelihood_top_position_share"] {
+        assert!(ea2[k].is_f64(), "eval.json lacks {k}: {ea2}");
+    }
+    assert_eq!(std::fs::read_to_string(a.join("eval_aligned_likelihood.jsonl")).unwrap().lines().count(), 6);
+    let (t1, t2) = (ea["train_seconds"].as_f64().unwrap(), ea2["train_seconds"].as_f64().unwrap());
+    assert!(t2 > 0.0 && t2 <= t1 + 0.5, "training time after re-evaluation: {t2} vs {t1}");
+
     // Same directory, another config: refused with a one-line reason.
     let other = GrpoConfig { lora_lr: 2e-2, ..g };
     let e = pretrain(&s.data, model, &b, &p, &other, &l).unwrap_err().to_string();

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::eval::{evaluate, rates, EvalRow};
+use super::eval::{evaluate, likelihood_rates, rank_by_likelihood, rates, AnswerLabel, EvalRow};
 use super::plot::{smooth, svg, Panel, Series};
 use super::reward::{RuleReward, RuleRewardConfig};
 use super::task::{eval_users, render, sample_records, train_stream, train_task, valid_task, AlignTask};
@@ -51,6 +51,11 @@ pub struct PretrainConfig {
     pub eval_users: usize,
     pub eval_batch: usize,
     pub eval_max_new_tokens: usize,
+    /// Also rank each validation prompt's candidates by the likelihood of answering with them
+    /// (`"index"` or `"title"`, as the prompt asks; unset: off), for the aligned and the base
+    /// model: `likelihood_hit_rate` in eval.json and `eval_*_likelihood.jsonl`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank_answers: Option<AnswerLabel>,
     pub checkpoint_every: usize,
     /// LoRA adapters (true) or full fine-tuning (false).
     pub lora: bool,
@@ -84,6 +89,7 @@ impl Default for PretrainConfig {
             eval_users: 100,
             eval_batch: 16,
             eval_max_new_tokens: 128,
+            rank_answers: None,
             checkpoint_every: 5,
             lora: true,
             system: None,
@@ -121,8 +127,26 @@ struct RunIdentity<'a> {
     data: String,
 }
 
+/// The hash of a run's identity. The evaluation settings do not change training, so they are
+/// left out: a finished run started again with other evaluation settings re-evaluates it.
 fn config_hash(id: &RunIdentity) -> String {
-    let text = serde_json::to_string(id).unwrap_or_default();
+    let d = PretrainConfig::default();
+    let pretrain = PretrainConfig {
+        eval_users: d.eval_users,
+        eval_batch: d.eval_batch,
+        eval_max_new_tokens: d.eval_max_new_tokens,
+        rank_answers: None,
+        bootstrap: d.bootstrap,
+        ..id.pretrain.clone()
+    };
+    let id = RunIdentity {
+        pretrain: &pretrain,
+        grpo: id.grpo,
+        lora: id.lora,
+        model: id.model.clone(),
+        data: id.data.clone(),
+    };
+    let text = serde_json::to_string(&id).unwrap_or_default();
     Sha256::digest(text.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -351,7 +375,10 @@ pub fn pretrain_until(
         }
     }
     progress.finish();
-    let train_seconds = t_run.elapsed().as_secs_f64();
+    // Training time of this invocation plus, after a resume, the logged phases of the steps
+    // before it (a finished run started again only re-evaluates: its training time stays).
+    let earlier: f64 = read_steps(&log_path)?.iter().take(start).map(|(_, s)| s.seconds.total()).sum();
+    let train_seconds = t_run.elapsed().as_secs_f64() + earlier;
 
     if cfg.lora {
         llm.model.save_lora(&out.join("adapter.safetensors"), lora_cfg)?;
@@ -390,6 +417,35 @@ pub fn pretrain_until(
         write_rows(&out.join(format!("eval_{name}.jsonl")), &rows)?;
         results.push((rates(&rows, cfg.bootstrap, cfg.seed), t0.elapsed().as_secs_f64()));
     }
+    // Likelihood ranking of the same prompts' candidates (optional).
+    let mut likelihood = serde_json::Map::new();
+    if let Some(label) = cfg.rank_answers {
+        let titles: Vec<&str> = ds.items.iter().map(|i| i.info.title.as_str()).collect();
+        let lead = if cfg.prefix.trim_end().ends_with("<think>") { "</think>" } else { "<think></think>" };
+        for (name, model) in [("aligned", &aligned), ("base", &llm.model)] {
+            let b = crate::progress::bar(tasks.len(), &format!("rank {name}"), "users");
+            let rows = rank_by_likelihood(
+                model,
+                &llm.tokenizer,
+                &prompts,
+                &tasks,
+                &titles,
+                label,
+                lead,
+                cfg.eval_batch,
+                |k| b.inc(k as u64),
+            )?;
+            b.finish();
+            let text: String =
+                rows.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<serde_json::Result<_>>()?;
+            crate::jobs::write_text(&out.join(format!("eval_{name}_likelihood.jsonl")), &text)?;
+            let (hit, ci, top) = likelihood_rates(&rows, cfg.bootstrap, cfg.seed);
+            let key = if name == "aligned" { String::new() } else { format!("{name}_") };
+            likelihood.insert(format!("{key}likelihood_hit_rate"), json!(hit));
+            likelihood.insert(format!("{key}likelihood_hit_rate_ci95"), json!(ci));
+            likelihood.insert(format!("{key}likelihood_top_position_share"), json!(top));
+        }
+    }
     let (aligned, base) = (&results[0].0, &results[1].0);
     let mean = |f: &dyn Fn(&StepStats) -> f64| steps.iter().map(|s| f(&s.1)).sum::<f64>() / steps.len().max(1) as f64;
     let eval = json!({
@@ -423,6 +479,10 @@ pub fn pretrain_until(
         "dataset": ds.name,
         "config_hash": hash,
     });
+    let mut eval = eval;
+    if let Some(obj) = eval.as_object_mut() {
+        obj.extend(likelihood);
+    }
     crate::jobs::write_json(&out.join("eval.json"), &eval)?;
     Ok(Some(eval))
 }

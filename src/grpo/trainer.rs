@@ -148,6 +148,13 @@ pub struct Timing {
     pub train_backward: f64,
 }
 
+impl Timing {
+    /// All phases of the step (training passes counted once, in `train`).
+    pub fn total(&self) -> f64 {
+        self.generate + self.reward + self.reference + self.old + self.train
+    }
+}
+
 /// What a step did (the step log's line, minus what the caller adds).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
