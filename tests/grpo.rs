@@ -285,3 +285,38 @@ fn likelihood_ranking_equals_scoring_each_candidate_alone() {
     assert!(ci.0 <= rate && rate <= ci.1);
     assert!((0.2..=1.0).contains(&top));
 }
+
+/// Reward that records which task each completion was scored against.
+struct Tagged(std::sync::Mutex<Vec<u32>>);
+
+impl Reward<u32> for Tagged {
+    fn names(&self) -> Vec<String> {
+        vec!["tag".into()]
+    }
+    fn score(&self, batch: &[(&u32, &str)]) -> anyhow::Result<Vec<Scored>> {
+        self.0.lock().unwrap().extend(batch.iter().map(|(t, _)| **t));
+        Ok(batch
+            .iter()
+            .map(|(_, text)| {
+                let r = (text.len() % 3) as f32;
+                Scored { total: r, parts: vec![r] }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_group_may_share_its_prompts_in_blocks() {
+    // G = 6 with 3 prompts: completions 0–1 see the first, 2–3 the second, 4–5 the third; a
+    // count that does not divide G is refused.
+    let tok = tiny_tokenizer();
+    let m = tiny_lora(8);
+    let mut grpo = Grpo::new(&m, vars(&m), toy_cfg(), true, 2).unwrap();
+    let sample = |n: u32| Sample { key: 7, prompts: (0..n).map(|k| (vec![1 + k, 40, 41], k)).collect() };
+    let reward = Tagged(Default::default());
+    let rep = grpo.step(&m, &tok, &[sample(3), sample(1)], &reward, 0).unwrap();
+    assert_eq!(*reward.0.lock().unwrap(), vec![0, 0, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(rep.completions.len(), 12);
+    let e = grpo.step(&m, &tok, &[sample(4)], &reward, 1).err().expect("4 prompts for G = 6").to_string();
+    assert!(e.contains("divisor of the group size 6"), "{e}");
+}

@@ -145,6 +145,24 @@ fn cli_pretrain_writes_the_contract_and_rejects_bad_input() {
     one_line(&["pretrain", "--data", "/nonexistent/data", "--model", model, "--out", f], "/nonexistent/data");
     one_line(&["pretrain", "--data", data, "--model", model, "--out", f, "--set", "pretrain.nope=1"], "nope");
     one_line(&["pretrain", "--data", data, "--model", model, "--out", f, "--set", "grpo.epsilon=2"], "grpo.epsilon");
+    let j2 = j;
+    one_line(
+        &[
+            "pretrain",
+            "--data",
+            data,
+            "--model",
+            model,
+            "--out",
+            f,
+            "--config",
+            j2,
+            "--set",
+            "pretrain.orders_per_group=3",
+        ],
+        "orders_per_group",
+    );
+    assert!(!fresh.exists(), "a refused run must not leave its directory behind");
     one_line(&["pretrain", "--data", data, "--out", f], "no model");
     one_line(&["pretrain", "--data", data, "--model", "no-such-model", "--out", f], "no-such-model");
     assert!(!fresh.join("eval.json").exists());

@@ -41,6 +41,11 @@ pub struct PretrainConfig {
     /// Each completion of a group sees the candidates in its own order (a policy that answers by
     /// position then still sees its rewards vary); false: one shared prompt per group.
     pub shuffle_per_completion: bool,
+    /// Candidate orders per group, each shared by G / orders completions (must divide G): between
+    /// one shared prompt (cheapest: one packed row per group) and one order per completion.
+    /// 0 = G with `shuffle_per_completion`, else 1.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub orders_per_group: usize,
     /// Passes over the sampled interactions (the paper trains 2 epochs).
     pub epochs: usize,
     /// Stop after this many steps (0 = no cap).
@@ -83,6 +88,7 @@ impl Default for PretrainConfig {
             negatives: 9,
             prompts_per_step: 2,
             shuffle_per_completion: true,
+            orders_per_group: 0,
             epochs: 2,
             max_steps: 0,
             sample: 40,
@@ -115,6 +121,10 @@ impl PretrainConfig {
         check(self.eval_batch >= 1, "eval_batch: expected at least 1")?;
         check(self.checkpoint_every >= 1, "checkpoint_every: expected at least 1")
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything a pretraining run depends on, hashed so that a resume with another config fails.
@@ -281,6 +291,13 @@ pub fn pretrain_until(
         grpo_stop.push("</answer>".into());
     }
     grpo.cfg.stop = grpo_stop;
+    let g = grpo.group();
+    let orders = match cfg.orders_per_group {
+        0 if cfg.shuffle_per_completion => g,
+        0 => 1,
+        m if g % m == 0 => m,
+        m => bail!("pretrain.orders_per_group = {m}: expected a divisor of the group size {g}"),
+    };
 
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create run directory", out.display()))?;
     let identity = RunIdentity {
@@ -312,10 +329,9 @@ pub fn pretrain_until(
         let mut batch = Vec::with_capacity(chunk.len());
         for r in chunk {
             let task = train_task(&ds, r, cfg.history_len, cfg.negatives, cfg.seed, epoch)?;
-            let tasks = if cfg.shuffle_per_completion {
-                (0..grpo.group()).map(|j| task.reshuffled(cfg.seed, epoch, j)).collect()
-            } else {
-                vec![task]
+            let tasks = match orders {
+                1 => vec![task],
+                m => (0..m).map(|j| task.reshuffled(cfg.seed, epoch, j)).collect(),
             };
             let prompts = tasks
                 .into_iter()

@@ -104,9 +104,10 @@ impl GrpoConfig {
 }
 
 /// One group of a step: a stable record key (seeds its completions) and the prompt (token ids)
-/// with the task the reward needs, either one shared by all G completions or one per completion
-/// (e.g. the same candidates in another order for each, so that a policy that answers by position
-/// still sees its rewards vary).
+/// with the task the reward needs: one shared by all G completions, one per completion (e.g. the
+/// same candidates in another order for each, so that a policy that answers by position still
+/// sees its rewards vary), or m dividing G, each shared by a block of G / m completions (the
+/// completions of one prompt are packed into one training row, so fewer prompts cost less).
 pub struct Sample<T> {
     pub key: u64,
     pub prompts: Vec<(Vec<u32>, T)>,
@@ -118,8 +119,10 @@ impl<T> Sample<T> {
         Self { key, prompts: vec![(prompt, task)] }
     }
 
-    fn member(&self, j: usize) -> &(Vec<u32>, T) {
-        &self.prompts[j % self.prompts.len()]
+    /// The prompt of completion `j` of a group of `g`: with m prompts (m dividing g), completions
+    /// come in m contiguous blocks of g / m, one block per prompt.
+    fn member(&self, j: usize, g: usize) -> &(Vec<u32>, T) {
+        &self.prompts[j * self.prompts.len() / g]
     }
 }
 
@@ -248,13 +251,13 @@ impl Grpo {
         let t0 = Instant::now();
         for s in batch {
             anyhow::ensure!(
-                s.prompts.len() == 1 || s.prompts.len() == g,
-                "record {}: {} prompts, expected 1 or the group size {g}",
+                !s.prompts.is_empty() && g % s.prompts.len() == 0,
+                "record {}: {} prompts, expected a divisor of the group size {g}",
                 s.key,
                 s.prompts.len()
             );
         }
-        let prompts: Vec<Vec<u32>> = batch.iter().flat_map(|s| (0..g).map(move |j| s.member(j).0.clone())).collect();
+        let prompts: Vec<Vec<u32>> = batch.iter().flat_map(|s| (0..g).map(move |j| s.member(j, g).0.clone())).collect();
         let keys: Vec<u64> =
             batch.iter().flat_map(|s| (0..g).map(move |j| completion_key(s.key, j))).collect::<Vec<_>>();
         let sampling = SamplingConfig {
@@ -277,7 +280,7 @@ impl Grpo {
         let t0 = Instant::now();
         let texts: Vec<String> = gens.iter().map(|x| tok.decode(&x.tokens, true)).collect::<Result<_>>()?;
         let pairs: Vec<(&T, &str)> =
-            texts.iter().enumerate().map(|(i, t)| (&batch[i / g].member(i % g).1, t.as_str())).collect();
+            texts.iter().enumerate().map(|(i, t)| (&batch[i / g].member(i % g, g).1, t.as_str())).collect();
         let scored = reward.score(&pairs)?;
         anyhow::ensure!(
             scored.len() == texts.len(),
