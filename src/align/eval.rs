@@ -69,15 +69,21 @@ pub fn evaluate(
     Ok(rows)
 }
 
+/// Share of hits with its 95% bootstrap interval over prompts.
+fn hit_rate(hits: impl Iterator<Item = bool>, resamples: usize, seed: u64) -> (f64, (f64, f64)) {
+    let hits: Vec<f64> = hits.map(|h| h as u8 as f64).collect();
+    (hits.iter().sum::<f64>() / hits.len().max(1) as f64, mean_ci95(&hits, resamples, seed))
+}
+
 pub fn rates(rows: &[EvalRow], resamples: usize, seed: u64) -> Rates {
     let n = rows.len().max(1) as f64;
-    let hits: Vec<f64> = rows.iter().map(|r| r.hit as u8 as f64).collect();
+    let (hit_rate, hit_rate_ci95) = hit_rate(rows.iter().map(|r| r.hit), resamples, seed);
     Rates {
         n: rows.len(),
         format_rate: rows.iter().filter(|r| r.well_formed).count() as f64 / n,
         legal_rate: rows.iter().filter(|r| r.choice.is_some()).count() as f64 / n,
-        hit_rate: hits.iter().sum::<f64>() / n,
-        hit_rate_ci95: mean_ci95(&hits, resamples, seed),
+        hit_rate,
+        hit_rate_ci95,
     }
 }
 
@@ -161,12 +167,11 @@ pub fn rank_by_likelihood(
 /// Hit rate of a likelihood ranking with its 95% bootstrap interval, and the share of prompts
 /// whose choice sits at the most frequent position (1/k for no position bias).
 pub fn likelihood_rates(rows: &[LikelihoodRow], resamples: usize, seed: u64) -> (f64, (f64, f64), f64) {
-    let hits: Vec<f64> = rows.iter().map(|r| r.hit as u8 as f64).collect();
-    let n = rows.len().max(1) as f64;
+    let (rate, ci) = hit_rate(rows.iter().map(|r| r.hit), resamples, seed);
     let mut counts = std::collections::BTreeMap::new();
     for r in rows {
         *counts.entry(r.position).or_insert(0usize) += 1;
     }
-    let top = counts.values().copied().max().unwrap_or(0) as f64 / n;
-    (hits.iter().sum::<f64>() / n, mean_ci95(&hits, resamples, seed), top)
+    let top = counts.values().copied().max().unwrap_or(0) as f64 / rows.len().max(1) as f64;
+    (rate, ci, top)
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::eval::{evaluate, likelihood_rates, rank_by_likelihood, rates, AnswerLabel, EvalRow};
+use super::eval::{evaluate, likelihood_rates, rank_by_likelihood, rates, AnswerLabel};
 use super::plot::{smooth, svg, Panel, Series};
 use super::reward::{RuleReward, RuleRewardConfig};
 use super::task::{eval_users, render, sample_records, train_stream, train_task, valid_task, AlignTask};
@@ -391,9 +391,10 @@ pub fn pretrain_until(
         }
     }
     progress.finish();
+    let steps = read_steps(&log_path)?;
     // Training time of this invocation plus, after a resume, the logged phases of the steps
     // before it (a finished run started again only re-evaluates: its training time stays).
-    let earlier: f64 = read_steps(&log_path)?.iter().take(start).map(|(_, s)| s.seconds.total()).sum();
+    let earlier: f64 = steps.iter().take(start).map(|(_, s)| s.seconds.total()).sum();
     let train_seconds = t_run.elapsed().as_secs_f64() + earlier;
 
     if cfg.lora {
@@ -404,7 +405,6 @@ pub fn pretrain_until(
         safetensors::serialize_to_file(w.iter().map(|(k, v)| (k.as_str(), v)), None, &tmp)?;
         std::fs::rename(&tmp, out.join("model.safetensors"))?;
     }
-    let steps = read_steps(&log_path)?;
     std::fs::write(out.join("curve.svg"), curve(&steps))?;
 
     // Evaluation on validation prompts: aligned (adapters on) vs base (off) vs random.
@@ -452,9 +452,7 @@ pub fn pretrain_until(
                 |k| b.inc(k as u64),
             )?;
             b.finish();
-            let text: String =
-                rows.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<serde_json::Result<_>>()?;
-            crate::jobs::write_text(&out.join(format!("eval_{name}_likelihood.jsonl")), &text)?;
+            write_rows(&out.join(format!("eval_{name}_likelihood.jsonl")), &rows)?;
             let (hit, ci, top) = likelihood_rates(&rows, cfg.bootstrap, cfg.seed);
             let key = if name == "aligned" { String::new() } else { format!("{name}_") };
             likelihood.insert(format!("{key}likelihood_hit_rate"), json!(hit));
@@ -464,7 +462,7 @@ pub fn pretrain_until(
     }
     let (aligned, base) = (&results[0].0, &results[1].0);
     let mean = |f: &dyn Fn(&StepStats) -> f64| steps.iter().map(|s| f(&s.1)).sum::<f64>() / steps.len().max(1) as f64;
-    let eval = json!({
+    let mut eval = json!({
         "format_rate": aligned.format_rate,
         "legal_rate": aligned.legal_rate,
         "hit_rate": aligned.hit_rate,
@@ -495,7 +493,6 @@ pub fn pretrain_until(
         "dataset": ds.name,
         "config_hash": hash,
     });
-    let mut eval = eval;
     if let Some(obj) = eval.as_object_mut() {
         obj.extend(likelihood);
     }
@@ -547,7 +544,7 @@ fn curve(steps: &[(Value, StepStats)]) -> String {
     )
 }
 
-fn write_rows(path: &Path, rows: &[EvalRow]) -> Result<()> {
+fn write_rows<R: Serialize>(path: &Path, rows: &[R]) -> Result<()> {
     let text: String =
         rows.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<serde_json::Result<_>>()?;
     crate::jobs::write_text(path, &text)
