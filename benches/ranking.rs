@@ -1,7 +1,8 @@
 //! Full-ranking inference: microseconds per user at batch 128 for SASRec (sequence length 200,
 //! catalogues the size of ml-latest-small and ML-1M), the CUREC reward model (the same tower plus
 //! pattern→reason attention over 20 reasons per item with MiniLM-sized 384-d embeddings, and the
-//! DIN head) and Pop, in the same run.
+//! DIN head) and Pop, in the same run; and SASRec's full pass over every position of the last
+//! block (`sasrec_full_pass`), the baseline for scoring from the last position only.
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -61,6 +62,30 @@ fn full_ranking(c: &mut Criterion) {
         let sasrec = SasRec::new(&SasRecConfig::default(), n_items, 1, &Device::Cpu).unwrap();
         g.bench_with_input(BenchmarkId::new("sasrec", n_items), &ds, |b, ds| {
             b.iter(|| sasrec.score(ds, &users, Split::Test).unwrap())
+        });
+        // Baseline: every position through every block, then the last one taken (what scoring
+        // did before the last block was restricted to the positions it needs).
+        g.bench_with_input(BenchmarkId::new("sasrec_full_pass", n_items), &ds, |b, ds| {
+            b.iter(|| {
+                let tower = sasrec.tower();
+                let hist: Vec<Vec<u32>> = users.iter().map(|&u| ds.history(u, Split::Test)).collect();
+                let refs: Vec<&[u32]> = hist.iter().map(|h| &h[h.len().saturating_sub(tower.cfg.max_len)..]).collect();
+                let x = tower.encode(&refs, None).unwrap();
+                let t = x.dim(1).unwrap();
+                let rows: Vec<u32> =
+                    refs.iter().enumerate().map(|(r, s)| (r * t + s.len().clamp(1, t) - 1) as u32).collect();
+                let last = x
+                    .reshape((refs.len() * t, tower.cfg.dim))
+                    .unwrap()
+                    .index_select(&candle_core::Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0)
+                    .unwrap();
+                last.matmul(&tower.item_table().unwrap().t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
         });
         let curec = Curec::new(
             &CurecConfig::default(),

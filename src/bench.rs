@@ -133,3 +133,72 @@ pub fn peak_rss_mib() -> Option<f64> {
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
+
+/// One SASRec training step (forward, softmax cross-entropy over all items, backward) on the
+/// first `steps` batches of the epoch-0 windows of a prepared dataset, timed two ways in this
+/// process: the full pass with the target rows selected afterwards (the baseline), and
+/// [`SasRecTower::encode_at`], whose last block computes only the target positions.
+pub fn sasrec_step_throughput(
+    ds: &crate::data::Dataset,
+    cfg: &crate::rec::sasrec::SasRecConfig,
+    steps: usize,
+) -> Result<serde_json::Value> {
+    use crate::ops::cross_entropy;
+    use crate::rec::nn::rng_for;
+    use candle_core::{Device, Tensor};
+    use rand::seq::SliceRandom;
+
+    let model = crate::rec::sasrec::SasRec::new(cfg, ds.n_items, 2024, &Device::Cpu)?;
+    let tower = model.tower();
+    let mut windows = tower.windows(ds);
+    windows.shuffle(&mut rng_for(2024, 2, 0));
+    let batches: Vec<_> = windows.chunks(cfg.batch_size).take(steps.max(1)).collect();
+    let table = tower.item_table()?;
+    let run = |restricted: bool| -> Result<(f64, f64, usize)> {
+        let (mut seconds, mut loss_sum, mut targets_seen) = (0f64, 0f64, 0usize);
+        for (bi, batch) in batches.iter().enumerate() {
+            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
+            let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
+            let (mut rows, mut targets) = (Vec::new(), Vec::new());
+            for (r, &(u, a, e, first)) in batch.iter().enumerate() {
+                for j in first..e - a {
+                    rows.push((r * t + j) as u32);
+                    targets.push(ds.train[u as usize][a + 1 + j]);
+                }
+            }
+            let mut rng = rng_for(2024, 3, bi as u64);
+            let t0 = Instant::now();
+            let h = if restricted {
+                tower.encode_at(&inputs, &rows, Some(&mut rng))?
+            } else {
+                let x = tower.encode(&inputs, Some(&mut rng))?;
+                x.reshape((batch.len() * t, cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?
+            };
+            let loss = cross_entropy(&h.matmul(&table.t()?)?, &Tensor::new(targets.as_slice(), &Device::Cpu)?)?;
+            let grads = loss.backward()?;
+            seconds += t0.elapsed().as_secs_f64();
+            drop(grads);
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            targets_seen += targets.len();
+        }
+        Ok((seconds, loss_sum / batches.len() as f64, targets_seen))
+    };
+    let (full, full_loss, n) = run(false)?;
+    let (at, at_loss, _) = run(true)?;
+    Ok(json!({
+        "bench": "sasrec",
+        "dataset": ds.name,
+        "max_len": cfg.max_len,
+        "stride": cfg.stride,
+        "batch_windows": cfg.batch_size,
+        "steps": batches.len(),
+        "targets": n,
+        "windows_per_epoch": windows.len(),
+        "full_seconds_per_step": full / batches.len() as f64,
+        "target_rows_seconds_per_step": at / batches.len() as f64,
+        "speedup": full / at.max(1e-12),
+        "mean_loss_full": full_loss,
+        "mean_loss_target_rows": at_loss,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}

@@ -281,6 +281,22 @@ enum BenchWhat {
         #[arg(short = 'w', long, default_value_t = 2)]
         workers: usize,
     },
+    /// SASRec training steps on a prepared dataset's windows: the full pass against the one
+    /// that computes the last block only at the targets (`speedup`), in one process.
+    Sasrec {
+        /// Prepared dataset directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// A job file whose [sasrec] table sets the model (default: the built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a job file key, e.g. `--set sasrec.stride=1` (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Batches timed.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
     /// Per-token log-prob throughput for batch × seq_len (half prompt, half completion).
     Logprobs {
         #[arg(long)]
@@ -441,6 +457,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut llm = load_llm(&model, &device, &dtype)?;
             let v = curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?;
             println!("{v}");
+        }
+        Command::Bench { what: BenchWhat::Sasrec { data, config, sets, steps } } => {
+            let job = curec::config::JobConfig::load(config.as_deref(), &sets)?;
+            let ds = curec::data::prepared::read_dataset(&data)?;
+            println!("{}", curec::bench::sasrec_step_throughput(&ds, &job.sasrec, steps)?);
         }
         Command::Bench { what: BenchWhat::Logprobs { model, batch, seq_len, completion, backward, device, dtype } } => {
             let mut llm = load_llm(&model, &device, &dtype)?;

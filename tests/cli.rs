@@ -347,6 +347,35 @@ fn same_seed_gives_identical_models_and_metrics() {
     }
 }
 
+/// `curec bench sasrec` times the same training steps with the full pass and with the last block
+/// restricted to the targets: the two must compute the same loss.
+#[test]
+fn sasrec_bench_compares_the_full_pass_with_the_same_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-100k", &data);
+    for stride in ["1", "3"] {
+        let set = format!("sasrec.stride={stride}");
+        let out = ok(curec(&[
+            "bench",
+            "sasrec",
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--set",
+            "sasrec.max_len=8",
+            "--set",
+            &set,
+        ]));
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["bench"], "sasrec");
+        assert!(v["targets"].as_u64().unwrap() > 0 && v["speedup"].as_f64().unwrap() > 0.0, "{v}");
+        let (a, b) = (v["mean_loss_full"].as_f64().unwrap(), v["mean_loss_target_rows"].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-5 && a > 0.0, "stride {stride}: losses {a} vs {b}");
+    }
+}
+
 /// LLM commands: bad models and bad names stop with one line naming what was wrong.
 #[test]
 fn llm_commands_reject_bad_models_with_one_line() {

@@ -687,10 +687,7 @@ impl Model for Curec {
                 }
             }
             let mut rng = rng_for(self.seed, 13, ((epoch as u64) << 32) | bi as u64);
-            let x = self.tower.encode(&inputs, Some(&mut rng))?;
-            let eu = x
-                .reshape((batch.len() * t, self.tower.cfg.dim))?
-                .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let eu = self.tower.encode_at(&inputs, &rows, Some(&mut rng))?;
             // Full softmax over all items, or over the batch's targets plus sampled negatives
             // (uniform, so no log-Q correction is needed).
             let sampled;

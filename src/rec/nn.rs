@@ -105,9 +105,13 @@ pub fn dropout(x: &Tensor, p: f32, rng: Option<&mut ChaCha8Rng>) -> Result<Tenso
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    x * Tensor::from_vec(dropout_mask(x.elem_count(), p, rng), x.shape(), x.device())?
+}
+
+/// The `n` factors of an inverted-dropout mask (0 or 1 / (1 − p)), as [`dropout`] draws them.
+pub fn dropout_mask(n: usize, p: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
+    (0..n).map(|_| if rng.random::<f32>() < p { 0.0 } else { keep }).collect()
 }
 
 /// Mean binary cross-entropy with logits, stable for large |x|: max(x,0) − x·y + log(1 + e^{−|x|}).

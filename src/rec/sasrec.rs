@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{causal_padding_bias, dropout, position_mask, rng_for, LayerNorm, Params};
+use super::nn::{causal_padding_bias, dropout, dropout_mask, position_mask, rng_for, LayerNorm, Params};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
@@ -105,6 +105,12 @@ impl SasRec {
     }
 }
 
+impl SasRec {
+    pub fn tower(&self) -> &SasRecTower {
+        &self.tower
+    }
+}
+
 impl SasRecTower {
     /// Register the tower's parameters in `p` (names as in SASRec checkpoints).
     pub fn new(cfg: &SasRecConfig, n_items: usize, p: &mut Params) -> anyhow::Result<Self> {
@@ -138,8 +144,44 @@ impl SasRecTower {
 
     /// Hidden states `B × T × d` for right-padded sequences (T = longest sequence in the batch).
     pub fn encode(&self, seqs: &[&[u32]], mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
+        let (mut x, _, mask, bias) = self.embed(seqs, rng.as_deref_mut())?;
+        for blk in &self.blocks {
+            x = self.block(blk, &x, &bias, &mask, rng.as_deref_mut())?;
+        }
+        Ok(x)
+    }
+
+    /// The hidden states `n × d` at `rows` of the flattened `B × T` output (row `r·T + j` is
+    /// position j of sequence r), equal to [`encode`](Self::encode) followed by a row selection,
+    /// dropout included. The last block computes queries, attention and feed-forward only where
+    /// an output is wanted (keys and values everywhere): when training on one target per window
+    /// or scoring from the last position, that is one position of T.
+    pub fn encode_at(
+        &self,
+        seqs: &[&[u32]],
+        rows: &[u32],
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let (mut x, valid, mask, bias) = self.embed(seqs, rng.as_deref_mut())?;
+        let (b, t) = (x.dim(0)?, x.dim(1)?);
+        let Some((last, rest)) = self.blocks.split_last() else {
+            return x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows, x.device())?, 0);
+        };
+        for blk in rest {
+            x = self.block(blk, &x, &bias, &mask, rng.as_deref_mut())?;
+        }
+        self.block_at(last, &x, &valid, rows, rng)
+    }
+
+    /// Embeddings, layer norm and dropout of right-padded sequences: `B × T × d` with padding
+    /// zeroed, which positions are valid, the `B × T × 1` mask of them and the attention bias.
+    fn embed(
+        &self,
+        seqs: &[&[u32]],
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<(Tensor, Vec<Vec<bool>>, Tensor, Tensor)> {
         let dev = self.item_emb.device();
-        let (b, d, p) = (seqs.len(), self.cfg.dim, self.cfg.dropout);
+        let (b, d) = (seqs.len(), self.cfg.dim);
         let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1).clamp(1, self.cfg.max_len);
         let mut ids = vec![0u32; b * t];
         let mut valid = vec![vec![false; t]; b];
@@ -156,24 +198,157 @@ impl SasRecTower {
         let x = self.item_emb.index_select(&ids, 0)?.reshape((b, t, d))?;
         let pos = self.pos_emb.narrow(0, 0, t)?;
         let x = self.emb_ln.forward(&x.broadcast_add(&pos)?)?;
-        let mut x = dropout(&x, p, rng.as_deref_mut())?.broadcast_mul(&mask)?;
-        let (h, dh) = (self.cfg.heads, d / self.cfg.heads);
-        for blk in &self.blocks {
-            let split = |l: &Linear| -> candle_core::Result<Tensor> {
-                l.forward(&x)?.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
-            };
-            let (q, k, v) = (split(&blk.q)?, split(&blk.k)?, split(&blk.v)?);
-            let q = (q / (dh as f64).sqrt())?;
-            let att = q.matmul(&k.transpose(2, 3)?.contiguous()?)?.broadcast_add(&bias)?;
-            let att = dropout(&softmax_last_dim(&att)?, p, rng.as_deref_mut())?;
-            let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-            let a = dropout(&blk.o.forward(&ctx)?, p, rng.as_deref_mut())?;
-            let x1 = blk.ln1.forward(&(&x + a)?)?;
-            let f = blk.ff2.forward(&blk.ff1.forward(&x1)?.relu()?)?;
-            let f = dropout(&f, p, rng.as_deref_mut())?;
-            x = blk.ln2.forward(&(x1 + f)?)?.broadcast_mul(&mask)?;
+        let x = dropout(&x, self.cfg.dropout, rng)?.broadcast_mul(&mask)?;
+        Ok((x, valid, mask, bias))
+    }
+
+    /// One post-LN transformer block over every position: `B × T × d` in and out.
+    fn block(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        bias: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let (h, p) = (self.cfg.heads, self.cfg.dropout);
+        let dh = d / h;
+        let split = |l: &Linear| -> candle_core::Result<Tensor> {
+            l.forward(x)?.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
+        };
+        let (q, k, v) = (split(&blk.q)?, split(&blk.k)?, split(&blk.v)?);
+        let q = (q / (dh as f64).sqrt())?;
+        let att = q.matmul(&k.transpose(2, 3)?.contiguous()?)?.broadcast_add(bias)?;
+        let att = dropout(&softmax_last_dim(&att)?, p, rng.as_deref_mut())?;
+        let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let a = dropout(&blk.o.forward(&ctx)?, p, rng.as_deref_mut())?;
+        let x1 = blk.ln1.forward(&(x + a)?)?;
+        let f = blk.ff2.forward(&blk.ff1.forward(&x1)?.relu()?)?;
+        let f = dropout(&f, p, rng)?;
+        blk.ln2.forward(&(x1 + f)?)?.broadcast_mul(mask)
+    }
+
+    /// [`block`](Self::block) evaluated only at `rows` (flattened `r·T + j`): `n × d` in the
+    /// order of `rows`. Each sequence's wanted positions `lo..=hi` are covered by a run of m
+    /// queries; sequences needing at most T/2 share the narrowest such m, the rest take all T.
+    /// Dropout masks are drawn at full size, as `block` draws them, and the needed parts used.
+    fn block_at(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        valid: &[Vec<bool>],
+        rows: &[u32],
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let dev = x.device();
+        let (b, t, d) = x.dims3()?;
+        let (h, p) = (self.cfg.heads, self.cfg.dropout);
+        let dh = d / h;
+        let masks = match rng {
+            Some(rng) if p > 0.0 => Some([
+                dropout_mask(b * h * t * t, p, rng),
+                dropout_mask(b * t * d, p, rng),
+                dropout_mask(b * t * d, p, rng),
+            ]),
+            _ => None,
+        };
+        // The span of wanted positions of each sequence.
+        let mut span: Vec<Option<(usize, usize)>> = vec![None; b];
+        for &row in rows {
+            let (r, j) = (row as usize / t, row as usize % t);
+            span[r] = Some(span[r].map_or((j, j), |(lo, hi)| (lo.min(j), hi.max(j))));
         }
-        Ok(x)
+        let width = |&(lo, hi): &(usize, usize)| hi - lo + 1;
+        let narrow = span.iter().flatten().map(width).filter(|&w| 2 * w <= t).max();
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        if let Some(m) = narrow {
+            groups.push((m, (0..b).filter(|&r| span[r].is_some_and(|s| 2 * width(&s) <= t)).collect()));
+        }
+        let wide: Vec<usize> = (0..b).filter(|&r| span[r].is_some_and(|s| 2 * width(&s) > t)).collect();
+        if !wide.is_empty() {
+            groups.push((t, wide));
+        }
+        // Where each (sequence, position) lands in the concatenated group outputs.
+        let mut at = vec![u32::MAX; b * t];
+        let (mut outs, mut base) = (Vec::new(), 0usize);
+        for (m, members) in &groups {
+            let (m, bg) = (*m, members.len());
+            let offset: Vec<usize> = members.iter().map(|&r| span[r].expect("member").0.min(t - m)).collect();
+            let xg = if bg == b {
+                x.clone()
+            } else {
+                let idx: Vec<u32> = members.iter().map(|&r| r as u32).collect();
+                x.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?
+            };
+            let split = |l: &Linear, n: usize, y: &Tensor| -> candle_core::Result<Tensor> {
+                l.forward(y)?.reshape((bg, n, h, dh))?.transpose(1, 2)?.contiguous()
+            };
+            let (k, v) = (split(&blk.k, t, &xg)?, split(&blk.v, t, &xg)?);
+            // (sequence, position) of each query, and its row in the full B × T layout.
+            let mut full_rows = Vec::with_capacity(bg * m);
+            let mut local_rows = Vec::with_capacity(bg * m);
+            for (gi, (&r, &o)) in members.iter().zip(&offset).enumerate() {
+                for j in o..o + m {
+                    at[r * t + j] = (base + gi * m + j - o) as u32;
+                    full_rows.push(r * t + j);
+                    local_rows.push((gi * t + j) as u32);
+                }
+            }
+            let xq = if m == t {
+                xg.reshape((bg * t, d))?
+            } else {
+                xg.reshape((bg * t, d))?.index_select(&Tensor::new(local_rows.as_slice(), dev)?, 0)?
+            };
+            let q = (split(&blk.q, m, &xq.reshape((bg, m, d))?)? / (dh as f64).sqrt())?;
+            let mut bias = vec![0f32; bg * m * t];
+            for (gi, (&r, &o)) in members.iter().zip(&offset).enumerate() {
+                for i in 0..m {
+                    for key in 0..t {
+                        if key > o + i || !valid[r][key] {
+                            bias[(gi * m + i) * t + key] = -1e9;
+                        }
+                    }
+                }
+            }
+            let bias = Tensor::from_vec(bias, (bg, 1, m, t), dev)?;
+            let att = q.matmul(&k.transpose(2, 3)?.contiguous()?)?.broadcast_add(&bias)?;
+            let mut att = softmax_last_dim(&att)?;
+            if let Some([m_att, _, _]) = &masks {
+                let mut g = Vec::with_capacity(bg * h * m * t);
+                for (&r, &o) in members.iter().zip(&offset) {
+                    for hh in 0..h {
+                        let start = ((r * h + hh) * t + o) * t;
+                        g.extend_from_slice(&m_att[start..start + m * t]);
+                    }
+                }
+                att = (att * Tensor::from_vec(g, (bg, h, m, t), dev)?)?;
+            }
+            let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((bg * m, d))?;
+            let rows_of = |mask: &[f32]| -> candle_core::Result<Tensor> {
+                let mut g = Vec::with_capacity(bg * m * d);
+                for &fr in &full_rows {
+                    g.extend_from_slice(&mask[fr * d..(fr + 1) * d]);
+                }
+                Tensor::from_vec(g, (bg * m, d), dev)
+            };
+            let mut a = blk.o.forward(&ctx)?;
+            if let Some([_, m_o, _]) = &masks {
+                a = (a * rows_of(m_o)?)?;
+            }
+            let x1 = blk.ln1.forward(&(xq + a)?)?;
+            let mut f = blk.ff2.forward(&blk.ff1.forward(&x1)?.relu()?)?;
+            if let Some([_, _, m_f]) = &masks {
+                f = (f * rows_of(m_f)?)?;
+            }
+            let keep: Vec<f32> = full_rows.iter().map(|&fr| if valid[fr / t][fr % t] { 1.0 } else { 0.0 }).collect();
+            let out = blk.ln2.forward(&(x1 + f)?)?.broadcast_mul(&Tensor::from_vec(keep, (bg * m, 1), dev)?)?;
+            outs.push(out);
+            base += bg * m;
+        }
+        let all = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 0)? };
+        let idx: Vec<u32> = rows.iter().map(|&row| at[row as usize]).collect();
+        all.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)
     }
 
     /// Item embeddings `n_items × d` (without the padding row).
@@ -183,10 +358,9 @@ impl SasRecTower {
 
     /// The hidden state at each sequence's last position, `B × d`.
     pub fn last_hidden(&self, seqs: &[&[u32]]) -> candle_core::Result<Tensor> {
-        let x = self.encode(seqs, None)?;
-        let (b, t) = (x.dim(0)?, x.dim(1)?);
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1).clamp(1, self.cfg.max_len);
         let rows: Vec<u32> = seqs.iter().enumerate().map(|(r, s)| (r * t + s.len().clamp(1, t) - 1) as u32).collect();
-        x.reshape((b * t, self.cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)
+        self.encode_at(seqs, &rows, None)
     }
 
     /// Training windows `(user, start, end, first)`: inputs `seq[start..end]` predict
@@ -251,10 +425,7 @@ impl Model for SasRec {
                 }
             }
             let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
-            let x = self.tower.encode(&inputs, Some(&mut rng))?;
-            let h = x
-                .reshape((batch.len() * t, self.tower.cfg.dim))?
-                .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
+            let h = self.tower.encode_at(&inputs, &rows, Some(&mut rng))?;
             let logits = h.matmul(&self.tower.item_table()?.t()?)?;
             let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
             self.opt.backward_step(&loss)?;
@@ -300,6 +471,58 @@ mod tests {
             let one = m.score(&ds, &[u], Split::Test).unwrap();
             for (a, b) in one.iter().zip(&all[u as usize * 30..(u as usize + 1) * 30]) {
                 assert!((a - b).abs() < 1e-4, "user {u}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_at_chosen_rows_equal_the_full_pass_with_dropout_and_gradients() {
+        // encode_at must be encode followed by a row selection: same values, same dropout, same
+        // gradients. Rows: a last position, a run of three, every position of one sequence (the
+        // wide group), a lone early position, and a padding position (zero in the full pass).
+        let ds = toy(30, &[3, 12, 7, 25, 16]);
+        let cfg = SasRecConfig { max_len: 16, dropout: 0.3, ..Default::default() };
+        let m = SasRec::new(&cfg, 30, 3, &Device::Cpu).unwrap();
+        let seqs: Vec<&[u32]> = ds.train.iter().map(|s| &s[s.len().saturating_sub(16)..]).collect();
+        let t = 16u32;
+        let mut rows = vec![2, t + 9, t + 10, t + 11, 2 * t + 1, 4 * t + 15, 5];
+        rows.extend(3 * t..4 * t);
+        rows.push(t + 10);
+        for train in [false, true] {
+            let (mut r1, mut r2) = (rng_for(1, 2, 3), rng_for(1, 2, 3));
+            let full = m.tower.encode(&seqs, train.then_some(&mut r1)).unwrap();
+            let full = full
+                .reshape((5 * 16, 64))
+                .unwrap()
+                .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0)
+                .unwrap();
+            let part = m.tower.encode_at(&seqs, &rows, train.then_some(&mut r2)).unwrap();
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (full.flatten_all().unwrap().to_vec1().unwrap(), part.flatten_all().unwrap().to_vec1().unwrap());
+            assert_eq!(a.len(), b.len());
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() < 1e-5, "train {train}, value {i}: {x} vs {y}");
+            }
+            assert!(a[6 * 64..7 * 64].iter().all(|&x| x == 0.0), "padding position is zero");
+            let w = Tensor::from_vec(
+                (0..a.len()).map(|i| ((i * 37 % 11) as f32) - 5.0).collect::<Vec<_>>(),
+                part.shape(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let g_full = (full * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_part = (part * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for var in m.params.varmap.all_vars() {
+                let (gf, gp) = (g_full.get(var.as_tensor()), g_part.get(var.as_tensor()));
+                assert_eq!(gf.is_some(), gp.is_some());
+                if let (Some(gf), Some(gp)) = (gf, gp) {
+                    let (gf, gp): (Vec<f32>, Vec<f32>) =
+                        (gf.flatten_all().unwrap().to_vec1().unwrap(), gp.flatten_all().unwrap().to_vec1().unwrap());
+                    let scale = gf.iter().fold(1f32, |s, x| s.max(x.abs()));
+                    for (x, y) in gf.iter().zip(&gp) {
+                        assert!((x - y).abs() <= 1e-4 * scale, "train {train}: gradient {x} vs {y}");
+                    }
+                }
             }
         }
     }
