@@ -103,9 +103,7 @@ impl SasRec {
         let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
         Ok(SasRec { tower, seed, params: p, opt })
     }
-}
 
-impl SasRec {
     pub fn tower(&self) -> &SasRecTower {
         &self.tower
     }
