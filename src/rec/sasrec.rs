@@ -241,6 +241,9 @@ impl SasRecTower {
     ) -> candle_core::Result<Tensor> {
         let dev = x.device();
         let (b, t, d) = x.dims3()?;
+        if rows.is_empty() {
+            return Tensor::zeros((0, d), x.dtype(), dev);
+        }
         let (h, p) = (self.cfg.heads, self.cfg.dropout);
         let dh = d / h;
         let masks = match rng {
