@@ -145,6 +145,7 @@ pub fn sasrec_step_throughput(
 ) -> Result<serde_json::Value> {
     use crate::ops::cross_entropy;
     use crate::rec::nn::rng_for;
+    use crate::rec::sasrec::SasRecTower;
     use candle_core::{Device, Tensor};
     use rand::seq::SliceRandom;
 
@@ -157,15 +158,8 @@ pub fn sasrec_step_throughput(
     let run = |restricted: bool| -> Result<(f64, f64, usize)> {
         let (mut seconds, mut loss_sum, mut targets_seen) = (0f64, 0f64, 0usize);
         for (bi, batch) in batches.iter().enumerate() {
-            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
+            let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
             let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
-            let (mut rows, mut targets) = (Vec::new(), Vec::new());
-            for (r, &(u, a, e, first)) in batch.iter().enumerate() {
-                for j in first..e - a {
-                    rows.push((r * t + j) as u32);
-                    targets.push(ds.train[u as usize][a + 1 + j]);
-                }
-            }
             let mut rng = rng_for(2024, 3, bi as u64);
             let t0 = Instant::now();
             let h = if restricted {

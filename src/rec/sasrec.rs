@@ -364,6 +364,21 @@ impl SasRecTower {
         self.encode_at(seqs, &rows, None)
     }
 
+    /// A batch of training windows as the tower takes it: the input sequences, the rows of the
+    /// flattened `B × T` hidden states that have a target, and those targets.
+    pub fn batch<'a>(ds: &'a Dataset, windows: &[(u32, usize, usize, usize)]) -> (Vec<&'a [u32]>, Vec<u32>, Vec<u32>) {
+        let inputs: Vec<&[u32]> = windows.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
+        let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for (r, &(u, a, e, first)) in windows.iter().enumerate() {
+            for j in first..e - a {
+                rows.push((r * t + j) as u32);
+                targets.push(ds.train[u as usize][a + 1 + j]);
+            }
+        }
+        (inputs, rows, targets)
+    }
+
     /// Training windows `(user, start, end, first)`: inputs `seq[start..end]` predict
     /// `seq[start + 1..end + 1]`, and the loss covers the window positions `first..end - start`.
     /// Together they cover every train target of every user exactly once (see `stride`).
@@ -415,16 +430,7 @@ impl Model for SasRec {
         let dev = self.tower.item_emb.device().clone();
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in batches.into_iter().enumerate() {
-            let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
-            let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
-            // Rows of the flattened B × T hidden states that have a target, and those targets.
-            let (mut rows, mut targets) = (Vec::new(), Vec::new());
-            for (r, &(u, a, e, first)) in batch.iter().enumerate() {
-                for j in first..e - a {
-                    rows.push((r * t + j) as u32);
-                    targets.push(ds.train[u as usize][a + 1 + j]);
-                }
-            }
+            let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
             let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
             let h = self.tower.encode_at(&inputs, &rows, Some(&mut rng))?;
             let logits = h.matmul(&self.tower.item_table()?.t()?)?;
