@@ -154,29 +154,46 @@ pub fn sasrec_step_throughput(
     let mut windows = tower.windows(ds);
     windows.shuffle(&mut rng_for(2024, 2, 0));
     let batches: Vec<_> = windows.chunks(cfg.batch_size).take(steps.max(1)).collect();
+    if batches.is_empty() {
+        anyhow::bail!(
+            "dataset {}: no training windows to time (every user has fewer than 2 train interactions)",
+            ds.name
+        );
+    }
     let table = tower.item_table()?;
+    // One training step on batch `bi`, either way: (seconds, loss, targets).
+    let step = |restricted: bool, bi: usize| -> Result<(f64, f64, usize)> {
+        let batch = batches[bi];
+        let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
+        let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
+        let mut rng = rng_for(2024, 3, bi as u64);
+        let t0 = Instant::now();
+        let h = if restricted {
+            tower.encode_at(&inputs, &rows, Some(&mut rng))?
+        } else {
+            let x = tower.encode(&inputs, Some(&mut rng))?;
+            x.reshape((batch.len() * t, cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?
+        };
+        let loss = cross_entropy(&h.matmul(&table.t()?)?, &Tensor::new(targets.as_slice(), &Device::Cpu)?)?;
+        let grads = loss.backward()?;
+        let seconds = t0.elapsed().as_secs_f64();
+        drop(grads);
+        Ok((seconds, loss.to_scalar::<f32>()? as f64, targets.len()))
+    };
     let run = |restricted: bool| -> Result<(f64, f64, usize)> {
         let (mut seconds, mut loss_sum, mut targets_seen) = (0f64, 0f64, 0usize);
-        for (bi, batch) in batches.iter().enumerate() {
-            let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
-            let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
-            let mut rng = rng_for(2024, 3, bi as u64);
-            let t0 = Instant::now();
-            let h = if restricted {
-                tower.encode_at(&inputs, &rows, Some(&mut rng))?
-            } else {
-                let x = tower.encode(&inputs, Some(&mut rng))?;
-                x.reshape((batch.len() * t, cfg.dim))?.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?
-            };
-            let loss = cross_entropy(&h.matmul(&table.t()?)?, &Tensor::new(targets.as_slice(), &Device::Cpu)?)?;
-            let grads = loss.backward()?;
-            seconds += t0.elapsed().as_secs_f64();
-            drop(grads);
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            targets_seen += targets.len();
+        for bi in 0..batches.len() {
+            let (s, l, n) = step(restricted, bi)?;
+            seconds += s;
+            loss_sum += l;
+            targets_seen += n;
         }
         Ok((seconds, loss_sum / batches.len() as f64, targets_seen))
     };
+    // One untimed step each way first, so that the allocator's and the thread pool's warm-up does
+    // not fall on whichever way is timed first.
+    step(false, 0)?;
+    step(true, 0)?;
     let (full, full_loss, n) = run(false)?;
     let (at, at_loss, _) = run(true)?;
     Ok(json!({
