@@ -289,9 +289,14 @@ pub fn table_header() -> String {
 /// One Markdown row of a metrics object.
 pub fn table_row(m: &Value) -> String {
     let f = |k: &str| m[k].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    // One run: the 95% bootstrap interval over users; a summary over seeds: ± the seeds' sd.
     let ci = m["ndcg@10_ci95"]
         .as_array()
-        .map(|a| format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN)));
+        .map(|a| format!(" [{:.4}, {:.4}]", a[0].as_f64().unwrap_or(f64::NAN), a[1].as_f64().unwrap_or(f64::NAN)))
+        .or_else(|| {
+            let n = m["seeds"].as_array()?.len();
+            Some(format!(" ± {:.4} ({n} seeds)", m["ndcg@10_sd"].as_f64()?))
+        });
     let secs = m["train_seconds"].as_f64().map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into());
     let model = match m["variant"].as_str() {
         Some(v) => format!("{}-{v}", m["model"].as_str().unwrap_or("?")),

@@ -21,3 +21,4 @@ pub mod ops;
 pub mod progress;
 pub mod rec;
 pub mod replay;
+pub mod seeds;

@@ -62,8 +62,12 @@ enum Command {
         /// Job file with [train], [ncf], [sasrec] tables.
         #[arg(long)]
         config: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
+        /// Train once per seed (comma-separated) into <out>/seed-<s>/ and write the mean, sd, min and
+        /// max over seeds to <out>/metrics.json; finished seeds with the same config are reused.
+        #[arg(long)]
+        seeds: Option<String>,
         /// Upper bound on epochs.
         #[arg(long)]
         max_epochs: Option<usize>,
@@ -357,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let stats = jobs::prepare(&input, &out, &format, &cfg)?;
             println!("{}", serde_json::to_string(&stats)?);
         }
-        Command::Train { model, data, out, config, seed, max_epochs, features, variant, mut sets } => {
+        Command::Train { model, data, out, config, seed, seeds, max_epochs, features, variant, mut sets } => {
             sets.extend(seed.map(|v| format!("train.seed={v}")));
             sets.extend(features.map(|f| format!("curec.features={}", toml_str(&f.display().to_string()))));
             sets.extend(variant.map(|v| format!("curec.variant=\"{}\"", v.name())));
@@ -367,8 +371,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sets.push(format!("curec.max_epochs={e}"));
             }
             let cfg = JobConfig::load(config.as_deref(), &sets)?;
-            let m = jobs::train(model, &data, &out, &cfg)?;
-            println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+            if let Some(seeds) = seeds {
+                let seeds = curec::seeds::parse_seeds(&seeds)?;
+                println!("{}", jobs::table_header());
+                let m = curec::seeds::train_seeds(model, &data, &out, &cfg, &seeds)?;
+                println!("{}", jobs::table_row(&m));
+            } else {
+                let m = jobs::train(model, &data, &out, &cfg)?;
+                println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+            }
         }
         Command::Pretrain { data, model, out, config, sets } => {
             let cfg = JobConfig::load(config.as_deref(), &sets)?;

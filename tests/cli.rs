@@ -347,6 +347,55 @@ fn same_seed_gives_identical_models_and_metrics() {
     }
 }
 
+/// `--seeds`: one ordinary run per seed, the same as `--seed` alone, and a summary whose metrics
+/// are the means over them; a finished seed is reused, one with another config is refused.
+#[test]
+fn seeds_train_one_run_each_and_summarise_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-100k", &data);
+    let sweep = tmp.path().join("sweep");
+    let args = ["--max-epochs", "2", "--set", "sasrec.max_len=8"];
+    let s = train("sasrec", &data, &sweep, &[&args[..], &["--seeds", "3,9"]].concat());
+    let single = train("sasrec", &data, &tmp.path().join("single"), &[&args[..], &["--seed", "9"]].concat());
+    let w9 = std::fs::read(sweep.join("seed-9/model.safetensors")).unwrap();
+    assert!(w9 == std::fs::read(tmp.path().join("single/model.safetensors")).unwrap(), "seed 9 differs from --seed 9");
+    let m3 = read_json(&sweep.join("seed-3/metrics.json"));
+    assert_eq!(s["seeds"], serde_json::json!([3, 9]));
+    for key in ["ndcg@10", "recall@10", "ndcg@1"] {
+        let mean = (m3[key].as_f64().unwrap() + single[key].as_f64().unwrap()) / 2.0;
+        assert!((s[key].as_f64().unwrap() - mean).abs() < 1e-12, "{key}: {} vs {mean}", s[key]);
+        assert_eq!(s["per_seed"][1][key], single[key]);
+    }
+    // Run again: both seeds are reused (their checkpoints untouched), the summary is the same.
+    let before = std::fs::metadata(sweep.join("seed-3/model.safetensors")).unwrap().modified().unwrap();
+    let again = train("sasrec", &data, &sweep, &[&args[..], &["--seeds", "3,9"]].concat());
+    assert_eq!(again, s);
+    assert_eq!(std::fs::metadata(sweep.join("seed-3/model.safetensors")).unwrap().modified().unwrap(), before);
+    // Another config in the same directory is an error naming the seed's run, not a mixed summary.
+    let e = fails(
+        &[
+            "train",
+            "sasrec",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            sweep.to_str().unwrap(),
+            "--seeds",
+            "3",
+            "--max-epochs",
+            "1",
+        ],
+        &sweep,
+    );
+    assert!(e.contains("seed-3") && e.contains("another config"), "{e}");
+    let e = fails(
+        &["train", "sasrec", "--data", data.to_str().unwrap(), "--out", sweep.to_str().unwrap(), "--seeds", "1,one"],
+        &sweep,
+    );
+    assert!(e.contains("'one'"), "{e}");
+}
+
 /// `curec bench sasrec` times the same training steps with the full pass and with the last block
 /// restricted to the targets: the two must compute the same loss.
 #[test]
