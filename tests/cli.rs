@@ -282,27 +282,20 @@ fn unknown_config_key_names_file_line_and_key() {
     let data = tmp.path().join("data");
     prepare_fixture("ml-1m", &data);
     let out = tmp.path().join("run");
-    let e = fails(
-        &[
-            "train",
-            "sasrec",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--config",
-            job.to_str().unwrap(),
-        ],
-        &out,
-    );
+    let e = fails(&train_args("sasrec", &data, &out, &["--config", job.to_str().unwrap()]), &out);
     assert!(e.contains("job.toml:5: unknown field `max_lenn`"), "{e}");
     assert!(!out.join("metrics.json").exists());
 }
 
-fn train(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Value {
+/// `curec train <model> --data <data> --out <out>` followed by `extra`.
+fn train_args<'a>(model: &'a str, data: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec!["train", model, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
     a.extend_from_slice(extra);
-    let stdout = ok(curec(&a));
+    a
+}
+
+fn train(model: &str, data: &Path, out: &Path, extra: &[&str]) -> Value {
+    let stdout = ok(curec(&train_args(model, data, out, extra)));
     assert!(stdout.contains(&format!("| {model} |")), "{stdout}");
     read_json(&out.join("metrics.json"))
 }
@@ -373,26 +366,9 @@ fn seeds_train_one_run_each_and_summarise_them() {
     assert_eq!(again, s);
     assert_eq!(std::fs::metadata(sweep.join("seed-3/model.safetensors")).unwrap().modified().unwrap(), before);
     // Another config in the same directory is an error naming the seed's run, not a mixed summary.
-    let e = fails(
-        &[
-            "train",
-            "sasrec",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            sweep.to_str().unwrap(),
-            "--seeds",
-            "3",
-            "--max-epochs",
-            "1",
-        ],
-        &sweep,
-    );
+    let e = fails(&train_args("sasrec", &data, &sweep, &["--seeds", "3", "--max-epochs", "1"]), &sweep);
     assert!(e.contains("seed-3") && e.contains("another config"), "{e}");
-    let e = fails(
-        &["train", "sasrec", "--data", data.to_str().unwrap(), "--out", sweep.to_str().unwrap(), "--seeds", "1,one"],
-        &sweep,
-    );
+    let e = fails(&train_args("sasrec", &data, &sweep, &["--seeds", "1,one"]), &sweep);
     assert!(e.contains("'one'"), "{e}");
 }
 
