@@ -6,18 +6,121 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::llm::{generate, log_probs_with, Grad, Llm, SamplingConfig};
+use crate::llm::engine::{Engine, EngineConfig, Logits, QLlm, Request, SeqStep};
+use crate::llm::{generate, log_probs_with, Grad, Llm, SamplingConfig, Tokenizer};
 
 /// A fixed English prompt, repeated/cut to `tokens` tokens (without chat template).
 pub fn prompt_ids(llm: &Llm, tokens: usize) -> Result<Vec<u32>> {
+    text_ids(&llm.tokenizer, tokens)
+}
+
+fn text_ids(tok: &Tokenizer, tokens: usize) -> Result<Vec<u32>> {
     let text = "The user watched Toy Story (1995), Jumanji (1995), Heat (1995) and GoldenEye (1995). \
                 Describe what kind of films this user enjoys and suggest what to watch next. ";
     let mut ids = Vec::new();
     while ids.len() < tokens {
-        ids.extend(llm.tokenizer.encode(text)?);
+        ids.extend(tok.encode(text)?);
     }
     ids.truncate(tokens.max(1));
     Ok(ids)
+}
+
+/// `batch` distinct prompts of `tokens` tokens (the first token varies, so nothing is shared).
+fn distinct_prompts(tok: &Tokenizer, batch: usize, tokens: usize, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    let ids = text_ids(tok, tokens)?;
+    Ok((0..batch)
+        .map(|i| {
+            let mut p = ids.clone();
+            p[0] = (p[0] + i as u32) % vocab as u32;
+            p
+        })
+        .collect())
+}
+
+/// Generation with the engine: `batch` distinct prompts of `prompt_tokens`, exactly `new_tokens`
+/// each (EOS ignored), all admitted at once. `tokens_per_s` counts generated tokens over the
+/// whole time (prefill included); `decode_tokens_per_s` only the decoding steps.
+pub fn engine_generate_throughput(
+    llm: &mut QLlm,
+    batch: usize,
+    new_tokens: usize,
+    prompt_tokens: usize,
+) -> Result<serde_json::Value> {
+    anyhow::ensure!(batch > 0, "bench generate: --batch must be at least 1");
+    anyhow::ensure!(new_tokens > 0, "bench generate: --new-tokens must be at least 1");
+    anyhow::ensure!(prompt_tokens > 0, "bench generate: --prompt-tokens must be at least 1");
+    let prompts = distinct_prompts(&llm.tokenizer, batch, prompt_tokens, llm.model.cfg.vocab_size)?;
+    let sampling = SamplingConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: new_tokens, stop: vec![], seed: 1 };
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request { prompt: p.clone(), key: i as u64, sampling: sampling.clone() })
+        .collect();
+    let saved = std::mem::take(&mut llm.tokenizer.stop_ids);
+    let cfg = EngineConfig { max_batch: batch, prefix_cache_mib: 0 };
+    let result = (|| -> Result<(f64, Vec<crate::llm::Generation>, crate::llm::engine::EngineStats)> {
+        // Warm-up (allocations, page faults, thread pool) outside the timing.
+        let warm = Request {
+            prompt: prompts[0][..prompts[0].len().min(8)].to_vec(),
+            key: 0,
+            sampling: SamplingConfig { max_new_tokens: 2, ..sampling.clone() },
+        };
+        Engine::new(&llm.model, &llm.tokenizer, cfg).run(&[warm])?;
+        let mut engine = Engine::new(&llm.model, &llm.tokenizer, cfg);
+        let t0 = Instant::now();
+        let out = engine.run(&requests)?;
+        Ok((t0.elapsed().as_secs_f64(), out, engine.stats()))
+    })();
+    llm.tokenizer.stop_ids = saved;
+    let (secs, out, stats) = result?;
+    let generated: usize = out.iter().map(|g| g.tokens.len()).sum();
+    Ok(json!({
+        "bench": "generate",
+        "engine": "quantized",
+        "kernel": crate::llm::kernels::kernel().name(),
+        "model": llm.source.display().to_string(),
+        "params": llm.model.cfg.num_params(),
+        "weight_mib": llm.model.weight_bytes() as f64 / (1 << 20) as f64,
+        "threads": rayon::current_num_threads(),
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "generated_tokens": generated,
+        "seconds": secs,
+        "tokens_per_s": generated as f64 / secs,
+        "prefill_seconds": stats.prefill_seconds,
+        "decode_seconds": stats.decode_seconds,
+        "decode_tokens_per_s": stats.decode_tokens as f64 / stats.decode_seconds.max(1e-12),
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// Prefill of one `tokens`-token sequence with last-token logits only (what llama.cpp's pp
+/// measures); median of `repeats` runs after one warm-up.
+pub fn engine_prefill_throughput(llm: &QLlm, tokens: usize, repeats: usize) -> Result<serde_json::Value> {
+    anyhow::ensure!(tokens > 0, "bench prefill: --tokens must be at least 1");
+    let ids = text_ids(&llm.tokenizer, tokens)?;
+    let run = || -> Result<f64> {
+        let mut cache = llm.model.new_cache(ids.len());
+        let t0 = Instant::now();
+        llm.model.forward(&mut [SeqStep { tokens: &ids, cache: &mut cache, logits: Logits::Last }])?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut times = (0..repeats.max(1)).map(|_| run()).collect::<Result<Vec<_>>>()?;
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    Ok(json!({
+        "bench": "prefill",
+        "engine": "quantized",
+        "kernel": crate::llm::kernels::kernel().name(),
+        "model": llm.source.display().to_string(),
+        "threads": rayon::current_num_threads(),
+        "tokens": ids.len(),
+        "seconds": secs,
+        "tokens_per_s": ids.len() as f64 / secs,
+        "peak_rss_mib": peak_rss_mib(),
+    }))
 }
 
 /// Generation throughput: `batch` copies of a `prompt_tokens` prompt, exactly `new_tokens` new
@@ -61,6 +164,7 @@ pub fn generate_throughput(
         "generated_tokens": generated,
         "seconds": secs,
         "tokens_per_s": generated as f64 / secs,
+        "peak_rss_mib": peak_rss_mib(),
     }))
 }
 

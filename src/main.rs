@@ -259,11 +259,31 @@ enum BenchWhat {
         new_tokens: usize,
         #[arg(long, default_value_t = 32)]
         prompt_tokens: usize,
+        /// `quantized` (the engine: quantized weights, continuous batching) or `candle` (the
+        /// f32 candle model, the reference path; the only one off the CPU).
+        #[arg(long, default_value = "quantized")]
+        engine: String,
+        /// Weight format for the quantized engine: auto (GGUF 4-bit blocks kept, the rest Q8_0), q8_0 or q4_k.
+        #[arg(long, default_value = "auto")]
+        quantize: String,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Weight/activation dtype: auto (f32), f32, bf16 or f16.
+        /// Weight/activation dtype of the candle engine: auto (f32), f32, bf16 or f16.
         #[arg(long, default_value = "auto")]
         dtype: String,
+    },
+    /// Prefill throughput of one sequence, last-token logits only (as llama.cpp's pp).
+    Prefill {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Weight format: auto (GGUF 4-bit blocks kept, the rest Q8_0), q8_0 or q4_k.
+        #[arg(long, default_value = "auto")]
+        quantize: String,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Correction dataflow without the LLM (a fixed-cost stand-in generator): source, state
     /// folding and snapshots on 1 worker and on `--workers`.
@@ -461,13 +481,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let ids = if raw { llm.tokenizer.encode(&prompt)? } else { llm.chat_ids(system.as_deref(), &prompt)? };
             let cfg = curec::llm::SamplingConfig { temperature, top_p, max_new_tokens, stop, seed };
-            let out = curec::llm::generate(&llm.model, &llm.tokenizer, &[ids], &[0], &cfg, true)?;
+            let out = curec::llm::generate::Generator::for_model(&llm.model, true)?.generate(
+                &llm.tokenizer,
+                &[ids],
+                &[0],
+                &cfg,
+            )?;
             println!("{}", out[0].text);
         }
-        Command::Bench { what: BenchWhat::Generate { model, batch, new_tokens, prompt_tokens, device, dtype } } => {
-            let mut llm = load_llm(&model, &device, &dtype)?;
-            let v = curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?;
+        Command::Bench {
+            what: BenchWhat::Generate { model, batch, new_tokens, prompt_tokens, engine, quantize, device, dtype },
+        } => {
+            let v = match engine.as_str() {
+                "quantized" if device == "cpu" => {
+                    let q = curec::llm::kernels::gguf::Quantize::parse(&quantize)?;
+                    let mut llm = curec::llm::engine::QLlm::load(&curec::llm::resolve(&model)?, q)?;
+                    curec::bench::engine_generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?
+                }
+                "quantized" => {
+                    anyhow::bail!("--engine quantized runs on the CPU only; use --engine candle with --device {device}")
+                }
+                "candle" => {
+                    anyhow::ensure!(
+                        batch > 0 && new_tokens > 0 && prompt_tokens > 0,
+                        "bench generate: --batch, --new-tokens and --prompt-tokens must be at least 1"
+                    );
+                    let mut llm = load_llm(&model, &device, &dtype)?;
+                    curec::bench::generate_throughput(&mut llm, batch, new_tokens, prompt_tokens)?
+                }
+                other => anyhow::bail!("--engine '{other}': expected quantized or candle"),
+            };
             println!("{v}");
+        }
+        Command::Bench { what: BenchWhat::Prefill { model, tokens, quantize, repeats } } => {
+            let q = curec::llm::kernels::gguf::Quantize::parse(&quantize)?;
+            let llm = curec::llm::engine::QLlm::load(&curec::llm::resolve(&model)?, q)?;
+            println!("{}", curec::bench::engine_prefill_throughput(&llm, tokens, repeats)?);
         }
         Command::Bench { what: BenchWhat::Sasrec { data, config, sets, steps } } => {
             let job = curec::config::JobConfig::load(config.as_deref(), &sets)?;

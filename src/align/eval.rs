@@ -8,7 +8,8 @@ use serde::Serialize;
 use super::reward::{Judged, RuleReward};
 use super::task::AlignTask;
 use crate::eval::bootstrap::mean_ci95;
-use crate::llm::{generate, CausalLm, SamplingConfig, Tokenizer};
+use crate::llm::generate::Generator;
+use crate::llm::{CausalLm, SamplingConfig, Tokenizer};
 
 /// One evaluated prompt.
 #[derive(Debug, Clone, Serialize)]
@@ -47,10 +48,11 @@ pub fn evaluate(
 ) -> Result<Vec<EvalRow>> {
     let cfg = SamplingConfig { stop: vec!["</answer>".into()], ..SamplingConfig::greedy(max_new_tokens) };
     let mut rows = Vec::with_capacity(tasks.len());
+    let generator = Generator::for_model(model, adapters)?;
     for start in (0..tasks.len()).step_by(batch.max(1)) {
         let end = (start + batch.max(1)).min(tasks.len());
         let keys: Vec<u64> = tasks[start..end].iter().map(|t| t.record).collect();
-        let gens = generate(model, tok, &prompts[start..end], &keys, &cfg, adapters)?;
+        let gens = generator.generate(tok, &prompts[start..end], &keys, &cfg)?;
         for (t, g) in tasks[start..end].iter().zip(gens) {
             let text = tok.decode(&g.tokens, true)?;
             let (j, _): (Judged, f32) = reward.judge(t, &text);

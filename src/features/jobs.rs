@@ -18,7 +18,7 @@ use super::FeaturesConfig;
 use crate::data::preprocess::{Interaction, ItemRow};
 use crate::data::{prepared, Dataset, Split};
 use crate::llm::prompts::{item_text, numbered_items, parse_completion, Prompt, PromptKind};
-use crate::llm::{self, generate, Llm, SamplingConfig};
+use crate::llm::{self, Llm, SamplingConfig};
 use crate::rec::nn::rng_for;
 
 const USERS: u64 = 0xfe1;
@@ -174,7 +174,11 @@ pub fn run_batch(
         stop: vec!["</answer>".into()],
         seed: cfg.seed,
     };
-    let gens = generate(&llm.model, &llm.tokenizer, &ids, &keys, &sampling, true)?;
+    let gens = if llm.model.device().is_cpu() && std::env::var("CUREC_ENGINE").map_or(true, |v| v != "candle") {
+        llm::engine::generate_quantized(llm.engine_model()?, &llm.tokenizer, &ids, &keys, &sampling)?
+    } else {
+        llm::generate(&llm.model, &llm.tokenizer, &ids, &keys, &sampling, true)?
+    };
     Ok(gens
         .into_iter()
         .map(|g| {

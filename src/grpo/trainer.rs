@@ -18,7 +18,8 @@ use super::advantage::{group_advantages, zero_variance};
 use super::loss::{grpo_loss, Aggregation, LossConfig, LossStats};
 use super::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use super::reward::{Reward, Scored};
-use crate::llm::{generate, log_probs_with, CausalLm, Grad, SamplingConfig, Tokenizer};
+use crate::llm::generate::Generator;
+use crate::llm::{log_probs_with, CausalLm, Grad, SamplingConfig, Tokenizer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -267,9 +268,9 @@ impl Grpo {
             stop: self.cfg.stop.clone(),
             seed: self.cfg.seed,
         };
-        // The policy with adapters folded in samples at the base model's speed.
-        let policy = model.merged()?;
-        let gens = generate(&policy, tok, &prompts, &keys, &sampling, false)?;
+        // The policy with its adapters folded in, quantized for the engine on the CPU.
+        let policy = Generator::for_model(model, true)?;
+        let gens = policy.generate(tok, &prompts, &keys, &sampling)?;
         drop(policy);
         timing.generate = t0.elapsed().as_secs_f64();
         let generated: usize = gens.iter().map(|x| x.tokens.len() + x.eos.is_some() as usize).sum();

@@ -234,3 +234,35 @@ pub fn generate(
         .map(|g| g.unwrap_or(Generation { tokens: Vec::new(), text: String::new(), finish: Finish::Length, eos: None }))
         .collect())
 }
+
+/// Where generation runs: the quantized engine on the CPU, candle's f32 model elsewhere (or with
+/// `CUREC_ENGINE=candle`, the reference path).
+pub enum Generator<'a> {
+    Engine(Box<super::engine::QModel>),
+    Candle { model: &'a CausalLm, adapters: bool },
+}
+
+impl<'a> Generator<'a> {
+    /// The generator for `model` (with its LoRA adapters when `adapters`): quantizes it once.
+    pub fn for_model(model: &'a CausalLm, adapters: bool) -> Result<Self> {
+        let candle = std::env::var("CUREC_ENGINE").is_ok_and(|v| v == "candle");
+        if model.device().is_cpu() && !candle {
+            Ok(Generator::Engine(Box::new(super::engine::quantize_model(model, adapters)?)))
+        } else {
+            Ok(Generator::Candle { model, adapters })
+        }
+    }
+
+    pub fn generate(
+        &self,
+        tok: &Tokenizer,
+        prompts: &[Vec<u32>],
+        keys: &[u64],
+        cfg: &SamplingConfig,
+    ) -> Result<Vec<Generation>> {
+        match self {
+            Generator::Engine(q) => super::engine::generate_quantized(q, tok, prompts, keys, cfg),
+            Generator::Candle { model, adapters } => generate(model, tok, prompts, keys, cfg, *adapters),
+        }
+    }
+}

@@ -5,8 +5,10 @@
 
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod fetch;
 pub mod generate;
+pub mod kernels;
 pub mod logprob;
 pub mod lora;
 pub mod model;
@@ -34,6 +36,25 @@ pub struct Llm {
     pub chat: ChatTemplate,
     /// Where it was loaded from.
     pub source: PathBuf,
+    /// The engine's quantized copy (adapters folded in), made on first use by
+    /// [`Llm::engine_model`]; change the adapters of `model` only before that.
+    quantized: std::sync::OnceLock<engine::QModel>,
+}
+
+/// The tokenizer (a `tokenizer.json` beside the file, or built from the GGUF metadata) and the
+/// chat template of a GGUF file.
+pub(crate) fn text_side(
+    path: &Path,
+    content: &candle_core::quantized::gguf_file::Content,
+) -> Result<(Tokenizer, ChatTemplate)> {
+    let sibling = path.with_file_name("tokenizer.json");
+    let tokenizer = if sibling.exists() {
+        Tokenizer::from_file(&sibling)?
+    } else {
+        Tokenizer::from_gguf(content).with_context(|| format!("{}", path.display()))?
+    };
+    let jinja = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    Ok((tokenizer, ChatTemplate::from_jinja(jinja.as_deref())))
 }
 
 /// `cpu` or `cuda[:N]`; `cuda` needs a build with `--features cuda`.
@@ -100,17 +121,32 @@ impl Llm {
             (cfg, w, tokenizer, jinja)
         } else {
             let (content, cfg, w) = weights::load_gguf(path, dtype, device)?;
-            let sibling = path.with_file_name("tokenizer.json");
-            let tokenizer = if sibling.exists() {
-                Tokenizer::from_file(&sibling)?
-            } else {
-                Tokenizer::from_gguf(&content).with_context(|| format!("{}", path.display()))?
-            };
-            let jinja = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-            (cfg, w, tokenizer, jinja)
+            let (tokenizer, chat) = text_side(path, &content)?;
+            let model = CausalLm::from_weights(cfg, w, dtype, device)?;
+            return Ok(Self { model, tokenizer, chat, source: path.to_path_buf(), quantized: Default::default() });
         };
         let model = CausalLm::from_weights(cfg, w, dtype, device)?;
-        Ok(Self { model, tokenizer, chat: ChatTemplate::from_jinja(jinja.as_deref()), source: path.to_path_buf() })
+        Ok(Self {
+            model,
+            tokenizer,
+            chat: ChatTemplate::from_jinja(jinja.as_deref()),
+            source: path.to_path_buf(),
+            quantized: Default::default(),
+        })
+    }
+
+    /// A model, tokenizer and template put together (tests, stand-ins).
+    pub fn from_parts(model: CausalLm, tokenizer: Tokenizer, chat: ChatTemplate, source: PathBuf) -> Self {
+        Self { model, tokenizer, chat, source, quantized: Default::default() }
+    }
+
+    /// The engine's quantized copy of `model` with its adapters, made once.
+    pub fn engine_model(&self) -> Result<&engine::QModel> {
+        if let Some(q) = self.quantized.get() {
+            return Ok(q);
+        }
+        let q = engine::quantize_model(&self.model, true)?;
+        Ok(self.quantized.get_or_init(|| q))
     }
 
     /// Apply the chat template and tokenize.

@@ -25,8 +25,9 @@ use crate::embed::{EmbeddingCache, Encoder};
 use crate::features::jobs::answer_text;
 use crate::features::FeaturesConfig;
 use crate::grpo::{Grpo, GrpoConfig, Reward, Sample, Scored};
+use crate::llm::generate::Generator;
 use crate::llm::prompts::{item_text, numbered_items, parse_pattern_update, Prompt, PromptKind};
-use crate::llm::{self, generate, Llm, LoraConfig, SamplingConfig};
+use crate::llm::{self, Llm, LoraConfig, SamplingConfig};
 use crate::rec::curec::Curec;
 
 /// What the reward needs to score a sampled reason.
@@ -270,14 +271,14 @@ impl LlmCorrector {
     }
 
     fn rewrite(&mut self, records: &[Annotated], m: &mut EpochMetrics) -> Result<Vec<Update>> {
-        let policy = self.llm.model.merged()?;
+        let policy = Generator::for_model(&self.llm.model, true)?;
         let sampling = SamplingConfig::greedy(self.setup.replay.max_new_tokens_update);
         let sampling = SamplingConfig { stop: vec!["</answer>".into()], ..sampling };
         let mut updates = Vec::with_capacity(2 * records.len());
         for chunk in records.chunks(self.setup.features.batch.max(1)) {
             let ids = chunk.iter().map(|a| self.update_ids(a)).collect::<Result<Vec<_>>>()?;
             let keys: Vec<u64> = chunk.iter().map(|a| a.event.key).collect();
-            let gens = generate(&policy, &self.llm.tokenizer, &ids, &keys, &sampling, false)?;
+            let gens = policy.generate(&self.llm.tokenizer, &ids, &keys, &sampling)?;
             for (a, g) in chunk.iter().zip(gens) {
                 m.generated_tokens += g.tokens.len() as u64;
                 let (answer, _) = answer_text(&self.setup.features.prefix, &g.text);

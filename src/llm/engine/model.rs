@@ -1,0 +1,443 @@
+//! The inference model: the same decoder as [`crate::llm::model::CausalLm`] (RMSNorm,
+//! rotate-half RoPE, grouped-query attention, SwiGLU, tied or separate head) on quantized weights
+//! ([`QMatrix`]), in plain Rust buffers without autograd. One forward call takes any mix of
+//! sequences, each with any number of new tokens (a prompt chunk, or one decoding step) and its
+//! own KV cache; every row's computation depends only on its own sequence, so results do not
+//! depend on what else is in the batch.
+//!
+//! q/k/v are one fused matrix and gate/up another, so each layer makes four passes over its
+//! weights whatever the number of rows.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device};
+use rayon::prelude::*;
+
+use super::kv::SeqCache;
+use crate::llm::config::{Family, LlmConfig};
+use crate::llm::kernels::gguf::{to_qmatrix, Quantize};
+use crate::llm::kernels::{Format, QActs, QMatrix};
+use crate::llm::model::CausalLm;
+
+struct QLayer {
+    attn_norm: Vec<f32>,
+    mlp_norm: Vec<f32>,
+    qkv: QMatrix,
+    qkv_bias: Option<Vec<f32>>,
+    o: QMatrix,
+    gate_up: QMatrix,
+    down: QMatrix,
+}
+
+/// A quantized Qwen2/Llama-family decoder for generation and scoring without gradients.
+pub struct QModel {
+    pub cfg: LlmConfig,
+    /// Token embeddings (also the output head when tied).
+    embed: QMatrix,
+    head: Option<QMatrix>,
+    norm: Vec<f32>,
+    layers: Vec<QLayer>,
+    inv_freq: Vec<f32>,
+}
+
+/// One sequence's share of a forward call.
+pub struct SeqStep<'a> {
+    /// New tokens, at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
+/// Logits a sequence wants from a forward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// After its last new token (generation).
+    Last,
+    /// After every new token (scoring a completion).
+    All,
+}
+
+fn rms_norm_into(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps as f32).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Unquantized small tensors (norms, biases) as f32 vectors.
+fn vec_f32(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl QModel {
+    /// Load a GGUF file tensor by tensor (never the whole model in f32).
+    pub fn load_gguf(path: &Path, quantize: Quantize) -> Result<(Self, gguf_file::Content)> {
+        let shown = path.display();
+        let mut r =
+            std::io::BufReader::new(std::fs::File::open(path).with_context(|| format!("{shown}: cannot open"))?);
+        let content = gguf_file::Content::read(&mut r).with_context(|| format!("{shown}: not a GGUF file"))?;
+        let cfg = LlmConfig::from_gguf(&content).with_context(|| format!("{shown}"))?;
+        let mut tensor =
+            |name: &str| content.tensor(&mut r, name, &Device::Cpu).with_context(|| format!("{shown}: tensor {name}"));
+        let hd = cfg.head_dim;
+        // llama.cpp stores Llama q/k rows as [head, hd/2, 2]; Hugging Face order is [head, 2, hd/2].
+        let unpermute = |r: usize| (r / hd) * hd + (r % hd % (hd / 2)) * 2 + (r % hd) / (hd / 2);
+        let llama = cfg.family == Family::Llama;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("blk.{l}");
+            let mat = |t: candle_core::quantized::QTensor, perm: bool| -> Result<QMatrix> {
+                if perm {
+                    to_qmatrix(&t, quantize, unpermute)
+                } else {
+                    to_qmatrix(&t, quantize, |r| r)
+                }
+            };
+            let q = mat(tensor(&format!("{p}.attn_q.weight"))?, llama)?;
+            let k = mat(tensor(&format!("{p}.attn_k.weight"))?, llama)?;
+            let v = mat(tensor(&format!("{p}.attn_v.weight"))?, false)?;
+            let qkv_bias = if cfg.attention_bias {
+                let mut b = Vec::new();
+                for n in ["attn_q", "attn_k", "attn_v"] {
+                    b.extend(vec_f32(&tensor(&format!("{p}.{n}.bias"))?.dequantize(&Device::Cpu)?)?);
+                }
+                Some(b)
+            } else {
+                None
+            };
+            let gate = mat(tensor(&format!("{p}.ffn_gate.weight"))?, false)?;
+            let up = mat(tensor(&format!("{p}.ffn_up.weight"))?, false)?;
+            layers.push(QLayer {
+                attn_norm: vec_f32(&tensor(&format!("{p}.attn_norm.weight"))?.dequantize(&Device::Cpu)?)?,
+                mlp_norm: vec_f32(&tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(&Device::Cpu)?)?,
+                qkv: fuse(&[&q, &k, &v])?,
+                qkv_bias,
+                o: mat(tensor(&format!("{p}.attn_output.weight"))?, false)?,
+                gate_up: fuse(&[&gate, &up])?,
+                down: mat(tensor(&format!("{p}.ffn_down.weight"))?, false)?,
+            });
+        }
+        let embed = to_qmatrix(&tensor("token_embd.weight")?, quantize, |r| r)?;
+        let head =
+            if cfg.tie_embeddings { None } else { Some(to_qmatrix(&tensor("output.weight")?, quantize, |r| r)?) };
+        let norm = vec_f32(&tensor("output_norm.weight")?.dequantize(&Device::Cpu)?)?;
+        drop(tensor);
+        let model = Self::assemble(cfg, embed, head, norm, layers)?;
+        Ok((model, content))
+    }
+
+    /// Quantize a candle model's weights (LoRA adapters folded in first: pass `model.merged()`
+    /// for a model under training). `Quantize::Auto` means Q8 here.
+    pub fn from_causal(model: &CausalLm, quantize: Quantize) -> Result<Self> {
+        let format = if quantize == Quantize::Q4 { Format::Q4 } else { Format::Q8 };
+        let cfg = model.cfg.clone();
+        let mut w: std::collections::HashMap<String, candle_core::Tensor> = model.named_weights().into_iter().collect();
+        let mut take = |name: &str| -> Result<candle_core::Tensor> {
+            w.remove(name).with_context(|| format!("model lacks weight {name}"))
+        };
+        let mat = |t: candle_core::Tensor| -> Result<QMatrix> {
+            let (n, k) = t.dims2()?;
+            QMatrix::quantize(&vec_f32(&t)?, n, k, format)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let q = mat(take(&format!("{p}.self_attn.q_proj.weight"))?)?;
+            let k = mat(take(&format!("{p}.self_attn.k_proj.weight"))?)?;
+            let v = mat(take(&format!("{p}.self_attn.v_proj.weight"))?)?;
+            let qkv_bias = if cfg.attention_bias {
+                let mut b = Vec::new();
+                for n in ["q_proj", "k_proj", "v_proj"] {
+                    b.extend(vec_f32(&take(&format!("{p}.self_attn.{n}.bias"))?)?);
+                }
+                Some(b)
+            } else {
+                None
+            };
+            let gate = mat(take(&format!("{p}.mlp.gate_proj.weight"))?)?;
+            let up = mat(take(&format!("{p}.mlp.up_proj.weight"))?)?;
+            layers.push(QLayer {
+                attn_norm: vec_f32(&take(&format!("{p}.input_layernorm.weight"))?)?,
+                mlp_norm: vec_f32(&take(&format!("{p}.post_attention_layernorm.weight"))?)?,
+                qkv: fuse(&[&q, &k, &v])?,
+                qkv_bias,
+                o: mat(take(&format!("{p}.self_attn.o_proj.weight"))?)?,
+                gate_up: fuse(&[&gate, &up])?,
+                down: mat(take(&format!("{p}.mlp.down_proj.weight"))?)?,
+            });
+        }
+        let embed = mat(take("model.embed_tokens.weight")?)?;
+        let head = if cfg.tie_embeddings { None } else { Some(mat(take("lm_head.weight")?)?) };
+        let norm = vec_f32(&take("model.norm.weight")?)?;
+        Self::assemble(cfg, embed, head, norm, layers)
+    }
+
+    fn assemble(
+        cfg: LlmConfig,
+        embed: QMatrix,
+        head: Option<QMatrix>,
+        norm: Vec<f32>,
+        layers: Vec<QLayer>,
+    ) -> Result<Self> {
+        if embed.n != cfg.vocab_size || embed.k != cfg.hidden_size {
+            bail!("token embeddings are {} × {}, expected {} × {}", embed.n, embed.k, cfg.vocab_size, cfg.hidden_size);
+        }
+        let hd = cfg.head_dim;
+        // The same f32 arithmetic as CausalLm's RoPE tables.
+        let inv_freq = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / hd as f32)).collect();
+        Ok(Self { cfg, embed, head, norm, layers, inv_freq })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let mut b = self.embed.bytes() + self.head.as_ref().map_or(0, |h| h.bytes()) + 4 * self.norm.len();
+        for l in &self.layers {
+            b += l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes();
+            b += 4 * (l.attn_norm.len() + l.mlp_norm.len() + l.qkv_bias.as_ref().map_or(0, |v| v.len()));
+        }
+        b
+    }
+
+    /// An empty cache for one sequence, with room for `capacity` positions reserved.
+    pub fn new_cache(&self, capacity: usize) -> SeqCache {
+        SeqCache::new(self.cfg.num_layers, self.cfg.num_kv_heads * self.cfg.head_dim, capacity)
+    }
+
+    /// Run new tokens of several sequences through the model, appending to their caches.
+    /// Returns, per sequence, the logits it asked for (rows × vocab, row-major).
+    pub fn forward(&self, seqs: &mut [SeqStep]) -> Result<Vec<Option<Vec<f32>>>> {
+        // Run on a pool thread: the many small parallel regions of a decoding step then cost a
+        // work-stealing join each instead of putting the calling thread to sleep and waking it.
+        rayon::scope(|_| self.forward_in_pool(seqs))
+    }
+
+    fn forward_in_pool(&self, seqs: &mut [SeqStep]) -> Result<Vec<Option<Vec<f32>>>> {
+        let cfg = &self.cfg;
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (qd, kvd, inter) = (nh * hd, nkv * hd, cfg.intermediate_size);
+        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if rows == 0 {
+            return Ok(seqs.iter().map(|_| None).collect());
+        }
+        // Row r belongs to sequence owner[r] at absolute position pos[r].
+        let mut owner = Vec::with_capacity(rows);
+        let mut pos = Vec::with_capacity(rows);
+        let mut x = vec![0f32; rows * h];
+        for (si, s) in seqs.iter().enumerate() {
+            let past = s.cache.len();
+            for (i, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= cfg.vocab_size {
+                    bail!("token id {t} is outside the vocabulary ({} tokens)", cfg.vocab_size);
+                }
+                self.embed.row(t as usize, &mut x[owner.len() * h..(owner.len() + 1) * h]);
+                owner.push(si);
+                pos.push(past + i);
+            }
+        }
+        if let Some(&p) = pos.iter().max() {
+            if p >= cfg.max_position {
+                bail!("position {p} is past the model's context of {} tokens", cfg.max_position);
+            }
+        }
+        // RoPE angles per row (shared by every layer).
+        let half = hd / 2;
+        let mut cos = vec![0f32; rows * half];
+        let mut sin = vec![0f32; rows * half];
+        for r in 0..rows {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let a = pos[r] as f32 * f;
+                cos[r * half + i] = a.cos();
+                sin[r * half + i] = a.sin();
+            }
+        }
+        let starts: Vec<usize> = {
+            let mut s = Vec::with_capacity(seqs.len());
+            let mut acc = 0;
+            for q in seqs.iter() {
+                s.push(acc);
+                acc += q.tokens.len();
+            }
+            s
+        };
+        let mut normed = vec![0f32; rows * h];
+        let mut acts = QActs::default();
+        let mut qkv = vec![0f32; rows * (qd + 2 * kvd)];
+        let mut attn = vec![0f32; rows * qd];
+        let mut proj = vec![0f32; rows * h];
+        let mut gu = vec![0f32; rows * 2 * inter];
+        let mut hidden = vec![0f32; rows * inter];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for r in 0..rows {
+                rms_norm_into(
+                    &x[r * h..(r + 1) * h],
+                    &layer.attn_norm,
+                    cfg.rms_norm_eps,
+                    &mut normed[r * h..(r + 1) * h],
+                );
+            }
+            acts.requantize(&normed, rows, h);
+            layer.qkv.matmul(&acts, &mut qkv);
+            let w = qd + 2 * kvd;
+            for r in 0..rows {
+                let row = &mut qkv[r * w..(r + 1) * w];
+                if let Some(b) = &layer.qkv_bias {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * c[i] + -b * s[i];
+                        head[i + half] = b * c[i] + a * s[i];
+                    }
+                }
+            }
+            for (si, s) in seqs.iter_mut().enumerate() {
+                for i in 0..s.tokens.len() {
+                    let row = &qkv[(starts[si] + i) * w..(starts[si] + i + 1) * w];
+                    s.cache.push(li, &row[qd..qd + kvd], &row[qd + kvd..]);
+                }
+            }
+            // Attention, one task per (sequence, query head).
+            let rep = nh / nkv;
+            let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|si| (0..nh).map(move |hh| (si, hh))).collect();
+            let caches: Vec<&SeqCache> = seqs.iter().map(|s| &*s.cache).collect();
+            let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+            let outs: Vec<Vec<f32>> = tasks
+                .par_iter()
+                .map(|&(si, hh)| {
+                    let c = caches[si];
+                    let (keys, vals) = c.layer(li);
+                    let kvh = hh / rep;
+                    let total = c.len_layer(li);
+                    let n = lens[si];
+                    let mut out = vec![0f32; n * hd];
+                    let mut scores = vec![0f32; total];
+                    for i in 0..n {
+                        let r = starts[si] + i;
+                        let q = &qkv[r * w + hh * hd..r * w + (hh + 1) * hd];
+                        let visible = total - n + i + 1;
+                        let mut m = f32::NEG_INFINITY;
+                        for j in 0..visible {
+                            let s = dot(q, &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale;
+                            scores[j] = s;
+                            m = m.max(s);
+                        }
+                        let mut sum = 0f32;
+                        for s in scores[..visible].iter_mut() {
+                            *s = (*s - m).exp();
+                            sum += *s;
+                        }
+                        let inv = 1.0 / sum;
+                        let o = &mut out[i * hd..(i + 1) * hd];
+                        for j in 0..visible {
+                            let p = scores[j] * inv;
+                            let v = &vals[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                            o.iter_mut().zip(v).for_each(|(o, v)| *o = p.mul_add(*v, *o));
+                        }
+                    }
+                    out
+                })
+                .collect();
+            for (&(si, hh), out) in tasks.iter().zip(&outs) {
+                for i in 0..lens[si] {
+                    let r = starts[si] + i;
+                    attn[r * qd + hh * hd..r * qd + (hh + 1) * hd].copy_from_slice(&out[i * hd..(i + 1) * hd]);
+                }
+            }
+            acts.requantize(&attn, rows, qd);
+            layer.o.matmul(&acts, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            for r in 0..rows {
+                rms_norm_into(
+                    &x[r * h..(r + 1) * h],
+                    &layer.mlp_norm,
+                    cfg.rms_norm_eps,
+                    &mut normed[r * h..(r + 1) * h],
+                );
+            }
+            acts.requantize(&normed, rows, h);
+            layer.gate_up.matmul(&acts, &mut gu);
+            for r in 0..rows {
+                let (g, u) = gu[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+                for ((o, &g), &u) in hidden[r * inter..(r + 1) * inter].iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            acts.requantize(&hidden, rows, inter);
+            layer.down.matmul(&acts, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+        }
+        for s in seqs.iter_mut() {
+            s.cache.commit(s.tokens.len());
+        }
+        // Logits at the rows the sequences want.
+        let mut want: Vec<(usize, usize)> = Vec::new(); // (sequence, row)
+        for (si, s) in seqs.iter().enumerate() {
+            let n = s.tokens.len();
+            match s.logits {
+                Logits::None => {}
+                Logits::Last if n > 0 => want.push((si, starts[si] + n - 1)),
+                Logits::Last => {}
+                Logits::All => want.extend((0..n).map(|i| (si, starts[si] + i))),
+            }
+        }
+        let mut out: Vec<Option<Vec<f32>>> = seqs.iter().map(|_| None).collect();
+        if !want.is_empty() {
+            let mut last = vec![0f32; want.len() * h];
+            for (j, &(_, r)) in want.iter().enumerate() {
+                rms_norm_into(&x[r * h..(r + 1) * h], &self.norm, cfg.rms_norm_eps, &mut last[j * h..(j + 1) * h]);
+            }
+            acts.requantize(&last, want.len(), h);
+            let head = self.head.as_ref().unwrap_or(&self.embed);
+            let v = cfg.vocab_size;
+            let mut logits = vec![0f32; want.len() * v];
+            head.matmul(&acts, &mut logits);
+            for (j, &(si, _)) in want.iter().enumerate() {
+                out[si].get_or_insert_with(Vec::new).extend_from_slice(&logits[j * v..(j + 1) * v]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One matrix from several with the same input (q/k/v, gate/up); when their formats differ
+/// (a Q4_K q beside a Q6_K v), all become Q8.
+fn fuse(parts: &[&QMatrix]) -> Result<QMatrix> {
+    if parts.iter().all(|p| p.format == parts[0].format) {
+        return QMatrix::concat(parts);
+    }
+    let q8: Vec<QMatrix> = parts
+        .iter()
+        .map(|p| {
+            if p.format == Format::Q8 {
+                Ok((*p).clone())
+            } else {
+                QMatrix::quantize(&p.dequantize(), p.n, p.k, Format::Q8)
+            }
+        })
+        .collect::<Result<_>>()?;
+    QMatrix::concat(&q8.iter().collect::<Vec<_>>())
+}

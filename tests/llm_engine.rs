@@ -1,0 +1,262 @@
+//! The generation engine: the quantized model against the f32 candle model (tiny random models
+//! of both families, and the real pinned models against transformers' reference values when they
+//! are cached), batch invariance, continuous batching, the prefix cache, per-request settings,
+//! and the GGUF block decoders against candle's.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use curec::llm::engine::{
+    completion_log_probs_quantized, Engine, EngineConfig, Logits, QLlm, QModel, Request, SeqStep,
+};
+use curec::llm::fetch::Pins;
+use curec::llm::kernels::gguf::{dequantize_row, Quantize};
+use curec::llm::{CausalLm, Family, Llm, LlmConfig, SamplingConfig};
+
+fn tiny(family: Family) -> CausalLm {
+    let cfg = LlmConfig { max_position: 4096, ..LlmConfig::tiny(family) };
+    CausalLm::random(cfg, 7, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn tiny_tokenizer() -> curec::llm::Tokenizer {
+    use serde_json::json;
+    let mut vocab = serde_json::Map::new();
+    for i in 0..97u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.json");
+    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let mut t = curec::llm::Tokenizer::from_file(&p).unwrap();
+    t.stop_ids = vec![];
+    t.pad_id = 0;
+    t
+}
+
+fn f32_logits(m: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
+    let n = ids.len();
+    let t = Tensor::new(ids, &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let p = Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+    let h = m.forward(&t, &p, None, None, false).unwrap();
+    m.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+fn q_logits(q: &QModel, ids: &[u32]) -> Vec<f32> {
+    let mut cache = q.new_cache(ids.len());
+    q.forward(&mut [SeqStep { tokens: ids, cache: &mut cache, logits: Logits::All }]).unwrap().pop().unwrap().unwrap()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
+}
+
+#[test]
+fn quantized_model_follows_the_f32_model_for_both_families() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 97).collect();
+    for fam in [Family::Qwen2, Family::Llama] {
+        let m = tiny(fam);
+        let want = f32_logits(&m, &ids);
+        for quant in [Quantize::Q8, Quantize::Q4] {
+            let q = QModel::from_causal(&m, quant).unwrap();
+            let got = q_logits(&q, &ids);
+            let v = q.cfg.vocab_size;
+            let mut mean = 0f32;
+            for (i, w) in want.iter().enumerate() {
+                let g = &got[i * v..(i + 1) * v];
+                mean += g.iter().zip(w).map(|(a, b)| (a - b).abs()).sum::<f32>() / v as f32;
+            }
+            mean /= want.len() as f32;
+            let bound = if quant == Quantize::Q8 { 2e-3 } else { 2e-2 };
+            assert!(mean < bound, "{fam:?} {quant:?}: mean |Δlogit| {mean}");
+            if quant == Quantize::Q8 {
+                let agree =
+                    want.iter().enumerate().filter(|(i, w)| argmax(w) == argmax(&got[i * v..(i + 1) * v])).count();
+                assert!(agree >= want.len() - 1, "{fam:?}: argmax agrees at {agree} of {} positions", want.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn incremental_decoding_equals_one_pass_and_prefix_chunks_change_nothing() {
+    let q = QModel::from_causal(&tiny(Family::Qwen2), Quantize::Q8).unwrap();
+    let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % 97).collect();
+    let all = q_logits(&q, &ids);
+    let v = q.cfg.vocab_size;
+    // 10 tokens, then 1 at a time: every row bit-identical to the one-pass rows.
+    let mut cache = q.new_cache(ids.len());
+    let first = q.forward(&mut [SeqStep { tokens: &ids[..10], cache: &mut cache, logits: Logits::All }]).unwrap();
+    assert_eq!(first[0].as_deref().unwrap(), &all[..10 * v]);
+    for i in 10..ids.len() {
+        let out =
+            q.forward(&mut [SeqStep { tokens: &ids[i..i + 1], cache: &mut cache, logits: Logits::Last }]).unwrap();
+        assert_eq!(out[0].as_deref().unwrap(), &all[i * v..(i + 1) * v], "position {i}");
+    }
+}
+
+fn req(prompt: Vec<u32>, key: u64, n: usize, temperature: f32) -> Request {
+    Request {
+        prompt,
+        key,
+        sampling: SamplingConfig { temperature, top_p: 0.95, max_new_tokens: n, stop: vec![], seed: 5 },
+    }
+}
+
+#[test]
+fn a_request_gives_the_same_tokens_alone_in_any_batch_and_with_cache_hits() {
+    let q = QModel::from_causal(&tiny(Family::Llama), Quantize::Q8).unwrap();
+    let tok = tiny_tokenizer();
+    let shared: Vec<u32> = (0..30).map(|i| (i * 11 + 2) % 97).collect();
+    let mut requests = Vec::new();
+    for i in 0..7u32 {
+        let mut p = shared.clone();
+        p.extend((0..(i as usize % 4 + 1)).map(|j| (i * 13 + j as u32) % 97));
+        requests.push(req(p, i as u64, 5 + 3 * (i as usize % 3), 1.0));
+    }
+    requests.push(req(vec![3, 1, 4], 99, 12, 0.0)); // greedy, short prompt
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let cfg = EngineConfig { max_batch: 1, prefix_cache_mib: 0 };
+            Engine::new(&q, &tok, cfg).run(std::slice::from_ref(r)).unwrap().pop().unwrap()
+        })
+        .collect();
+    for (max_batch, mib) in [(3, 0), (8, 0), (3, 64), (8, 64)] {
+        let mut e = Engine::new(&q, &tok, EngineConfig { max_batch, prefix_cache_mib: mib });
+        let got = e.run(&requests).unwrap();
+        assert_eq!(got, alone, "max_batch {max_batch}, prefix cache {mib} MiB");
+        let s = e.stats();
+        if mib > 0 {
+            assert!(s.prefix.hits >= 5, "the shared 30-token prefix is reused: {s:?}");
+            assert!(s.prefix.tokens_reused >= 5 * 29, "{s:?}");
+            let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
+            assert_eq!(s.prefill_tokens + s.prefix.tokens_reused, prompt_tokens as u64);
+        } else {
+            assert_eq!(s.prefix.hits, 0);
+        }
+    }
+    // Different keys draw different streams; the same key the same one.
+    assert_ne!(alone[0].tokens, alone[3].tokens);
+}
+
+#[test]
+fn a_finished_row_is_replaced_at_the_next_step() {
+    let q = QModel::from_causal(&tiny(Family::Qwen2), Quantize::Q8).unwrap();
+    let tok = tiny_tokenizer();
+    // One long request and six one-token ones on two slots: the short ones pass through the
+    // second slot while the long one decodes, so the run takes as many steps as the long one.
+    // A static batch of two would wait for the long one first: 30 + 3 steps.
+    let mut requests = vec![req(vec![1, 2, 3], 0, 30, 1.0)];
+    requests.extend((1..7).map(|i| req(vec![4, 5, i as u32], i, 1, 1.0)));
+    let mut e = Engine::new(&q, &tok, EngineConfig { max_batch: 2, prefix_cache_mib: 0 });
+    let out = e.run(&requests).unwrap();
+    assert_eq!(out[0].tokens.len(), 30);
+    assert!(out[1..].iter().all(|g| g.tokens.len() == 1));
+    assert_eq!(e.stats().steps, 30, "{:?}", e.stats());
+}
+
+#[test]
+fn stop_strings_end_a_request_and_are_cut() {
+    let q = QModel::from_causal(&tiny(Family::Qwen2), Quantize::Q8).unwrap();
+    let tok = tiny_tokenizer();
+    let base = req(vec![7, 8, 9], 1, 20, 0.0);
+    let free = Engine::new(&q, &tok, EngineConfig::default()).run(std::slice::from_ref(&base)).unwrap().pop().unwrap();
+    assert_eq!(free.tokens.len(), 20);
+    let third = tok.decode(&free.tokens[2..3], true).unwrap();
+    let stop = Request { sampling: SamplingConfig { stop: vec![third.clone()], ..base.sampling.clone() }, ..base };
+    let got = Engine::new(&q, &tok, EngineConfig::default()).run(&[stop]).unwrap().pop().unwrap();
+    assert_eq!(got.finish, curec::llm::generate::Finish::Stop);
+    assert!(!got.text.contains(&third) && got.tokens.len() <= 3, "{got:?}");
+}
+
+fn cached(name: &str) -> Option<PathBuf> {
+    let pins = Pins::builtin();
+    let m = pins.find(name).unwrap();
+    if m.is_cached() {
+        Some(m.main_path())
+    } else {
+        eprintln!("SKIPPED: {name} is not in {} (run `curec model fetch {name}`)", m.dir().display());
+        None
+    }
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/fixtures/llm/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// The engine on a real model: top-5 next tokens and the greedy continuation equal transformers'
+/// (f32) reference; per-token log-probs of that continuation within 0.02 nats of the f32 path.
+fn check_real(name: &str, eos: u32) {
+    let Some(path) = cached(name) else { return };
+    let r = reference(name);
+    let q = QLlm::load(&path, Quantize::Auto).unwrap();
+    let prompt = ids(&r["prompt_ids"]);
+    let logits = q_logits(&q.model, &prompt);
+    let v = q.model.cfg.vocab_size;
+    let last = &logits[(prompt.len() - 1) * v..];
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+    assert_eq!(top5, ids(&r["top5_ids"]), "{name}: top-5 next tokens");
+    let mut want = ids(&r["greedy_ids"]);
+    if want.last() == Some(&eos) {
+        want.pop();
+    }
+    let out = Engine::new(&q.model, &q.tokenizer, EngineConfig::default())
+        .run(&[Request { prompt: prompt.clone(), key: 0, sampling: SamplingConfig::greedy(16) }])
+        .unwrap();
+    assert_eq!(out[0].tokens, want, "{name}: greedy continuation {:?}", out[0].text);
+    let f32_model = Llm::load(&path, &Device::Cpu, DType::F32).unwrap();
+    let exact =
+        curec::llm::log_probs_with(&f32_model.model, &[(prompt.clone(), want.clone())], false, curec::llm::Grad::None)
+            .unwrap()
+            .0;
+    let exact: Vec<f32> = exact.log_probs.flatten_all().unwrap().to_vec1().unwrap();
+    let got = completion_log_probs_quantized(&q.model, &prompt, &want).unwrap();
+    let mad = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+    eprintln!("{name}: mean |Δ log-prob| against f32 = {mad:.4} nats/token");
+    assert!(mad < 0.02, "{name}: mean |Δ log-prob| {mad}");
+}
+
+#[test]
+fn smollm2_engine_matches_transformers() {
+    check_real("smollm2-135m-instruct", 2);
+}
+
+#[test]
+fn qwen_engine_matches_transformers() {
+    check_real("qwen2.5-0.5b-instruct", 151645);
+}
+
+#[test]
+fn gguf_row_decoders_equal_candle_dequantize() {
+    use candle_core::quantized::gguf_file;
+    let mut seen = std::collections::BTreeSet::new();
+    for name in ["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"] {
+        let Some(path) = cached(name) else { return };
+        let mut f = std::fs::File::open(&path).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let mut names: Vec<&String> = c.tensor_infos.keys().filter(|n| n.ends_with(".weight")).collect();
+        names.sort();
+        for n in names {
+            let info = &c.tensor_infos[n];
+            if info.shape.rank() != 2 || !seen.insert(format!("{:?}", info.ggml_dtype)) {
+                continue;
+            }
+            let t = c.tensor(&mut f, n, &Device::Cpu).unwrap();
+            let all: Vec<Vec<f32>> = t.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+            for r in [0, all.len() / 2, all.len() - 1] {
+                assert_eq!(dequantize_row(&t, r).unwrap(), all[r], "{name}: {n} ({:?}) row {r}", info.ggml_dtype);
+            }
+        }
+    }
+    assert!(seen.len() >= 4, "types checked: {seen:?}");
+}
