@@ -320,22 +320,27 @@ impl QModel {
                     s.cache.push(li, &row[qd..qd + kvd], &row[qd + kvd..]);
                 }
             }
-            // Attention, one task per (sequence, query head).
+            // Attention, one task per (sequence, query head, chunk of up to 32 query rows).
             let rep = nh / nkv;
-            let tasks: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|si| (0..nh).map(move |hh| (si, hh))).collect();
-            let caches: Vec<&SeqCache> = seqs.iter().map(|s| &*s.cache).collect();
             let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+            let tasks: Vec<(usize, usize, usize, usize)> = (0..seqs.len())
+                .flat_map(|si| {
+                    let n = lens[si];
+                    (0..nh).flat_map(move |hh| (0..n).step_by(32).map(move |i0| (si, hh, i0, (i0 + 32).min(n))))
+                })
+                .collect();
+            let caches: Vec<&SeqCache> = seqs.iter().map(|s| &*s.cache).collect();
             let outs: Vec<Vec<f32>> = tasks
                 .par_iter()
-                .map(|&(si, hh)| {
+                .map(|&(si, hh, i0, i1)| {
                     let c = caches[si];
                     let (keys, vals) = c.layer(li);
                     let kvh = hh / rep;
                     let total = c.len_layer(li);
                     let n = lens[si];
-                    let mut out = vec![0f32; n * hd];
+                    let mut out = vec![0f32; (i1 - i0) * hd];
                     let mut scores = vec![0f32; total];
-                    for i in 0..n {
+                    for i in i0..i1 {
                         let r = starts[si] + i;
                         let q = &qkv[r * w + hh * hd..r * w + (hh + 1) * hd];
                         let visible = total - n + i + 1;
@@ -351,7 +356,7 @@ impl QModel {
                             sum += *s;
                         }
                         let inv = 1.0 / sum;
-                        let o = &mut out[i * hd..(i + 1) * hd];
+                        let o = &mut out[(i - i0) * hd..(i - i0 + 1) * hd];
                         for j in 0..visible {
                             let p = scores[j] * inv;
                             let v = &vals[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
@@ -361,10 +366,11 @@ impl QModel {
                     out
                 })
                 .collect();
-            for (&(si, hh), out) in tasks.iter().zip(&outs) {
-                for i in 0..lens[si] {
+            for (&(si, hh, i0, i1), out) in tasks.iter().zip(&outs) {
+                for i in i0..i1 {
                     let r = starts[si] + i;
-                    attn[r * qd + hh * hd..r * qd + (hh + 1) * hd].copy_from_slice(&out[i * hd..(i + 1) * hd]);
+                    attn[r * qd + hh * hd..r * qd + (hh + 1) * hd]
+                        .copy_from_slice(&out[(i - i0) * hd..(i - i0 + 1) * hd]);
                 }
             }
             acts.requantize(&attn, rows, qd);
