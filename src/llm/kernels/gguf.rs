@@ -241,3 +241,43 @@ pub fn to_qmatrix(t: &QTensor, want: Quantize, source: impl Fn(usize) -> usize) 
         }
     }
 }
+
+/// A 2-D GGUF tensor kept as stored, rows decoded on demand (embedding lookups).
+pub struct RawRows {
+    dtype: GgmlDType,
+    k: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl RawRows {
+    /// `None` when the type has no row decoder.
+    pub fn new(t: QTensor) -> Result<Option<Self>> {
+        let (_, k) = t.shape().dims2()?;
+        let Some(row_bytes) = bytes_per_row(t.dtype(), k) else { return Ok(None) };
+        Ok(Some(Self { dtype: t.dtype(), k, row_bytes, data: t.data()?.into_owned() }))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row r into `out` (k values).
+    pub fn row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let bytes = self.data.get(r * self.row_bytes..(r + 1) * self.row_bytes);
+        let bytes = bytes.ok_or_else(|| anyhow::anyhow!("row {r} is outside the table"))?;
+        match decode_row(self.dtype, bytes, self.k)? {
+            Row::F32(v) => out.copy_from_slice(&v),
+            Row::Q4(blocks) | Row::Q8(blocks) => {
+                for (b, blk) in blocks.iter().enumerate() {
+                    let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+                    match *blk {
+                        RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
+                        RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
