@@ -1,17 +1,11 @@
-//! The generation engine: the quantized model against the f32 candle model (tiny random models
-//! of both families, and the real pinned models against transformers' reference values when they
-//! are cached), batch invariance, continuous batching, the prefix cache, per-request settings,
-//! and the GGUF block decoders against candle's.
-
-use std::path::PathBuf;
+//! The generation engine on tiny random models of both families: the quantized model against
+//! the f32 candle model, batch invariance, continuous batching, the prefix cache, per-request
+//! settings. The real pinned models are checked in `llm_models.rs`.
 
 use candle_core::{DType, Device, Tensor};
-use curec::llm::engine::{
-    completion_log_probs_quantized, Engine, EngineConfig, Logits, QLlm, QModel, Request, SeqStep,
-};
-use curec::llm::fetch::Pins;
-use curec::llm::kernels::gguf::{dequantize_row, Quantize};
-use curec::llm::{CausalLm, Family, Llm, LlmConfig, SamplingConfig};
+use curec::llm::engine::{Engine, EngineConfig, Logits, QModel, Request, SeqStep};
+use curec::llm::kernels::gguf::Quantize;
+use curec::llm::{CausalLm, Family, LlmConfig, SamplingConfig};
 
 fn tiny(family: Family) -> CausalLm {
     let cfg = LlmConfig { max_position: 4096, ..LlmConfig::tiny(family) };
@@ -170,93 +164,4 @@ fn stop_strings_end_a_request_and_are_cut() {
     let got = Engine::new(&q, &tok, EngineConfig::default()).run(&[stop]).unwrap().pop().unwrap();
     assert_eq!(got.finish, curec::llm::generate::Finish::Stop);
     assert!(!got.text.contains(&third) && got.tokens.len() <= 3, "{got:?}");
-}
-
-fn cached(name: &str) -> Option<PathBuf> {
-    let pins = Pins::builtin();
-    let m = pins.find(name).unwrap();
-    if m.is_cached() {
-        Some(m.main_path())
-    } else {
-        eprintln!("SKIPPED: {name} is not in {} (run `curec model fetch {name}`)", m.dir().display());
-        None
-    }
-}
-
-fn reference(name: &str) -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("datasets/fixtures/llm/{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-/// The engine on a real model: top-5 next tokens and the greedy continuation equal transformers'
-/// (f32) reference; per-token log-probs of that continuation within 0.02 nats of the f32 path.
-fn check_real(name: &str, eos: u32) {
-    let Some(path) = cached(name) else { return };
-    let r = reference(name);
-    let q = QLlm::load(&path, Quantize::Auto).unwrap();
-    let prompt = ids(&r["prompt_ids"]);
-    let logits = q_logits(&q.model, &prompt);
-    let v = q.model.cfg.vocab_size;
-    let last = &logits[(prompt.len() - 1) * v..];
-    let mut order: Vec<usize> = (0..v).collect();
-    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
-    let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
-    assert_eq!(top5, ids(&r["top5_ids"]), "{name}: top-5 next tokens");
-    let mut want = ids(&r["greedy_ids"]);
-    if want.last() == Some(&eos) {
-        want.pop();
-    }
-    let out = Engine::new(&q.model, &q.tokenizer, EngineConfig::default())
-        .run(&[Request { prompt: prompt.clone(), key: 0, sampling: SamplingConfig::greedy(16) }])
-        .unwrap();
-    assert_eq!(out[0].tokens, want, "{name}: greedy continuation {:?}", out[0].text);
-    let f32_model = Llm::load(&path, &Device::Cpu, DType::F32).unwrap();
-    let exact =
-        curec::llm::log_probs_with(&f32_model.model, &[(prompt.clone(), want.clone())], false, curec::llm::Grad::None)
-            .unwrap()
-            .0;
-    let exact: Vec<f32> = exact.log_probs.flatten_all().unwrap().to_vec1().unwrap();
-    let got = completion_log_probs_quantized(&q.model, &prompt, &want).unwrap();
-    let mad = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
-    eprintln!("{name}: mean |Δ log-prob| against f32 = {mad:.4} nats/token");
-    assert!(mad < 0.02, "{name}: mean |Δ log-prob| {mad}");
-}
-
-#[test]
-fn smollm2_engine_matches_transformers() {
-    check_real("smollm2-135m-instruct", 2);
-}
-
-#[test]
-fn qwen_engine_matches_transformers() {
-    check_real("qwen2.5-0.5b-instruct", 151645);
-}
-
-#[test]
-fn gguf_row_decoders_equal_candle_dequantize() {
-    use candle_core::quantized::gguf_file;
-    let mut seen = std::collections::BTreeSet::new();
-    for name in ["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"] {
-        let Some(path) = cached(name) else { return };
-        let mut f = std::fs::File::open(&path).unwrap();
-        let c = gguf_file::Content::read(&mut f).unwrap();
-        let mut names: Vec<&String> = c.tensor_infos.keys().filter(|n| n.ends_with(".weight")).collect();
-        names.sort();
-        for n in names {
-            let info = &c.tensor_infos[n];
-            if info.shape.rank() != 2 || !seen.insert(format!("{:?}", info.ggml_dtype)) {
-                continue;
-            }
-            let t = c.tensor(&mut f, n, &Device::Cpu).unwrap();
-            let all: Vec<Vec<f32>> = t.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
-            for r in [0, all.len() / 2, all.len() - 1] {
-                assert_eq!(dequantize_row(&t, r).unwrap(), all[r], "{name}: {n} ({:?}) row {r}", info.ggml_dtype);
-            }
-        }
-    }
-    assert!(seen.len() >= 4, "types checked: {seen:?}");
 }

@@ -2,13 +2,18 @@
 //! GGUF files (`datasets/fixtures/llm/*.json`, written by `benches/hf_reference.py reference`):
 //! tokenizer ids built from GGUF metadata, prompt logits, greedy continuation.
 //!
+//! The generation engine (quantized) on the same references, and its GGUF block decoders
+//! against candle's.
+//!
 //! Tests never download: they run when the model is in the cache (`curec model fetch …`; `.ci/run`
 //! fetches them first) and otherwise say that they were skipped.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use curec::llm::engine::{completion_log_probs_quantized, Engine, EngineConfig, Logits, QLlm, Request, SeqStep};
 use curec::llm::fetch::Pins;
+use curec::llm::kernels::gguf::{dequantize_row, Quantize};
 use curec::llm::{generate, Llm, SamplingConfig};
 
 fn cached(name: &str) -> Option<PathBuf> {
@@ -108,4 +113,80 @@ fn minilm_matches_transformers_sentence_embeddings() {
             assert!(err < 1e-5, "sentence {i}: max abs error {err}");
         }
     }
+}
+
+/// The engine on a real model: top-5 next tokens and the greedy continuation equal transformers'
+/// (f32) reference; per-token log-probs of that continuation within 0.02 nats of the f32 path.
+fn check_real(name: &str, eos: u32) {
+    let Some(path) = cached(name) else { return };
+    let r = reference(name);
+    let q = QLlm::load(&path, Quantize::Auto).unwrap();
+    let prompt = ids(&r["prompt_ids"]);
+    let mut cache = q.model.new_cache(prompt.len());
+    let logits = q
+        .model
+        .forward(&mut [SeqStep { tokens: &prompt, cache: &mut cache, logits: Logits::All }])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    let v = q.model.cfg.vocab_size;
+    let last = &logits[(prompt.len() - 1) * v..];
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+    let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+    assert_eq!(top5, ids(&r["top5_ids"]), "{name}: top-5 next tokens");
+    let mut want = ids(&r["greedy_ids"]);
+    if want.last() == Some(&eos) {
+        want.pop();
+    }
+    let out = Engine::new(&q.model, &q.tokenizer, EngineConfig::default())
+        .run(&[Request { prompt: prompt.clone(), key: 0, sampling: SamplingConfig::greedy(16) }])
+        .unwrap();
+    assert_eq!(out[0].tokens, want, "{name}: greedy continuation {:?}", out[0].text);
+    let f32_model = Llm::load(&path, &Device::Cpu, DType::F32).unwrap();
+    let exact =
+        curec::llm::log_probs_with(&f32_model.model, &[(prompt.clone(), want.clone())], false, curec::llm::Grad::None)
+            .unwrap()
+            .0;
+    let exact: Vec<f32> = exact.log_probs.flatten_all().unwrap().to_vec1().unwrap();
+    let got = completion_log_probs_quantized(&q.model, &prompt, &want).unwrap();
+    let mad = got.iter().zip(&exact).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+    eprintln!("{name}: mean |Δ log-prob| against f32 = {mad:.4} nats/token");
+    assert!(mad < 0.02, "{name}: mean |Δ log-prob| {mad}");
+}
+
+#[test]
+fn smollm2_engine_matches_transformers() {
+    check_real("smollm2-135m-instruct", 2);
+}
+
+#[test]
+fn qwen_engine_matches_transformers() {
+    check_real("qwen2.5-0.5b-instruct", 151645);
+}
+
+#[test]
+fn gguf_row_decoders_equal_candle_dequantize() {
+    use candle_core::quantized::gguf_file;
+    let mut seen = std::collections::BTreeSet::new();
+    for name in ["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"] {
+        let Some(path) = cached(name) else { return };
+        let mut f = std::fs::File::open(&path).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let mut names: Vec<&String> = c.tensor_infos.keys().filter(|n| n.ends_with(".weight")).collect();
+        names.sort();
+        for n in names {
+            let info = &c.tensor_infos[n];
+            if info.shape.rank() != 2 || !seen.insert(format!("{:?}", info.ggml_dtype)) {
+                continue;
+            }
+            let t = c.tensor(&mut f, n, &Device::Cpu).unwrap();
+            let all: Vec<Vec<f32>> = t.dequantize(&Device::Cpu).unwrap().to_vec2().unwrap();
+            for r in [0, all.len() / 2, all.len() - 1] {
+                assert_eq!(dequantize_row(&t, r).unwrap(), all[r], "{name}: {n} ({:?}) row {r}", info.ggml_dtype);
+            }
+        }
+    }
+    assert!(seen.len() >= 4, "types checked: {seen:?}");
 }

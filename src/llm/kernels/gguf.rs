@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::{bf16, f16};
 
-use super::{quantize_block, Format, QMatrix, RowBlock, BLOCK};
+use super::{expand_blocks, quantize_block, Format, QMatrix, RowBlock, BLOCK};
 
 /// What `--quantize` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
@@ -176,13 +176,7 @@ pub fn dequantize_row(t: &QTensor, r: usize) -> Result<Vec<f32>> {
         Row::F32(v) => v,
         Row::Q4(blocks) | Row::Q8(blocks) => {
             let mut out = vec![0f32; k];
-            for (b, blk) in blocks.iter().enumerate() {
-                let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-                match *blk {
-                    RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
-                    RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
-                }
-            }
+            expand_blocks(&blocks, &mut out);
             out
         }
     })
@@ -205,13 +199,7 @@ pub fn to_qmatrix(t: &QTensor, want: Quantize, source: impl Fn(usize) -> usize) 
             (Row::F32(v), _) => from_f32(&v),
             (Row::Q4(b), Format::Q8) | (Row::Q8(b), Format::Q4) => {
                 let mut v = vec![0f32; k];
-                for (i, blk) in b.iter().enumerate() {
-                    let o = &mut v[i * BLOCK..(i + 1) * BLOCK];
-                    match *blk {
-                        RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
-                        RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
-                    }
-                }
+                expand_blocks(&b, &mut v);
                 from_f32(&v)
             }
         }
@@ -268,15 +256,7 @@ impl RawRows {
         let bytes = bytes.ok_or_else(|| anyhow::anyhow!("row {r} is outside the table"))?;
         match decode_row(self.dtype, bytes, self.k)? {
             Row::F32(v) => out.copy_from_slice(&v),
-            Row::Q4(blocks) | Row::Q8(blocks) => {
-                for (b, blk) in blocks.iter().enumerate() {
-                    let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
-                    match *blk {
-                        RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
-                        RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
-                    }
-                }
-            }
+            Row::Q4(blocks) | Row::Q8(blocks) => expand_blocks(&blocks, out),
         }
         Ok(())
     }

@@ -210,13 +210,7 @@ impl QMatrix {
 
     /// Row r dequantized (embedding lookups from a tied head).
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        for (b, blk) in self.row_blocks(r).into_iter().enumerate() {
-            let o = &mut out[b * BLOCK..((b + 1) * BLOCK).min(self.k)];
-            match blk {
-                RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
-                RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
-            }
-        }
+        expand_blocks(&self.row_blocks(r), &mut out[..self.k]);
     }
 
     /// The whole matrix dequantized, row-major (tests and reference paths).
@@ -286,6 +280,16 @@ impl QMatrix {
             (Kernel::Avx2, Format::Q4) => unsafe { avx2::group_q4(&w, x, dst) },
             (_, Format::Q8) => portable::group_q8(&w, x, dst),
             (_, Format::Q4) => portable::group_q4(&w, x, dst),
+        }
+    }
+}
+
+/// Blocks back to f32 values; `out` may be shorter than the blocks (a padded last block).
+pub fn expand_blocks(blocks: &[RowBlock], out: &mut [f32]) {
+    for (o, blk) in out.chunks_mut(BLOCK).zip(blocks) {
+        match *blk {
+            RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
+            RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
         }
     }
 }
