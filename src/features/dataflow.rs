@@ -1,5 +1,5 @@
-//! Feature generation as a timely dataflow: jobs enter on every worker, are exchanged by record
-//! key, and each worker runs its share through its own copy of the LLM in batches once its input
+//! Feature generation as a timely dataflow: jobs enter on every worker, are exchanged by user (a
+//! user's prompts share a prefix, which the worker's engine computes once), and each worker runs its share through its own copy of the LLM in batches once its input
 //! frontier has passed the jobs' time. A job's text depends on its record alone (greedy, or sampled
 //! from (seed, key)), so the rows are the same with 1 or N workers; only their order differs, and
 //! the caller sorts them.
@@ -53,50 +53,54 @@ pub fn generate_on_workers(jobs: Vec<FeatureJob>, workers: usize, ctx: Arc<Worke
             let err_op = err.clone();
             input
                 .to_stream(scope)
-                .unary_frontier(Exchange::new(|j: &FeatureJob| j.key), "GenerateFeatures", move |_cap, _info| {
-                    let mut stash = Vec::new();
-                    move |(input, frontier), output| {
-                        input.for_each_stamp(|cap, data| {
-                            if let Some(cap) = cap.retain_least(output.output_index()) {
-                                stash.push((cap, data.flat_map(|d| d.drain(..)).collect::<Vec<FeatureJob>>()));
-                            }
-                        });
-                        stash.retain_mut(|(cap, todo)| {
-                            if frontier.less_equal(cap.time()) {
-                                return true;
-                            }
-                            // Patterns first, then reasons, each in key order; a batch holds one kind.
-                            todo.sort_by_key(|j| (j.item.is_some(), j.key));
-                            let mut session = output.session(cap);
-                            let split = todo.partition_point(|j| j.item.is_none());
-                            let (patterns, reasons) = todo.split_at(split);
-                            let chunks = patterns
-                                .chunks(ctx.cfg.batch)
-                                .map(|c| (c, ctx.cfg.max_new_tokens_pattern))
-                                .chain(reasons.chunks(ctx.cfg.batch).map(|c| (c, ctx.cfg.max_new_tokens_reason)));
-                            for (chunk, max_new_tokens) in chunks {
-                                if err_op.lock().expect("error slot").is_some() {
-                                    break;
+                .unary_frontier(
+                    Exchange::new(|j: &FeatureJob| j.user as u64),
+                    "GenerateFeatures",
+                    move |_cap, _info| {
+                        let mut stash = Vec::new();
+                        move |(input, frontier), output| {
+                            input.for_each_stamp(|cap, data| {
+                                if let Some(cap) = cap.retain_least(output.output_index()) {
+                                    stash.push((cap, data.flat_map(|d| d.drain(..)).collect::<Vec<FeatureJob>>()));
                                 }
-                                let Some(model) = model.as_ref() else { break };
-                                match run_batch(model, &ctx.prompts, &ctx.items, chunk, &ctx.cfg, max_new_tokens) {
-                                    Ok(outs) => session.give(
-                                        chunk
-                                            .iter()
-                                            .cloned()
-                                            .zip(outs)
-                                            .map(|(j, (t, p, n))| (j, t, p, n))
-                                            .collect::<Vec<Generated>>(),
-                                    ),
-                                    Err(e) => {
-                                        err_op.lock().expect("error slot").get_or_insert(format!("{e:#}"));
+                            });
+                            stash.retain_mut(|(cap, todo)| {
+                                if frontier.less_equal(cap.time()) {
+                                    return true;
+                                }
+                                // Patterns first, then reasons, each in key order; a batch holds one kind.
+                                todo.sort_by_key(|j| (j.item.is_some(), j.key));
+                                let mut session = output.session(cap);
+                                let split = todo.partition_point(|j| j.item.is_none());
+                                let (patterns, reasons) = todo.split_at(split);
+                                let chunks = patterns
+                                    .chunks(ctx.cfg.batch)
+                                    .map(|c| (c, ctx.cfg.max_new_tokens_pattern))
+                                    .chain(reasons.chunks(ctx.cfg.batch).map(|c| (c, ctx.cfg.max_new_tokens_reason)));
+                                for (chunk, max_new_tokens) in chunks {
+                                    if err_op.lock().expect("error slot").is_some() {
+                                        break;
+                                    }
+                                    let Some(model) = model.as_ref() else { break };
+                                    match run_batch(model, &ctx.prompts, &ctx.items, chunk, &ctx.cfg, max_new_tokens) {
+                                        Ok(outs) => session.give(
+                                            chunk
+                                                .iter()
+                                                .cloned()
+                                                .zip(outs)
+                                                .map(|(j, (t, p, n))| (j, t, p, n))
+                                                .collect::<Vec<Generated>>(),
+                                        ),
+                                        Err(e) => {
+                                            err_op.lock().expect("error slot").get_or_insert(format!("{e:#}"));
+                                        }
                                     }
                                 }
-                            }
-                            false
-                        });
-                    }
-                })
+                                false
+                            });
+                        }
+                    },
+                )
                 .container::<Vec<_>>()
                 .inspect(move |batch: &Vec<Generated>| {
                     let mut sink = sink.lock().expect("sink lock");

@@ -78,6 +78,20 @@ fn recent(items: &[u32], n: usize) -> Vec<u32> {
     items[items.len().saturating_sub(n)..].to_vec()
 }
 
+/// Where the history of the reason at `pos` starts. With a bounded number of reasons per user
+/// (`first` = the first reasoned position), every reason of a user starts its history at the same
+/// item, `reason_history` items before the first reason: each prompt then extends the previous
+/// one's history by the items since, so a user's prompts share one cached prefix (the engine's
+/// prefix cache computes it once). With every interaction reasoned (`reasons_per_user = 0`) the
+/// history is the sliding window of the `reason_history` items before `pos`.
+fn reason_history_start(first: usize, pos: usize, cfg: &FeaturesConfig) -> usize {
+    if cfg.reasons_per_user == 0 {
+        pos.saturating_sub(cfg.reason_history)
+    } else {
+        first.saturating_sub(cfg.reason_history)
+    }
+}
+
 pub fn pattern_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesConfig) -> Vec<FeatureJob> {
     users
         .iter()
@@ -102,7 +116,7 @@ pub fn reason_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesC
                 key: ((u as u64) << 32) | pos as u64,
                 user: u,
                 item: Some(seq[pos]),
-                history: recent(&seq[..pos], cfg.reason_history),
+                history: seq[reason_history_start(first, pos, cfg)..pos].to_vec(),
                 timestamp: ts[u as usize][pos],
             });
         }
@@ -175,7 +189,7 @@ pub fn run_batch(
         seed: cfg.seed,
     };
     let gens = if llm.model.device().is_cpu() && std::env::var("CUREC_ENGINE").map_or(true, |v| v != "candle") {
-        llm::engine::generate_quantized(llm.engine_model()?, &llm.tokenizer, &ids, &keys, &sampling)?
+        llm.generate_engine(&ids, &keys, &sampling)?
     } else {
         llm::generate(&llm.model, &llm.tokenizer, &ids, &keys, &sampling, true)?
     };
@@ -268,6 +282,10 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
             if let Some(a) = &adapter {
                 model.model.load_lora(a).with_context(|| format!("features.adapter {}", a.display()))?;
                 model.model = model.model.merged()?;
+            } else if dev.is_cpu() && model.source.is_file() {
+                // No adapter: the engine reads the GGUF file's own blocks (4-bit stays 4-bit).
+                let (q, _) = llm::engine::QModel::load_gguf(&model.source, llm::kernels::gguf::Quantize::Auto)?;
+                model.set_engine_model(q);
             }
             Ok(model)
         };

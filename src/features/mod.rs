@@ -32,7 +32,9 @@ pub struct FeaturesConfig {
     pub aligned: bool,
     /// Most recent train items shown in the pattern prompt.
     pub pattern_history: usize,
-    /// Most recent train items (before the interaction) shown in the reason prompt.
+    /// Train items before a user's first reasoned interaction shown in the reason prompt; later
+    /// reasons of the user also show the items since (so a user's prompts extend one another and
+    /// share a cached prefix). With `reasons_per_user = 0`: the items just before each interaction.
     pub reason_history: usize,
     /// Reasons are generated for each user's most recent N train interactions (0 = all of them).
     pub reasons_per_user: usize,

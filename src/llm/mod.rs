@@ -39,6 +39,8 @@ pub struct Llm {
     /// The engine's quantized copy (adapters folded in), made on first use by
     /// [`Llm::engine_model`]; change the adapters of `model` only before that.
     quantized: std::sync::OnceLock<engine::QModel>,
+    /// The engine's prefix cache, kept across calls (a user's prompts in successive batches).
+    pub prefix: std::sync::Mutex<engine::PrefixCache>,
 }
 
 /// The tokenizer (a `tokenizer.json` beside the file, or built from the GGUF metadata) and the
@@ -123,21 +125,46 @@ impl Llm {
             let (content, cfg, w) = weights::load_gguf(path, dtype, device)?;
             let (tokenizer, chat) = text_side(path, &content)?;
             let model = CausalLm::from_weights(cfg, w, dtype, device)?;
-            return Ok(Self { model, tokenizer, chat, source: path.to_path_buf(), quantized: Default::default() });
+            return Ok(Self::from_parts(model, tokenizer, chat, path.to_path_buf()));
         };
         let model = CausalLm::from_weights(cfg, w, dtype, device)?;
-        Ok(Self {
-            model,
-            tokenizer,
-            chat: ChatTemplate::from_jinja(jinja.as_deref()),
-            source: path.to_path_buf(),
-            quantized: Default::default(),
-        })
+        Ok(Self::from_parts(model, tokenizer, ChatTemplate::from_jinja(jinja.as_deref()), path.to_path_buf()))
     }
 
     /// A model, tokenizer and template put together (tests, stand-ins).
     pub fn from_parts(model: CausalLm, tokenizer: Tokenizer, chat: ChatTemplate, source: PathBuf) -> Self {
-        Self { model, tokenizer, chat, source, quantized: Default::default() }
+        let prefix =
+            std::sync::Mutex::new(engine::PrefixCache::new(engine::EngineConfig::default().prefix_cache_mib << 20));
+        Self { model, tokenizer, chat, source, quantized: Default::default(), prefix }
+    }
+
+    /// Use `q` as the engine's model (e.g. the GGUF file's own blocks, loaded with
+    /// [`engine::QModel::load_gguf`], when `model` carries no adapters); false if one was set.
+    pub fn set_engine_model(&self, q: engine::QModel) -> bool {
+        self.quantized.set(q).is_ok()
+    }
+
+    /// Generate with the engine on [`Self::engine_model`], keeping the prefix cache across calls.
+    pub fn generate_engine(
+        &self,
+        prompts: &[Vec<u32>],
+        keys: &[u64],
+        sampling: &SamplingConfig,
+    ) -> Result<Vec<Generation>> {
+        let q = self.engine_model()?;
+        let cache = std::mem::replace(
+            &mut *self.prefix.lock().map_err(|_| anyhow::anyhow!("prefix cache lock poisoned"))?,
+            engine::PrefixCache::new(0),
+        );
+        let requests: Vec<engine::Request> = prompts
+            .iter()
+            .zip(keys)
+            .map(|(p, &key)| engine::Request { prompt: p.clone(), key, sampling: sampling.clone() })
+            .collect();
+        let mut e = engine::Engine::with_prefix(q, &self.tokenizer, engine::EngineConfig::default(), cache);
+        let out = e.run(&requests);
+        *self.prefix.lock().map_err(|_| anyhow::anyhow!("prefix cache lock poisoned"))? = e.into_prefix();
+        out
     }
 
     /// The engine's quantized copy of `model` with its adapters, made once.

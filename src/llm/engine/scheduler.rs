@@ -22,6 +22,11 @@ use crate::llm::generate::{sample, Finish, Generation, SamplingConfig};
 use crate::llm::tokenizer::Tokenizer;
 use crate::rec::nn::rng_for;
 
+/// A request waits a step for a sibling's prompt only when that saves at least this many prompt
+/// tokens: a GRPO group's copies of one prompt wait, while a user's successive reason prompts
+/// (each one history line longer than the last) are admitted together and fill the batch.
+const DEFER_MIN_GAIN: usize = 64;
+
 /// One generation request.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -85,6 +90,15 @@ impl<'m> Engine<'m> {
         Self { model, tok, cfg, prefix: PrefixCache::new(cfg.prefix_cache_mib << 20), stats: EngineStats::default() }
     }
 
+    /// An engine that starts from an existing prefix cache (give it back with [`Self::into_prefix`]).
+    pub fn with_prefix(model: &'m QModel, tok: &'m Tokenizer, cfg: EngineConfig, prefix: PrefixCache) -> Self {
+        Self { model, tok, cfg, prefix, stats: EngineStats::default() }
+    }
+
+    pub fn into_prefix(self) -> PrefixCache {
+        self.prefix
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats { prefix: self.prefix.stats(), ..self.stats }
     }
@@ -98,7 +112,7 @@ impl<'m> Engine<'m> {
         let mut running: Vec<Running> = Vec::new();
         let max_batch = self.cfg.max_batch.max(1);
         while !waiting.is_empty() || !running.is_empty() {
-            // Admit. A request whose prompt shares more with a prompt being prefilled this
+            // Admit. A request whose prompt shares much more with a prompt being prefilled this
             // step than with anything cached waits one step and then hits the cache.
             let mut deferred = VecDeque::new();
             while running.len() < max_batch {
@@ -116,7 +130,7 @@ impl<'m> Engine<'m> {
                     .map(|s| s.prompt.iter().zip(&r.prompt).take_while(|(a, b)| a == b).count())
                     .max()
                     .unwrap_or(0);
-                if sibling > cached + 16 {
+                if sibling > cached + DEFER_MIN_GAIN {
                     deferred.push_back(i);
                     continue;
                 }
