@@ -189,7 +189,19 @@ pub fn run_batch(
         seed: cfg.seed,
     };
     let gens = if llm.model.device().is_cpu() && std::env::var("CUREC_ENGINE").map_or(true, |v| v != "candle") {
-        llm.generate_engine(&ids, &keys, &sampling)?
+        let gens = llm.generate_engine(&ids, &keys, &sampling)?;
+        if let Ok(st) = llm.engine_stats.lock() {
+            tracing::info!(
+                "engine so far: {} prompt tokens computed, {} reused from the prefix cache ({:.0}%), {} decoded; {:.0} s prefill, {:.0} s decode",
+                st.prefill_tokens,
+                st.prefix.tokens_reused,
+                100.0 * st.prefix.token_hit_rate(),
+                st.decode_tokens,
+                st.prefill_seconds,
+                st.decode_seconds
+            );
+        }
+        gens
     } else {
         llm::generate(&llm.model, &llm.tokenizer, &ids, &keys, &sampling, true)?
     };

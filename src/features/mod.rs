@@ -45,7 +45,9 @@ pub struct FeaturesConfig {
     /// 0 = greedy.
     pub temperature: f32,
     pub top_p: f32,
-    /// Prompts generated together.
+    /// Prompts handed to the generation engine together (it decodes up to 32 at a time and fills
+    /// a finished one's slot from the rest at once, so larger is better; the output does not
+    /// depend on it).
     pub batch: usize,
     /// Timely worker threads, each with its own copy of the model (jobs are exchanged by record
     /// key; the output does not depend on this number).
@@ -74,7 +76,7 @@ impl Default for FeaturesConfig {
             max_new_tokens_reason: 96,
             temperature: 0.0,
             top_p: 1.0,
-            batch: 16,
+            batch: 256,
             workers: 1,
             prefix: "<think>".into(),
             system: None,

@@ -41,6 +41,8 @@ pub struct Llm {
     quantized: std::sync::OnceLock<engine::QModel>,
     /// The engine's prefix cache, kept across calls (a user's prompts in successive batches).
     pub prefix: std::sync::Mutex<engine::PrefixCache>,
+    /// What [`Self::generate_engine`] did, summed over calls (prefix-cache counts are the cache's own).
+    pub engine_stats: std::sync::Mutex<engine::EngineStats>,
 }
 
 /// The tokenizer (a `tokenizer.json` beside the file, or built from the GGUF metadata) and the
@@ -135,7 +137,7 @@ impl Llm {
     pub fn from_parts(model: CausalLm, tokenizer: Tokenizer, chat: ChatTemplate, source: PathBuf) -> Self {
         let prefix =
             std::sync::Mutex::new(engine::PrefixCache::new(engine::EngineConfig::default().prefix_cache_mib << 20));
-        Self { model, tokenizer, chat, source, quantized: Default::default(), prefix }
+        Self { model, tokenizer, chat, source, quantized: Default::default(), prefix, engine_stats: Default::default() }
     }
 
     /// Use `q` as the engine's model (e.g. the GGUF file's own blocks, loaded with
@@ -163,6 +165,9 @@ impl Llm {
             .collect();
         let mut e = engine::Engine::with_prefix(q, &self.tokenizer, engine::EngineConfig::default(), cache);
         let out = e.run(&requests);
+        if let Ok(mut total) = self.engine_stats.lock() {
+            total.add(&e.stats());
+        }
         *self.prefix.lock().map_err(|_| anyhow::anyhow!("prefix cache lock poisoned"))? = e.into_prefix();
         out
     }

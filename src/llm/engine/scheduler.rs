@@ -65,6 +65,20 @@ pub struct EngineStats {
     pub prefix: PrefixStats,
 }
 
+impl EngineStats {
+    /// Add another run's counts (the prefix-cache counts are replaced: they are the cache's own
+    /// running totals).
+    pub fn add(&mut self, o: &EngineStats) {
+        self.requests += o.requests;
+        self.steps += o.steps;
+        self.prefill_tokens += o.prefill_tokens;
+        self.decode_tokens += o.decode_tokens;
+        self.prefill_seconds += o.prefill_seconds;
+        self.decode_seconds += o.decode_seconds;
+        self.prefix = o.prefix;
+    }
+}
+
 struct Running {
     idx: usize,
     prompt: Vec<u32>,
