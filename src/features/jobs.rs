@@ -362,6 +362,7 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
             "train_interactions": ds.train.iter().map(Vec::len).sum::<usize>(),
         },
         "generated_tokens_this_run": tokens,
+        "seconds": seconds,
         "seconds_this_run": seconds,
         "tokens_per_s": if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
     });
