@@ -185,14 +185,9 @@ pub fn logprob_throughput(
     let c = completion.unwrap_or(seq_len / 2).clamp(1, seq_len.saturating_sub(1).max(1));
     let half = seq_len - c;
     anyhow::ensure!(half >= 1, "bench logprobs: the prompt needs at least one token (seq_len > completion)");
-    let vocab = llm.model.cfg.vocab_size as u32;
-    let distinct: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
-        .map(|i| {
-            let mut p = ids[..half].to_vec();
-            p[0] = (p[0] + i as u32) % vocab;
-            (p, ids[half..].to_vec())
-        })
-        .collect();
+    let vocab = llm.model.cfg.vocab_size;
+    let distinct: Vec<(Vec<u32>, Vec<u32>)> =
+        distinct_prompts(&llm.tokenizer, batch, half, vocab)?.into_iter().map(|p| (p, ids[half..].to_vec())).collect();
     let shared: Vec<(Vec<u32>, Vec<u32>)> = (0..batch).map(|_| (ids[..half].to_vec(), ids[half..].to_vec())).collect();
     let mode = if backward { Grad::Checkpointed } else { Grad::None };
     let run = |pairs: &[(Vec<u32>, Vec<u32>)]| -> Result<(f64, f64, f32)> {

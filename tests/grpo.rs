@@ -1,27 +1,12 @@
 //! The GRPO trainer on tiny random models (no downloads): the loss against hand-computed values,
 //! no update from groups without signal, learning a trivially learnable reward, determinism.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::tiny_tokenizer;
 use curec::grpo::{grpo_loss, Aggregation, Grpo, GrpoConfig, LossConfig, Reward, Sample, Scored};
 use curec::llm::{CausalLm, Family, LlmConfig, LoraConfig, Tokenizer};
-
-fn tiny_tokenizer() -> Tokenizer {
-    use serde_json::json;
-    let mut vocab = serde_json::Map::new();
-    for i in 0..97u32 {
-        vocab.insert(format!("t{i}"), json!(i));
-    }
-    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tokenizer.json");
-    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
-    let mut t = Tokenizer::from_file(&p).unwrap();
-    t.stop_ids = vec![];
-    t.pad_id = 0;
-    t
-}
 
 fn tiny_lora(seed: u64) -> CausalLm {
     let mut m = CausalLm::random(LlmConfig::tiny(Family::Qwen2), seed, DType::F32, &Device::Cpu).unwrap();

@@ -3,6 +3,9 @@
 //! when the pinned models are in the cache — the real SmolLM2/Qwen files against reference
 //! values from Hugging Face transformers (`datasets/fixtures/llm/*.json`).
 
+mod common;
+
+use common::tiny_tokenizer;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -32,26 +35,6 @@ fn full_logits(m: &CausalLm, ids: &[u32], adapters: bool) -> Vec<Vec<f32>> {
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// A tokenizer over the tiny vocabulary: byte-level BPE with no merges is enough for padding
-/// and stop ids; generation tests work on ids.
-fn tiny_tokenizer() -> curec::llm::Tokenizer {
-    use serde_json::json;
-    let mut vocab = serde_json::Map::new();
-    for i in 0..97u32 {
-        vocab.insert(format!("t{i}"), json!(i));
-    }
-    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tokenizer.json");
-    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
-    let mut t = curec::llm::Tokenizer::from_file(&p).unwrap();
-    t.stop_ids = vec![];
-    t.pad_id = 0;
-    t
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! the f32 candle model, batch invariance, continuous batching, the prefix cache, per-request
 //! settings. The real pinned models are checked in `llm_models.rs`.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::tiny_tokenizer;
 use curec::llm::engine::{Engine, EngineConfig, Logits, QModel, Request, SeqStep};
 use curec::llm::kernels::gguf::Quantize;
 use curec::llm::{CausalLm, Family, LlmConfig, SamplingConfig};
@@ -10,24 +13,6 @@ use curec::llm::{CausalLm, Family, LlmConfig, SamplingConfig};
 fn tiny(family: Family) -> CausalLm {
     let cfg = LlmConfig { max_position: 4096, ..LlmConfig::tiny(family) };
     CausalLm::random(cfg, 7, DType::F32, &Device::Cpu).unwrap()
-}
-
-fn tiny_tokenizer() -> curec::llm::Tokenizer {
-    use serde_json::json;
-    let mut vocab = serde_json::Map::new();
-    for i in 0..97u32 {
-        vocab.insert(format!("t{i}"), json!(i));
-    }
-    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tokenizer.json");
-    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
-    let mut t = curec::llm::Tokenizer::from_file(&p).unwrap();
-    t.stop_ids = vec![];
-    t.pad_id = 0;
-    t
 }
 
 fn f32_logits(m: &CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {

@@ -1,6 +1,7 @@
 //! Feature generation as a timely dataflow: jobs enter on every worker, are exchanged by user (a
-//! user's prompts share a prefix, which the worker's engine computes once), and each worker runs its share through its own copy of the LLM in batches once its input
-//! frontier has passed the jobs' time. A job's text depends on its record alone (greedy, or sampled
+//! user's prompts share a prefix, which the worker's engine computes once), and each worker runs
+//! its share through its own copy of the LLM in batches once its input frontier has passed the
+//! jobs' time. A job's text depends on its record alone (greedy, or sampled
 //! from (seed, key)), so the rows are the same with 1 or N workers; only their order differs, and
 //! the caller sorts them.
 

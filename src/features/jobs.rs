@@ -188,7 +188,7 @@ pub fn run_batch(
         stop: vec!["</answer>".into()],
         seed: cfg.seed,
     };
-    let gens = if llm.model.device().is_cpu() && std::env::var("CUREC_ENGINE").map_or(true, |v| v != "candle") {
+    let gens = if llm::generate::engine_enabled(llm.model.device()) {
         let gens = llm.generate_engine(&ids, &keys, &sampling)?;
         if let Ok(st) = llm.engine_stats.lock() {
             tracing::info!(

@@ -49,8 +49,8 @@ pub struct FeaturesConfig {
     /// a finished one's slot from the rest at once, so larger is better; the output does not
     /// depend on it).
     pub batch: usize,
-    /// Timely worker threads, each with its own copy of the model (jobs are exchanged by record
-    /// key; the output does not depend on this number).
+    /// Timely worker threads, each with its own copy of the model (jobs are exchanged by user;
+    /// the output does not depend on this number).
     pub workers: usize,
     /// Text after the assistant header that the completion continues.
     pub prefix: String,

@@ -235,21 +235,28 @@ pub fn generate(
         .collect())
 }
 
-/// Where generation runs: the quantized engine on the CPU, candle's f32 model elsewhere (or with
-/// `CUREC_ENGINE=candle`, the reference path).
-pub enum Generator<'a> {
-    Engine(Box<super::engine::QModel>),
-    Candle { model: &'a CausalLm, adapters: bool },
+/// Whether generation for a model on `device` runs on the quantized engine: on the CPU, unless
+/// `CUREC_ENGINE=candle` asks for the f32 reference path.
+pub fn engine_enabled(device: &candle_core::Device) -> bool {
+    device.is_cpu() && std::env::var("CUREC_ENGINE").map_or(true, |v| v != "candle")
 }
 
-impl<'a> Generator<'a> {
-    /// The generator for `model` (with its LoRA adapters when `adapters`): quantizes it once.
-    pub fn for_model(model: &'a CausalLm, adapters: bool) -> Result<Self> {
-        let candle = std::env::var("CUREC_ENGINE").is_ok_and(|v| v == "candle");
-        if model.device().is_cpu() && !candle {
+/// A model ready to generate from: the engine's quantized copy, or candle's f32 model, either with
+/// the LoRA adapters folded in (sampling then runs at the base model's speed).
+pub enum Generator {
+    Engine(Box<super::engine::QModel>),
+    Candle(Box<CausalLm>),
+}
+
+impl Generator {
+    /// The generator for `model` (with its LoRA adapters when `adapters`), see [`engine_enabled`].
+    pub fn for_model(model: &CausalLm, adapters: bool) -> Result<Self> {
+        if engine_enabled(model.device()) {
             Ok(Generator::Engine(Box::new(super::engine::quantize_model(model, adapters)?)))
+        } else if adapters {
+            Ok(Generator::Candle(Box::new(model.merged()?)))
         } else {
-            Ok(Generator::Candle { model, adapters })
+            Ok(Generator::Candle(Box::new(model.clone())))
         }
     }
 
@@ -262,7 +269,7 @@ impl<'a> Generator<'a> {
     ) -> Result<Vec<Generation>> {
         match self {
             Generator::Engine(q) => super::engine::generate_quantized(q, tok, prompts, keys, cfg),
-            Generator::Candle { model, adapters } => generate(model, tok, prompts, keys, cfg, *adapters),
+            Generator::Candle(model) => generate(model, tok, prompts, keys, cfg, false),
         }
     }
 }

@@ -158,11 +158,7 @@ impl Llm {
             &mut *self.prefix.lock().map_err(|_| anyhow::anyhow!("prefix cache lock poisoned"))?,
             engine::PrefixCache::new(0),
         );
-        let requests: Vec<engine::Request> = prompts
-            .iter()
-            .zip(keys)
-            .map(|(p, &key)| engine::Request { prompt: p.clone(), key, sampling: sampling.clone() })
-            .collect();
+        let requests = engine::requests(prompts, keys, sampling)?;
         let mut e = engine::Engine::with_prefix(q, &self.tokenizer, engine::EngineConfig::default(), cache);
         let out = e.run(&requests);
         if let Ok(mut total) = self.engine_stats.lock() {

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses some of them).
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -58,4 +59,23 @@ pub fn setup() -> Setup {
     tiny_model_dir(&model);
     let base = tmp.path().to_path_buf();
     Setup { _tmp: tmp, data, model, base }
+}
+
+/// A tokenizer over the tiny models' vocabulary (`t0` … `t96`): word-level, no stop ids, pad 0;
+/// generation tests work on ids.
+pub fn tiny_tokenizer() -> curec::llm::Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    for i in 0..97u32 {
+        vocab.insert(format!("t{i}"), json!(i));
+    }
+    let doc = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer.json");
+    std::fs::write(&p, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let mut t = curec::llm::Tokenizer::from_file(&p).unwrap();
+    t.stop_ids = vec![];
+    t.pad_id = 0;
+    t
 }

@@ -56,13 +56,17 @@ pub fn generate_quantized(
     keys: &[u64],
     sampling: &SamplingConfig,
 ) -> Result<Vec<Generation>> {
+    Engine::new(model, tok, EngineConfig::default()).run(&requests(prompts, keys, sampling)?)
+}
+
+/// One request per prompt, `keys[i]` picking row i's random stream, all with `sampling`.
+pub fn requests(prompts: &[Vec<u32>], keys: &[u64], sampling: &SamplingConfig) -> Result<Vec<Request>> {
     anyhow::ensure!(keys.len() == prompts.len(), "one key per prompt");
-    let requests: Vec<Request> = prompts
+    Ok(prompts
         .iter()
         .zip(keys)
         .map(|(p, &key)| Request { prompt: p.clone(), key, sampling: sampling.clone() })
-        .collect();
-    Engine::new(model, tok, EngineConfig::default()).run(&requests)
+        .collect())
 }
 
 /// Quantize a candle model for the engine, with its LoRA adapters folded in when `adapters`.

@@ -64,11 +64,14 @@ pub enum Logits {
     All,
 }
 
-fn rms_norm_into(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (ms + eps as f32).sqrt();
-    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
-        *o = v * inv * g;
+/// RMSNorm of every row of `x` (rows of `w.len()` values) into `out`.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    for (x, out) in x.chunks(w.len()).zip(out.chunks_mut(w.len())) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let inv = 1.0 / (ms + eps as f32).sqrt();
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+            *o = v * inv * g;
+        }
     }
 }
 
@@ -309,14 +312,7 @@ impl QModel {
         let mut hidden = vec![0f32; rows * inter];
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
-            for r in 0..rows {
-                rms_norm_into(
-                    &x[r * h..(r + 1) * h],
-                    &layer.attn_norm,
-                    cfg.rms_norm_eps,
-                    &mut normed[r * h..(r + 1) * h],
-                );
-            }
+            rms_norm_rows(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
             acts.requantize(&normed, rows, h);
             layer.qkv.matmul(&acts, &mut qkv);
             let w = qd + 2 * kvd;
@@ -429,14 +425,7 @@ impl QModel {
             acts.requantize(&attn, rows, qd);
             layer.o.matmul(&acts, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
-            for r in 0..rows {
-                rms_norm_into(
-                    &x[r * h..(r + 1) * h],
-                    &layer.mlp_norm,
-                    cfg.rms_norm_eps,
-                    &mut normed[r * h..(r + 1) * h],
-                );
-            }
+            rms_norm_rows(&x, &layer.mlp_norm, cfg.rms_norm_eps, &mut normed);
             acts.requantize(&normed, rows, h);
             layer.gate_up.matmul(&acts, &mut gu);
             for r in 0..rows {
@@ -467,7 +456,7 @@ impl QModel {
         if !want.is_empty() {
             let mut last = vec![0f32; want.len() * h];
             for (j, &(_, r)) in want.iter().enumerate() {
-                rms_norm_into(&x[r * h..(r + 1) * h], &self.norm, cfg.rms_norm_eps, &mut last[j * h..(j + 1) * h]);
+                rms_norm_rows(&x[r * h..(r + 1) * h], &self.norm, cfg.rms_norm_eps, &mut last[j * h..(j + 1) * h]);
             }
             acts.requantize(&last, want.len(), h);
             let head = self.head.as_ref().unwrap_or(&self.embed);
