@@ -203,3 +203,30 @@ fn run_job_pretrains_after_the_baselines_and_skips_a_finished_stage() {
     assert!(second.status.success());
     assert_eq!(std::fs::metadata(out.join("pretrain/eval.json")).unwrap().modified().unwrap(), stamp, "stage redone");
 }
+
+/// The prompt's format example is a history item and never a candidate, in training and in
+/// validation tasks alike (the prompt files promise it; a candidate there made copying the
+/// example a free legal answer).
+#[test]
+fn the_format_example_is_a_history_item_and_never_a_candidate() {
+    use curec::align::task::{train_stream, train_task, valid_task};
+    let s = setup();
+    let ds = curec::data::prepared::read_dataset(&s.data).unwrap();
+    let xs = curec::data::prepared::read_interactions(&s.data.join("interactions.parquet")).unwrap();
+    let stream = train_stream(&ds, &xs, 1);
+    let mut checked = 0;
+    for r in stream.iter().step_by(97) {
+        for epoch in 0..3 {
+            let t = train_task(&ds, r, 5, 9, 7, epoch).unwrap();
+            assert!(t.history.contains(&t.example), "train task {}: example {} not in history", r.index, t.example);
+            assert!(!t.candidates.contains(&t.example), "train task {}: example {} is a candidate", r.index, t.example);
+            checked += 1;
+        }
+    }
+    for u in (0..ds.n_users as u32).step_by(7) {
+        let t = valid_task(&ds, u, 5, 9, 7).unwrap();
+        assert!(t.history.contains(&t.example) && !t.candidates.contains(&t.example), "valid task of user {u}");
+        checked += 1;
+    }
+    assert!(checked > 1000, "only {checked} tasks checked");
+}

@@ -129,15 +129,9 @@ pub fn train_task(ds: &Dataset, r: &Record, history_len: usize, k: usize, seed: 
     let target = seq[r.pos];
     let s = seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
     let candidates = candidates(ds, r.user, target, k, &mut rng_for(s, NEGATIVES, r.index))?;
-    let example = candidates[rng_for(s, EXAMPLE, r.index).random_range(0..candidates.len())];
-    Ok(AlignTask {
-        record: r.index,
-        user: r.user,
-        target,
-        history: recent(&seq[..r.pos], history_len),
-        candidates,
-        example,
-    })
+    let history = recent(&seq[..r.pos], history_len);
+    let example = pick(&history, &mut rng_for(s, EXAMPLE, r.index));
+    Ok(AlignTask { record: r.index, user: r.user, target, history, candidates, example })
 }
 
 /// Held-out task of `user`: train history, the validation item as target.
