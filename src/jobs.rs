@@ -95,8 +95,12 @@ pub fn metrics_json(ev: &Evaluation, resamples: usize, seed: u64) -> Map<String,
     m
 }
 
+/// Per-user ranks of the held-out item (0 = top; users in id order) of a run, for paired
+/// comparisons between runs (`curec compare`).
+pub const RANKS: &str = "ranks.json";
+
 /// `curec train`: fit with early stopping, evaluate on test, write `model.safetensors`,
-/// `config.toml`, `history.json` and `metrics.json` into `out`; returns the metrics.
+/// `config.toml`, `history.json`, `ranks.json` and `metrics.json` into `out`; returns the metrics.
 pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> anyhow::Result<Value> {
     let ds = prepared::read_dataset(data_dir)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create run directory", out.display()))?;
@@ -120,6 +124,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
     let valid = eval::evaluate(model.as_ref(), &ds, Split::Valid, cfg.train.eval_batch)?;
     let metrics = run_metrics(kind, &ds, data_dir, &test, &valid, &report, cfg);
     write_json(&out.join("history.json"), &json!(report.history))?;
+    write_json(&out.join(RANKS), &json!({"test": test.ranks, "valid": valid.ranks}))?;
     write_text(&out.join("config.toml"), &cfg.to_toml())?;
     write_json(&out.join("metrics.json"), &metrics)?;
     Ok(metrics)

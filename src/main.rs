@@ -96,6 +96,11 @@ enum Command {
         /// Job file with a [features] table.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Who writes the texts: the LLM (default), or a control that needs no model: `oracle`
+        /// (collaborative reasons from the train split) or `shuffled` (the oracle's texts on random
+        /// rows). Overrides features.writer.
+        #[arg(long, value_enum)]
+        writer: Option<curec::features::Writer>,
         /// Override any job-file key: section.key=value (repeatable).
         #[arg(long = "set")]
         sets: Vec<String>,
@@ -146,6 +151,23 @@ enum Command {
         data: Option<PathBuf>,
         #[arg(long, default_value = "test")]
         split: String,
+    },
+    /// Paired comparison of two runs on the same users: per-user metric of A minus B, with a 95%
+    /// bootstrap interval, overall and by the held-out item's train popularity (tail/mid/head
+    /// thirds of the users). A run is a `curec train` directory or a `--seeds` directory.
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, default_value = "ndcg@10")]
+        metric: String,
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Bootstrap resamples.
+        #[arg(long, default_value_t = 2000)]
+        resamples: usize,
+        /// Print the JSON object instead of a Markdown table.
+        #[arg(long)]
+        json: bool,
     },
     /// Pinned models: fetch (download, verify sha256, assemble) or list.
     Model {
@@ -360,6 +382,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUREC_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: CI logs and files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .without_time()
         .init();
     match run(Cli::parse()) {
@@ -409,10 +433,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let eval = curec::align::pretrain(&data, &model, &out, &cfg.pretrain, &cfg.grpo, &cfg.lora)?;
             println!("{}", jobs::pretrain_table(&model, &eval));
         }
-        Command::Features { data, model, out, config, sets } => {
-            let cfg = JobConfig::load(config.as_deref(), &sets)?;
-            let Some(model) = model.or(cfg.features.model.clone()) else {
-                anyhow::bail!("features: no model; pass --model or set features.model in the job file");
+        Command::Features { data, model, out, config, writer, sets } => {
+            let mut cfg = JobConfig::load(config.as_deref(), &sets)?;
+            if let Some(w) = writer {
+                cfg.features.writer = w;
+            }
+            let model_given = model.is_some();
+            let model = match (model.or(cfg.features.model.clone()), cfg.features.writer) {
+                (Some(m), curec::features::Writer::Llm) => m,
+                (None, curec::features::Writer::Llm) => {
+                    anyhow::bail!("features: no model; pass --model or set features.model in the job file (or pass --writer oracle|shuffled)")
+                }
+                (Some(_), w) if model_given => {
+                    anyhow::bail!("features: --model is for --writer llm; --writer {} needs no model", w.name())
+                }
+                (_, w) => w.name().to_string(),
             };
             let m = curec::features::generate_features(&data, &model, &out, &cfg.features)?;
             println!("{}", serde_json::to_string(&m)?);
@@ -436,6 +471,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
             let m = jobs::eval_run(&run, data.as_deref(), split)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+        }
+        Command::Compare { a, b, metric, split, resamples, json } => {
+            let split = Split::parse(&split)
+                .filter(|s| *s != Split::Train)
+                .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
+            let c = curec::eval::compare::compare(&a, &b, &metric, split, resamples, 2024)?;
+            if json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                println!("{}", curec::eval::compare::markdown(&c));
+            }
         }
         Command::Model { action: ModelAction::List } => {
             for m in curec::llm::fetch::Pins::builtin().model {

@@ -232,3 +232,98 @@ fn run_job_chains_features_and_reward_model_variants() {
         assert!((a["ndcg@10"].as_f64().unwrap() - b["ndcg@10"].as_f64().unwrap()).abs() < 1e-12);
     }
 }
+
+/// The text-path controls: `--writer oracle|shuffled` (no model), the text-only reward model
+/// (`curec.ids = false`) trained from them, and `curec compare` between two runs.
+#[test]
+fn control_writers_text_only_training_and_paired_comparison() {
+    let s = setup();
+    let data = s.data.to_str().unwrap();
+    let model = s.model.to_str().unwrap();
+    let dir = |n: &str| s.base.join(n).to_str().unwrap().to_string();
+    let sets = ["--set", "features.users=40"];
+    for w in ["oracle", "shuffled"] {
+        let o = curec_cli(&[&["features", "--data", data, "--out", &dir(w), "--writer", w][..], &sets].concat());
+        assert!(o.status.success(), "{w}: {}", stderr(&o));
+        let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(
+            (m["writer"].as_str(), m["patterns"].as_u64(), m["reasons"].as_u64()),
+            (Some(w), Some(40), Some(160))
+        );
+    }
+    let oracle = store::read_reasons(&s.base.join("oracle").join(store::REASONS)).unwrap();
+    let shuffled = store::read_reasons(&s.base.join("shuffled").join(store::REASONS)).unwrap();
+    assert!(oracle.iter().all(|r| r.text.starts_with("Fans of ")), "{:?}", oracle[0]);
+    let key = |r: &ReasonRow| (r.user, r.item, r.timestamp);
+    assert_eq!(oracle.iter().map(key).collect::<Vec<_>>(), shuffled.iter().map(key).collect::<Vec<_>>());
+    let texts = |rs: &[ReasonRow]| {
+        let mut t: Vec<String> = rs.iter().map(|r| r.text.clone()).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(texts(&oracle), texts(&shuffled));
+    let moved = oracle.iter().zip(&shuffled).filter(|(a, b)| a.text != b.text).count();
+    assert!(moved > oracle.len() / 2, "only {moved} of {} texts moved", oracle.len());
+    let patterns = store::read_patterns(&s.base.join("oracle").join(store::PATTERNS)).unwrap();
+    assert!(patterns.iter().all(|p| p.text.contains("Favourite genres: ") && p.text.contains("Recently watched: ")));
+    // The same command again: complete, nothing rewritten.
+    let before = read(&s.base.join("oracle").join(store::REASONS));
+    let o =
+        curec_cli(&[&["features", "--data", data, "--out", &dir("oracle"), "--writer", "oracle"][..], &sets].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(before, read(&s.base.join("oracle").join(store::REASONS)));
+    // Errors: the LLM writer needs a model, the controls take none.
+    let o = curec_cli(&["features", "--data", data, "--out", &dir("f-llm")]);
+    assert!(!o.status.success() && stderr(&o).contains("--model"), "{}", stderr(&o));
+    let o = curec_cli(&["features", "--data", data, "--out", &dir("f-x"), "--writer", "oracle", "--model", model]);
+    assert!(!o.status.success() && stderr(&o).contains("needs no model"), "{}", stderr(&o));
+
+    // Text only: no item-ID embeddings; metrics and per-user ranks as for any run.
+    let enc = format!("curec.encoder=\"llm:{model}\"");
+    let train = |out: &str, extra: &[&str]| {
+        let (feats, out_dir) = (dir("oracle"), dir(out));
+        let args = [
+            &["train", "curec", "--data", data, "--features", &feats, "--out", &out_dir][..],
+            &["--set", &enc, "--set", "curec.max_epochs=1", "--set", "curec.positions_per_user=4"],
+            &["--set", "sasrec.max_len=20", "--set", "train.bootstrap=50"],
+            extra,
+        ]
+        .concat();
+        let o = curec_cli(&args);
+        assert!(o.status.success(), "{out}: {}", stderr(&o));
+        serde_json::from_slice::<Value>(&std::fs::read(s.base.join(out).join("metrics.json")).unwrap()).unwrap()
+    };
+    let m = train("text-only", &["--set", "curec.ids=false"]);
+    assert!(m["ndcg@10"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{m}");
+    assert_eq!(m["config"]["curec"]["ids"], false);
+    let ckpt =
+        candle_core::safetensors::load(s.base.join("text-only/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(ckpt.contains_key("item_proj.weight") && !ckpt.contains_key("item_emb"));
+    let o = curec_cli(&["train", "pop", "--data", data, "--out", &dir("pop"), "--set", "train.bootstrap=50"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ranks: Value = serde_json::from_slice(&read(&s.base.join("pop").join("ranks.json"))).unwrap();
+    let ds = curec::data::prepared::read_dataset(&s.data).unwrap();
+    assert_eq!(ranks["test"].as_array().unwrap().len(), ds.n_users);
+
+    // A run against itself differs by exactly 0; against Pop the groups cover every user once.
+    let cmp = |a: &str, b: &str| {
+        let o = curec_cli(&["compare", &dir(a), &dir(b), "--json", "--resamples", "200"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    let same = cmp("pop", "pop");
+    assert_eq!(same["all"]["diff"]["mean"], 0.0);
+    assert_eq!(same["all"]["verdict"], "no difference shown");
+    let c = cmp("text-only", "pop");
+    let users: u64 = ["tail", "mid", "head"].iter().map(|g| c[g]["diff"]["users"].as_u64().unwrap()).sum();
+    assert_eq!(users, ds.n_users as u64);
+    let (a, b) = (c["all"]["a"]["mean"].as_f64().unwrap(), c["all"]["b"]["mean"].as_f64().unwrap());
+    assert!((a - m["ndcg@10"].as_f64().unwrap()).abs() < 1e-9, "{a} vs {m}");
+    assert!((c["all"]["diff"]["mean"].as_f64().unwrap() - (a - b)).abs() < 1e-9);
+    let tail_max = c["tail"]["target_train_count"][1].as_u64().unwrap();
+    assert!(tail_max <= c["head"]["target_train_count"][0].as_u64().unwrap());
+    let o = curec_cli(&["compare", &dir("pop"), &dir("oracle")]);
+    assert!(!o.status.success() && stderr(&o).contains("ranks.json"), "{}", stderr(&o));
+    let o = curec_cli(&["compare", &dir("pop"), &dir("pop"), "--metric", "mrr"]);
+    assert!(!o.status.success() && stderr(&o).contains("ndcg@K"), "{}", stderr(&o));
+}

@@ -3,6 +3,7 @@
 //! constant scorer gets the worst rank instead of a lucky one.
 
 pub mod bootstrap;
+pub mod compare;
 
 use std::collections::BTreeMap;
 

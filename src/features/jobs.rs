@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::dataflow::{generate_on_workers, Generated, WorkerContext};
 use super::store::{self, PatternRow, ReasonRow};
-use super::FeaturesConfig;
+use super::{oracle, FeaturesConfig, Writer};
 use crate::data::preprocess::{Interaction, ItemRow};
 use crate::data::{prepared, Dataset, Split};
 use crate::llm::prompts::{item_text, numbered_items, parse_completion, Prompt, PromptKind};
@@ -220,6 +220,10 @@ fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
     if let Some(o) = c.as_object_mut() {
         o.remove("batch");
         o.remove("workers");
+        // Directories written before the control writers existed stay resumable.
+        if cfg.writer == Writer::Llm {
+            o.remove("writer");
+        }
     }
     json!({"features": c, "model": model, "data": data.display().to_string()})
 }
@@ -236,9 +240,10 @@ fn log_progress(progress: &ProgressBar, tokens: usize, t0: &Instant) {
 }
 
 /// `curec features`: generate (or finish generating) patterns and reasons into `out`; returns the
-/// manifest.
+/// manifest. `model_spec` names the LLM (`features.writer = llm`); the control writers ignore it.
 pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &FeaturesConfig) -> Result<Value> {
     cfg.validate()?;
+    let model_spec = if cfg.writer == Writer::Llm { model_spec } else { cfg.writer.name() };
     let ds = prepared::read_dataset(data)?;
     let xs = prepared::read_interactions(&data.join(prepared::INTERACTIONS))?;
     let ts = train_timestamps(&ds, &xs);
@@ -282,7 +287,13 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
     let t0 = Instant::now();
     let mut tokens = 0usize;
     let todo: Vec<FeatureJob> = ptodo.iter().chain(&rtodo).map(|j| (*j).clone()).collect();
-    if !todo.is_empty() {
+    if cfg.writer != Writer::Llm {
+        // The controls are computed whole in a second or two: nothing to resume.
+        (prows, rrows) = oracle::oracle_rows(&ds, &pjobs, &rjobs);
+        if cfg.writer == Writer::Shuffled {
+            oracle::shuffle_texts(&mut prows, &mut rrows, cfg.seed);
+        }
+    } else if !todo.is_empty() {
         let progress = crate::progress::bar(todo.len(), &format!("features {}", ds.name), "jobs");
         progress.set_message(format!("{} done before", prows.len() + rrows.len()));
         let (spec, adapter, device, dtype) =
@@ -344,6 +355,7 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
     let items_with_reasons = rrows.iter().map(|r| r.item).collect::<HashSet<_>>().len();
     let manifest = json!({
         "identity": id,
+        "writer": cfg.writer.name(),
         "dataset": ds.name,
         "users": users.len(),
         "patterns": prows.len(),

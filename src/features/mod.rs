@@ -12,6 +12,7 @@
 pub mod bank;
 pub mod dataflow;
 pub mod jobs;
+pub mod oracle;
 pub mod store;
 
 use std::path::PathBuf;
@@ -21,9 +22,34 @@ use serde::{Deserialize, Serialize};
 
 pub use jobs::{generate_features, FeatureJob, Features};
 
+/// Who writes the patterns and reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Writer {
+    /// The LLM (`--model`), the paper's pipeline.
+    #[default]
+    Llm,
+    /// Collaborative reasons by construction, no model (a control; see [`oracle`]).
+    Oracle,
+    /// The oracle's texts permuted over rows: the same texts without signal (a control).
+    Shuffled,
+}
+
+impl Writer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Writer::Llm => "llm",
+            Writer::Oracle => "oracle",
+            Writer::Shuffled => "shuffled",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeaturesConfig {
+    /// `llm` (default), or a control that needs no model: `oracle` or `shuffled`.
+    pub writer: Writer,
     /// LLM (GGUF file, HF directory or pinned name) for `curec run`; the CLI's `--model` overrides.
     pub model: Option<String>,
     /// LoRA adapter to apply (e.g. the aligned model's `adapter.safetensors`).
@@ -65,6 +91,7 @@ pub struct FeaturesConfig {
 impl Default for FeaturesConfig {
     fn default() -> Self {
         Self {
+            writer: Writer::Llm,
             model: None,
             adapter: None,
             aligned: true,

@@ -100,6 +100,11 @@ pub struct CurecConfig {
     /// With `init_tower`: keep the tower and item embeddings fixed and train the matcher and the
     /// DIN head only.
     pub freeze_tower: bool,
+    /// Trainable item-ID embeddings (the CUREC model). `false` is the text-only setting of the
+    /// controls: every item enters the user tower, DIN and the output layer as a projection of a
+    /// fixed text vector, the mean of its bank list (its description for `text`, its pooled
+    /// reasons otherwise; zero without any), so the text channel alone must tell items apart.
+    pub ids: bool,
     /// Variants `curec run` trains, each into `<train.out>/curec-<variant>`.
     pub variants: Vec<Variant>,
     pub max_epochs: usize,
@@ -123,6 +128,7 @@ impl Default for CurecConfig {
             positions_per_user: 0,
             init_tower: None,
             freeze_tower: true,
+            ids: true,
             variants: vec![Variant::Attention],
             max_epochs: 100,
             patience: 5,
@@ -152,6 +158,23 @@ impl FeatureBank {
     }
     pub fn max_list(&self) -> usize {
         self.lists.iter().map(Vec::len).max().unwrap_or(0).max(1)
+    }
+
+    /// Per item, the mean of its list's vectors (zero for an empty list): `n_items × dim`.
+    pub fn pooled(&self) -> Vec<f32> {
+        let d = self.dim;
+        let mut out = vec![0f32; self.lists.len() * d];
+        for (i, list) in self.lists.iter().enumerate() {
+            let row = &mut out[i * d..(i + 1) * d];
+            for &(r, _) in list {
+                for (o, v) in row.iter_mut().zip(&self.reasons[r as usize * d..(r as usize + 1) * d]) {
+                    *o += v;
+                }
+            }
+            let n = list.len().max(1) as f32;
+            row.iter_mut().for_each(|o| *o /= n);
+        }
+        out
     }
 }
 
@@ -255,8 +278,16 @@ impl Curec {
             cfg.positions_per_batch > 0 && cfg.din_history > 0,
             "curec.positions_per_batch and curec.din_history must be positive"
         );
+        anyhow::ensure!(
+            cfg.ids || cfg.init_tower.is_none(),
+            "curec.init_tower: a SASRec checkpoint holds item-ID embeddings, which curec.ids = false has none of; unset one of them"
+        );
         let mut p = Params::new(seed, device);
-        let tower = SasRecTower::new(tower_cfg, n_items, &mut p)?;
+        let tower = if cfg.ids {
+            SasRecTower::new(tower_cfg, n_items, &mut p)?
+        } else {
+            SasRecTower::new_text(tower_cfg, &Tensor::from_vec(bank.pooled(), (n_items, bank.dim), device)?, &mut p)?
+        };
         let (d, e, h) = (tower_cfg.dim, bank.dim, cfg.hidden);
         let matcher = Matcher {
             q: p.linear("match.q", e, d)?,
@@ -908,10 +939,38 @@ mod tests {
     }
 
     #[test]
+    fn text_only_items_are_their_text_and_nothing_else() {
+        let ds = toy();
+        let mut b = bank(&[2, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1]);
+        // Item 7 gets item 2's reasons (the same rows, the same authors): the same text.
+        b.lists[7] = b.lists[2].clone();
+        let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+        for (ids, equal) in [(false, true), (true, false)] {
+            let cfg = CurecConfig { hidden: 8, din_history: 3, ids, ..Default::default() };
+            let m = Curec::new(&cfg, &tcfg, N, b.clone(), 5, &Device::Cpu).unwrap();
+            let names = super::super::nn::named_values(&m.params.varmap);
+            assert_eq!(names.iter().any(|(n, _)| n == "item_emb"), ids, "ids = {ids}");
+            let (s, _) = scores(&m, &ds, &[0, 1, 2, 3]);
+            for u in 0..4 {
+                let (a, c) = (s[u * N + 2], s[u * N + 7]);
+                assert_eq!((a - c).abs() < 1e-6, equal, "ids = {ids}, user {u}: {a} vs {c}");
+            }
+        }
+        let cfg = CurecConfig { ids: false, init_tower: Some("x.safetensors".into()), ..Default::default() };
+        let err = Curec::new(&cfg, &tcfg, N, b, 5, &Device::Cpu).err().expect("text-only with a SASRec tower");
+        assert!(err.to_string().contains("curec.init_tower"), "{err}");
+    }
+
+    #[test]
     fn training_lowers_the_loss_and_every_weight_learns() {
         let ds = toy();
-        for variant in [Variant::Attention, Variant::Text, Variant::Sa] {
-            let mut m = model(bank(&[2, 0, 2, 1, 0, 3, 2, 2, 1, 0, 2, 2]), variant);
+        for (variant, ids) in
+            [(Variant::Attention, true), (Variant::Text, true), (Variant::Sa, true), (Variant::Attention, false)]
+        {
+            let cfg = CurecConfig { variant, hidden: 8, din_history: 3, ids, ..Default::default() };
+            let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+            let mut m =
+                Curec::new(&cfg, &tcfg, N, bank(&[2, 0, 2, 1, 0, 3, 2, 2, 1, 0, 2, 2]), 5, &Device::Cpu).unwrap();
             let before = super::super::nn::named_values(&m.params.varmap);
             let first = m.train_epoch(&ds, 0).unwrap().unwrap();
             let mut last = first;

@@ -78,12 +78,21 @@ struct Block {
     ln2: LayerNorm,
 }
 
-/// The SASRec transformer over item-ID sequences (also the user tower of the CUREC reward model).
+/// How items enter the tower (its inputs, and the item table that scores its outputs).
+enum ItemSide {
+    /// Trainable ID embeddings (`item_emb`, `(n_items + 1) × d`): row 0 is padding, item i is
+    /// row i + 1.
+    Ids(Tensor),
+    /// No per-item parameters: fixed text vectors `(n_items + 1) × e` (row 0 is padding) through
+    /// a trainable linear projection (`item_proj`), so the text alone must tell items apart.
+    Text { table: Tensor, proj: Linear },
+}
+
+/// The SASRec transformer over item sequences (also the user tower of the CUREC reward model).
 pub struct SasRecTower {
     pub cfg: SasRecConfig,
     pub n_items: usize,
-    /// Row 0 is padding; item i is row i + 1.
-    item_emb: Tensor,
+    items: ItemSide,
     pos_emb: Tensor,
     emb_ln: LayerNorm,
     blocks: Vec<Block>,
@@ -112,6 +121,20 @@ impl SasRec {
 impl SasRecTower {
     /// Register the tower's parameters in `p` (names as in SASRec checkpoints).
     pub fn new(cfg: &SasRecConfig, n_items: usize, p: &mut Params) -> anyhow::Result<Self> {
+        let item_emb = p.normal("item_emb", &[n_items + 1, cfg.dim], INIT_STD)?;
+        Self::with_items(cfg, n_items, ItemSide::Ids(item_emb), p)
+    }
+
+    /// A tower without item-ID embeddings: item i enters (and is scored) as `item_proj · text[i]`,
+    /// `text` being `n_items × e` fixed vectors.
+    pub fn new_text(cfg: &SasRecConfig, text: &Tensor, p: &mut Params) -> anyhow::Result<Self> {
+        let (n_items, e) = text.dims2()?;
+        let table = Tensor::cat(&[&Tensor::zeros((1, e), text.dtype(), text.device())?, text], 0)?;
+        let proj = p.linear("item_proj", e, cfg.dim)?;
+        Self::with_items(cfg, n_items, ItemSide::Text { table, proj }, p)
+    }
+
+    fn with_items(cfg: &SasRecConfig, n_items: usize, items: ItemSide, p: &mut Params) -> anyhow::Result<Self> {
         anyhow::ensure!(
             cfg.dim % cfg.heads == 0,
             "sasrec.dim = {} must be divisible by sasrec.heads = {}",
@@ -120,7 +143,6 @@ impl SasRecTower {
         );
         anyhow::ensure!(cfg.max_len > 0 && cfg.batch_size > 0, "sasrec.max_len and sasrec.batch_size must be positive");
         let d = cfg.dim;
-        let item_emb = p.normal("item_emb", &[n_items + 1, d], INIT_STD)?;
         let pos_emb = p.normal("pos_emb", &[cfg.max_len, d], INIT_STD)?;
         let emb_ln = p.layer_norm("emb_ln", d)?;
         let mut blocks = Vec::new();
@@ -137,7 +159,7 @@ impl SasRecTower {
                 ln2: p.layer_norm(&n("ln2"), d)?,
             });
         }
-        Ok(SasRecTower { cfg: cfg.clone(), n_items, item_emb, pos_emb, emb_ln, blocks })
+        Ok(SasRecTower { cfg: cfg.clone(), n_items, items, pos_emb, emb_ln, blocks })
     }
 
     /// Hidden states `B × T × d` for right-padded sequences (T = longest sequence in the batch).
@@ -178,7 +200,7 @@ impl SasRecTower {
         seqs: &[&[u32]],
         rng: Option<&mut ChaCha8Rng>,
     ) -> candle_core::Result<(Tensor, Vec<Vec<bool>>, Tensor, Tensor)> {
-        let dev = self.item_emb.device();
+        let dev = self.pos_emb.device();
         let (b, d) = (seqs.len(), self.cfg.dim);
         let t = seqs.iter().map(|s| s.len()).max().unwrap_or(1).clamp(1, self.cfg.max_len);
         let mut ids = vec![0u32; b * t];
@@ -193,7 +215,7 @@ impl SasRecTower {
         let ids = Tensor::from_vec(ids, b * t, dev)?;
         let mask = position_mask(&valid, dev)?;
         let bias = causal_padding_bias(&valid, dev)?;
-        let x = self.item_emb.index_select(&ids, 0)?.reshape((b, t, d))?;
+        let x = self.item_rows()?.index_select(&ids, 0)?.reshape((b, t, d))?;
         let pos = self.pos_emb.narrow(0, 0, t)?;
         let x = self.emb_ln.forward(&x.broadcast_add(&pos)?)?;
         let x = dropout(&x, self.cfg.dropout, rng)?.broadcast_mul(&mask)?;
@@ -352,9 +374,26 @@ impl SasRecTower {
         all.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)
     }
 
+    /// Every item's input vector with the padding row first: `(n_items + 1) × d`.
+    fn item_rows(&self) -> candle_core::Result<Tensor> {
+        match &self.items {
+            ItemSide::Ids(t) => Ok(t.clone()),
+            ItemSide::Text { table, proj } => proj.forward(table),
+        }
+    }
+
     /// Item embeddings `n_items × d` (without the padding row).
     pub fn item_table(&self) -> candle_core::Result<Tensor> {
-        self.item_emb.narrow(0, 1, self.n_items)
+        self.item_rows()?.narrow(0, 1, self.n_items)
+    }
+
+    /// Whether items are trainable ID embeddings (else projected text vectors).
+    pub fn has_ids(&self) -> bool {
+        matches!(self.items, ItemSide::Ids(_))
+    }
+
+    pub fn device(&self) -> &Device {
+        self.pos_emb.device()
     }
 
     /// The hidden state at each sequence's last position, `B × d`.
@@ -427,7 +466,7 @@ impl Model for SasRec {
         }
         let mut batches: Vec<&[(u32, usize, usize, usize)]> = windows.chunks(bs).collect();
         batches.shuffle(&mut rng);
-        let dev = self.tower.item_emb.device().clone();
+        let dev = self.tower.device().clone();
         let (mut total, mut count) = (0f64, 0usize);
         for (bi, batch) in batches.into_iter().enumerate() {
             let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
