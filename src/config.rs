@@ -12,6 +12,7 @@ use crate::data::preprocess::PrepareConfig;
 use crate::features::FeaturesConfig;
 use crate::grpo::GrpoConfig;
 use crate::llm::LoraConfig;
+use crate::rec::bert4rec::Bert4RecConfig;
 use crate::rec::curec::CurecConfig;
 use crate::rec::ncf::NcfConfig;
 use crate::rec::sasrec::SasRecConfig;
@@ -25,6 +26,7 @@ pub struct JobConfig {
     pub train: TrainJob,
     pub ncf: NcfConfig,
     pub sasrec: SasRecConfig,
+    pub bert4rec: Bert4RecConfig,
     pub pretrain: PretrainConfig,
     pub grpo: GrpoConfig,
     pub lora: LoraConfig,

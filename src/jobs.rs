@@ -15,7 +15,7 @@ use crate::features::bank::build_bank;
 use crate::features::Features;
 use crate::rec::curec::Curec;
 use crate::rec::train::{fit, FitConfig, FitReport};
-use crate::rec::{ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
+use crate::rec::{bert4rec::Bert4Rec, ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
 
 /// `curec prepare`: read, preprocess and write; returns the stats written to `stats.json`.
 pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyhow::Result<Value> {
@@ -52,6 +52,7 @@ pub fn build_model(kind: ModelKind, ds: &Dataset, cfg: &JobConfig, device: &Devi
         ModelKind::Pop => Box::new(Pop::new(ds.n_items)),
         ModelKind::Ncf => Box::new(Ncf::new(&cfg.ncf, ds.n_users, ds.n_items, seed, device)?),
         ModelKind::Sasrec => Box::new(SasRec::new(&cfg.sasrec, ds.n_items, seed, device)?),
+        ModelKind::Bert4rec => Box::new(Bert4Rec::new(&cfg.bert4rec, ds.n_items, seed, device)?),
         ModelKind::Curec => Box::new(build_curec(ds, cfg, device)?),
     })
 }
@@ -75,6 +76,7 @@ fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
         ModelKind::Pop => json!({}),
         ModelKind::Ncf => serde_json::to_value(&cfg.ncf).unwrap_or_default(),
         ModelKind::Sasrec => serde_json::to_value(&cfg.sasrec).unwrap_or_default(),
+        ModelKind::Bert4rec => serde_json::to_value(&cfg.bert4rec).unwrap_or_default(),
         ModelKind::Curec => json!({"sasrec": cfg.sasrec, "curec": cfg.curec}),
     };
     c["seed"] = json!(cfg.train.seed);
@@ -110,6 +112,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
         ModelKind::Pop => (1, 0),
         ModelKind::Ncf => (cfg.ncf.max_epochs, cfg.ncf.patience),
         ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
+        ModelKind::Bert4rec => (cfg.bert4rec.max_epochs, cfg.bert4rec.patience),
         ModelKind::Curec => (cfg.curec.max_epochs, cfg.curec.patience),
     };
     let fit_cfg = FitConfig {
@@ -343,8 +346,9 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     let mut rows = Vec::new();
     println!("{}", table_header());
     for name in &cfg.train.models {
-        let kind = ModelKind::parse(name)
-            .with_context(|| format!("train.models: unknown model '{name}', expected pop, ncf, sasrec or curec"))?;
+        let kind = ModelKind::parse(name).with_context(|| {
+            format!("train.models: unknown model '{name}', expected pop, ncf, sasrec, bert4rec or curec")
+        })?;
         let dir = out.join(kind.name());
         let m = match read_json(&dir.join("metrics.json")) {
             Ok(m) => {

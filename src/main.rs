@@ -412,6 +412,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(e) = max_epochs {
                 sets.push(format!("ncf.max_epochs={e}"));
                 sets.push(format!("sasrec.max_epochs={e}"));
+                sets.push(format!("bert4rec.max_epochs={e}"));
                 sets.push(format!("curec.max_epochs={e}"));
             }
             let cfg = JobConfig::load(config.as_deref(), &sets)?;

@@ -49,6 +49,11 @@ pub fn train_seeds(
     for &seed in seeds {
         let mut cfg = cfg.clone();
         cfg.train.seed = seed;
+        // `curec.init_tower = ".../seed-{seed}/model.safetensors"`: each seed warm-starts from
+        // the SASRec run of the same seed.
+        if let Some(p) = &cfg.curec.init_tower {
+            cfg.curec.init_tower = Some(p.to_string_lossy().replace("{seed}", &seed.to_string()).into());
+        }
         let dir = out.join(format!("seed-{seed}"));
         let m = match finished(&dir, &cfg)? {
             Some(m) => {
@@ -75,11 +80,40 @@ fn finished(dir: &Path, cfg: &JobConfig) -> anyhow::Result<Option<Value>> {
     let config = dir.join("config.toml");
     let saved = std::fs::read_to_string(&config).with_context(|| format!("{}: cannot read", config.display()))?;
     anyhow::ensure!(
-        saved == cfg.to_toml(),
+        same_config(&saved, cfg),
         "{}: a run with another config is already there; delete it or choose another --out",
         dir.display()
     );
     read_json(&metrics).map(Some)
+}
+
+/// Whether a run's saved `config.toml` is `cfg`. Keys a newer curec added (absent from the saved
+/// file) count as equal while `cfg` leaves them at their defaults, so adding a setting does not
+/// orphan the runs made before it.
+pub fn same_config(saved: &str, cfg: &JobConfig) -> bool {
+    if saved == cfg.to_toml() {
+        return true;
+    }
+    let parse = |s: &str| s.parse::<toml::Table>().ok();
+    let (Some(saved), Some(now), Some(default)) =
+        (parse(saved), parse(&cfg.to_toml()), parse(&JobConfig::default().to_toml()))
+    else {
+        return false;
+    };
+    fn prune(now: &mut toml::Table, saved: &toml::Table, default: Option<&toml::Table>) {
+        now.retain(|k, v| match saved.get(k) {
+            Some(_) => true,
+            None => default.and_then(|d| d.get(k)) != Some(v),
+        });
+        for (k, v) in now.iter_mut() {
+            if let (toml::Value::Table(t), Some(toml::Value::Table(s))) = (v, saved.get(k)) {
+                prune(t, s, default.and_then(|d| d.get(k)).and_then(toml::Value::as_table));
+            }
+        }
+    }
+    let mut now = now;
+    prune(&mut now, &saved, Some(&default));
+    now == saved
 }
 
 /// The summary written to `metrics.json` from one `(seed, metrics.json)` per run.
@@ -137,6 +171,27 @@ pub fn mean_sd(xs: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_added_later_at_their_defaults_keep_old_runs_reusable() {
+        let cfg = JobConfig::default();
+        let full = cfg.to_toml();
+        assert!(same_config(&full, &cfg));
+        // A run saved before `curec.ids` and the `[ncf]` section existed.
+        let mut old: toml::Table = full.parse().unwrap();
+        old.get_mut("curec").and_then(toml::Value::as_table_mut).unwrap().remove("ids");
+        old.remove("ncf");
+        let old = toml::to_string_pretty(&old).unwrap();
+        assert!(same_config(&old, &cfg));
+        // ... but not once the new setting leaves its default, nor when a saved value differs.
+        let mut text_only = cfg.clone();
+        text_only.curec.ids = false;
+        assert!(!same_config(&old, &text_only));
+        let mut other = cfg.clone();
+        other.train.seed += 1;
+        assert!(!same_config(&full, &other) && !same_config(&old, &other));
+        assert!(!same_config("not toml [", &cfg));
+    }
 
     fn run(ndcg10: f64) -> Value {
         let mut m = Map::new();

@@ -95,7 +95,8 @@ pub struct CurecConfig {
     /// `sasrec.max_len` items before each); 0 = every target of the train sequence.
     pub positions_per_user: usize,
     /// Start the user tower and item embeddings from a trained SASRec checkpoint
-    /// (`<sasrec run>/model.safetensors`); the other weights start fresh.
+    /// (`<sasrec run>/model.safetensors`); the other weights start fresh. With `--seeds`, a
+    /// `{seed}` in the path becomes each run's seed (`<sasrec>/seed-{seed}/model.safetensors`).
     pub init_tower: Option<std::path::PathBuf>,
     /// With `init_tower`: keep the tower and item embeddings fixed and train the matcher and the
     /// DIN head only.

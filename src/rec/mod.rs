@@ -1,6 +1,7 @@
 //! Recommenders in candle: the ID-only baselines (Pop, NCF/NeuMF, SASRec), their training loop with
 //! early stopping on validation NDCG@10, and safetensors checkpoints.
 
+pub mod bert4rec;
 pub mod curec;
 pub mod ncf;
 pub mod nn;
@@ -22,6 +23,8 @@ pub enum ModelKind {
     Pop,
     Ncf,
     Sasrec,
+    /// Bidirectional SASRec trained as a cloze task (Sun et al., 2019).
+    Bert4rec,
     /// The CUREC reward model (needs features from `curec features`).
     Curec,
 }
@@ -32,11 +35,14 @@ impl ModelKind {
             ModelKind::Pop => "pop",
             ModelKind::Ncf => "ncf",
             ModelKind::Sasrec => "sasrec",
+            ModelKind::Bert4rec => "bert4rec",
             ModelKind::Curec => "curec",
         }
     }
     pub fn parse(s: &str) -> Option<ModelKind> {
-        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Curec].into_iter().find(|k| k.name() == s)
+        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Bert4rec, ModelKind::Curec]
+            .into_iter()
+            .find(|k| k.name() == s)
     }
 }
 

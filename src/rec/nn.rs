@@ -124,13 +124,19 @@ pub fn bce_with_logits(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 /// Additive attention bias `B × 1 × T × T`: 0 where query t may see key s (s ≤ t and s is not
 /// padding), a large negative number elsewhere (not −∞, so rows of padding queries stay finite).
 pub fn causal_padding_bias(valid: &[Vec<bool>], device: &Device) -> Result<Tensor> {
+    attention_bias(valid, true, device)
+}
+
+/// [`causal_padding_bias`], or with `causal = false` the padding part only (every position
+/// attends to every real position: BERT4Rec).
+pub fn attention_bias(valid: &[Vec<bool>], causal: bool, device: &Device) -> Result<Tensor> {
     let b = valid.len();
     let t = valid.first().map_or(0, Vec::len);
     let mut bias = vec![0f32; b * t * t];
     for (bi, v) in valid.iter().enumerate() {
         for q in 0..t {
             for k in 0..t {
-                if k > q || !v[k] {
+                if (causal && k > q) || !v[k] {
                     bias[(bi * t + q) * t + k] = -1e9;
                 }
             }

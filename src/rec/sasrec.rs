@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{causal_padding_bias, dropout, dropout_mask, position_mask, rng_for, LayerNorm, Params};
+use super::nn::{attention_bias, dropout, dropout_mask, position_mask, rng_for, LayerNorm, Params};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
@@ -92,6 +92,8 @@ enum ItemSide {
 pub struct SasRecTower {
     pub cfg: SasRecConfig,
     pub n_items: usize,
+    /// Each position attends to the positions before it (SASRec); `false`: to all (BERT4Rec).
+    causal: bool,
     items: ItemSide,
     pos_emb: Tensor,
     emb_ln: LayerNorm,
@@ -123,6 +125,15 @@ impl SasRecTower {
     pub fn new(cfg: &SasRecConfig, n_items: usize, p: &mut Params) -> anyhow::Result<Self> {
         let item_emb = p.normal("item_emb", &[n_items + 1, cfg.dim], INIT_STD)?;
         Self::with_items(cfg, n_items, ItemSide::Ids(item_emb), p)
+    }
+
+    /// A bidirectional tower (BERT4Rec) with one more input token, `[mask]`, whose id is
+    /// `n_items` (it is not an item: [`Self::item_table`] leaves it out).
+    pub fn new_masked(cfg: &SasRecConfig, n_items: usize, p: &mut Params) -> anyhow::Result<Self> {
+        let item_emb = p.normal("item_emb", &[n_items + 2, cfg.dim], INIT_STD)?;
+        let mut t = Self::with_items(cfg, n_items, ItemSide::Ids(item_emb), p)?;
+        t.causal = false;
+        Ok(t)
     }
 
     /// A tower without item-ID embeddings: item i enters (and is scored) as `item_proj · text[i]`,
@@ -159,7 +170,7 @@ impl SasRecTower {
                 ln2: p.layer_norm(&n("ln2"), d)?,
             });
         }
-        Ok(SasRecTower { cfg: cfg.clone(), n_items, items, pos_emb, emb_ln, blocks })
+        Ok(SasRecTower { cfg: cfg.clone(), n_items, causal: true, items, pos_emb, emb_ln, blocks })
     }
 
     /// Hidden states `B × T × d` for right-padded sequences (T = longest sequence in the batch).
@@ -214,7 +225,7 @@ impl SasRecTower {
         }
         let ids = Tensor::from_vec(ids, b * t, dev)?;
         let mask = position_mask(&valid, dev)?;
-        let bias = causal_padding_bias(&valid, dev)?;
+        let bias = attention_bias(&valid, self.causal, dev)?;
         let x = self.item_rows()?.index_select(&ids, 0)?.reshape((b, t, d))?;
         let pos = self.pos_emb.narrow(0, 0, t)?;
         let x = self.emb_ln.forward(&x.broadcast_add(&pos)?)?;
@@ -328,7 +339,7 @@ impl SasRecTower {
             for (gi, (&r, &o)) in members.iter().zip(&offset).enumerate() {
                 for i in 0..m {
                     for key in 0..t {
-                        if key > o + i || !valid[r][key] {
+                        if (self.causal && key > o + i) || !valid[r][key] {
                             bias[(gi * m + i) * t + key] = -1e9;
                         }
                     }
