@@ -14,6 +14,7 @@ use crate::grpo::GrpoConfig;
 use crate::llm::LoraConfig;
 use crate::rec::bert4rec::Bert4RecConfig;
 use crate::rec::curec::CurecConfig;
+use crate::rec::kar::KarConfig;
 use crate::rec::ncf::NcfConfig;
 use crate::rec::sasrec::SasRecConfig;
 use crate::replay::ReplayConfig;
@@ -27,6 +28,7 @@ pub struct JobConfig {
     pub ncf: NcfConfig,
     pub sasrec: SasRecConfig,
     pub bert4rec: Bert4RecConfig,
+    pub kar: KarConfig,
     pub pretrain: PretrainConfig,
     pub grpo: GrpoConfig,
     pub lora: LoraConfig,

@@ -14,6 +14,8 @@ use crate::eval::{self, bootstrap, Evaluation};
 use crate::features::bank::build_bank;
 use crate::features::Features;
 use crate::rec::curec::Curec;
+use crate::rec::curec::Variant;
+use crate::rec::kar::Kar;
 use crate::rec::train::{fit, FitConfig, FitReport};
 use crate::rec::{bert4rec::Bert4Rec, ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
 
@@ -54,6 +56,7 @@ pub fn build_model(kind: ModelKind, ds: &Dataset, cfg: &JobConfig, device: &Devi
         ModelKind::Sasrec => Box::new(SasRec::new(&cfg.sasrec, ds.n_items, seed, device)?),
         ModelKind::Bert4rec => Box::new(Bert4Rec::new(&cfg.bert4rec, ds.n_items, seed, device)?),
         ModelKind::Curec => Box::new(build_curec(ds, cfg, device)?),
+        ModelKind::Kar => Box::new(build_kar(ds, cfg, device)?),
     })
 }
 
@@ -71,6 +74,23 @@ pub fn build_curec(ds: &Dataset, cfg: &JobConfig, device: &Device) -> anyhow::Re
     Curec::new(&cfg.curec, &cfg.sasrec, ds.n_items, bank, cfg.train.seed, device)
 }
 
+/// The KAR-style baseline over the features in `curec.features` (patterns and reason lists, and
+/// item descriptions for items without reasons), encoded with `curec.encoder`.
+pub fn build_kar(ds: &Dataset, cfg: &JobConfig, device: &Device) -> anyhow::Result<Kar> {
+    let dir = cfg
+        .curec
+        .features
+        .as_deref()
+        .context("kar: no features directory; pass --features <dir> (from `curec features`)")?;
+    let feats = Features::load(dir)?;
+    let encoder = crate::embed::load(&cfg.curec.encoder, device)?;
+    let mut cache = EmbeddingCache::open(dir, encoder.as_ref())?;
+    let n = cfg.curec.reasons_per_item;
+    let reasons = build_bank(ds, &feats, Variant::Ap, n, encoder.as_ref(), &mut cache)?;
+    let descriptions = build_bank(ds, &feats, Variant::Text, n, encoder.as_ref(), &mut cache)?;
+    Kar::new(&cfg.kar, &cfg.sasrec, &reasons, &descriptions, cfg.train.seed, device)
+}
+
 fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
     let mut c = match kind {
         ModelKind::Pop => json!({}),
@@ -78,6 +98,8 @@ fn model_config(kind: ModelKind, cfg: &JobConfig) -> Value {
         ModelKind::Sasrec => serde_json::to_value(&cfg.sasrec).unwrap_or_default(),
         ModelKind::Bert4rec => serde_json::to_value(&cfg.bert4rec).unwrap_or_default(),
         ModelKind::Curec => json!({"sasrec": cfg.sasrec, "curec": cfg.curec}),
+        ModelKind::Kar => json!({"sasrec": cfg.sasrec, "kar": cfg.kar, "features": cfg.curec.features,
+            "encoder": cfg.curec.encoder, "reasons_per_item": cfg.curec.reasons_per_item}),
     };
     c["seed"] = json!(cfg.train.seed);
     c
@@ -114,6 +136,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
         ModelKind::Sasrec => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
         ModelKind::Bert4rec => (cfg.bert4rec.max_epochs, cfg.bert4rec.patience),
         ModelKind::Curec => (cfg.curec.max_epochs, cfg.curec.patience),
+        ModelKind::Kar => (cfg.sasrec.max_epochs, cfg.sasrec.patience),
     };
     let fit_cfg = FitConfig {
         max_epochs,
@@ -347,7 +370,7 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     println!("{}", table_header());
     for name in &cfg.train.models {
         let kind = ModelKind::parse(name).with_context(|| {
-            format!("train.models: unknown model '{name}', expected pop, ncf, sasrec, bert4rec or curec")
+            format!("train.models: unknown model '{name}', expected pop, ncf, sasrec, bert4rec, curec or kar")
         })?;
         let dir = out.join(kind.name());
         let m = match read_json(&dir.join("metrics.json")) {

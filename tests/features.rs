@@ -299,6 +299,32 @@ fn control_writers_text_only_training_and_paired_comparison() {
     let ckpt =
         candle_core::safetensors::load(s.base.join("text-only/model.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert!(ckpt.contains_key("item_proj.weight") && !ckpt.contains_key("item_emb"));
+    // The paper's strongest baselines: KAR-style (features from --features) and BERT4Rec.
+    let small = [
+        "--max-epochs",
+        "1",
+        "--set",
+        "sasrec.max_len=20",
+        "--set",
+        "bert4rec.max_len=20",
+        "--set",
+        "train.bootstrap=50",
+    ];
+    let (feats, kar, bert) = (dir("oracle"), dir("kar"), dir("bert4rec"));
+    let o = curec_cli(
+        &[&["train", "kar", "--data", data, "--features", &feats, "--out", &kar, "--set", &enc][..], &small].concat(),
+    );
+    assert!(o.status.success(), "kar: {}", stderr(&o));
+    let o = curec_cli(&[&["train", "bert4rec", "--data", data, "--out", &bert][..], &small].concat());
+    assert!(o.status.success(), "bert4rec: {}", stderr(&o));
+    for (run, model) in [(&kar, "kar"), (&bert, "bert4rec")] {
+        let m: Value = serde_json::from_slice(&read(&Path::new(run).join("metrics.json"))).unwrap();
+        assert_eq!(m["model"], model);
+        assert!(m["ndcg@10"].as_f64().is_some_and(|v| (0.0..=1.0).contains(&v)), "{m}");
+    }
+    let o = curec_cli(&["train", "kar", "--data", data, "--out", &dir("kar2")]);
+    assert!(!o.status.success() && stderr(&o).contains("--features"), "{}", stderr(&o));
+
     let o = curec_cli(&["train", "pop", "--data", data, "--out", &dir("pop"), "--set", "train.bootstrap=50"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let ranks: Value = serde_json::from_slice(&read(&s.base.join("pop").join("ranks.json"))).unwrap();

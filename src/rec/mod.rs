@@ -3,6 +3,7 @@
 
 pub mod bert4rec;
 pub mod curec;
+pub mod kar;
 pub mod ncf;
 pub mod nn;
 pub mod pop;
@@ -27,6 +28,8 @@ pub enum ModelKind {
     Bert4rec,
     /// The CUREC reward model (needs features from `curec features`).
     Curec,
+    /// KAR-style LLM-enhanced SASRec (needs features from `curec features`).
+    Kar,
 }
 
 impl ModelKind {
@@ -37,10 +40,11 @@ impl ModelKind {
             ModelKind::Sasrec => "sasrec",
             ModelKind::Bert4rec => "bert4rec",
             ModelKind::Curec => "curec",
+            ModelKind::Kar => "kar",
         }
     }
     pub fn parse(s: &str) -> Option<ModelKind> {
-        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Bert4rec, ModelKind::Curec]
+        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Bert4rec, ModelKind::Curec, ModelKind::Kar]
             .into_iter()
             .find(|k| k.name() == s)
     }

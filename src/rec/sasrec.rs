@@ -86,6 +86,9 @@ enum ItemSide {
     /// No per-item parameters: fixed text vectors `(n_items + 1) × e` (row 0 is padding) through
     /// a trainable linear projection (`item_proj`), so the text alone must tell items apart.
     Text { table: Tensor, proj: Linear },
+    /// ID embeddings plus a two-layer adaptor of fixed text vectors, `emb + W₂ ReLU(W₁ text)`
+    /// (the augmented item vectors of the KAR baseline).
+    Augmented { emb: Tensor, table: Tensor, l1: Linear, l2: Linear },
 }
 
 /// The SASRec transformer over item sequences (also the user tower of the CUREC reward model).
@@ -143,6 +146,17 @@ impl SasRecTower {
         let table = Tensor::cat(&[&Tensor::zeros((1, e), text.dtype(), text.device())?, text], 0)?;
         let proj = p.linear("item_proj", e, cfg.dim)?;
         Self::with_items(cfg, n_items, ItemSide::Text { table, proj }, p)
+    }
+
+    /// A tower whose items are ID embeddings plus an adaptor (`kar.*`, hidden width `hidden`) of
+    /// the fixed text vectors `text` (`n_items × e`).
+    pub fn new_augmented(cfg: &SasRecConfig, text: &Tensor, hidden: usize, p: &mut Params) -> anyhow::Result<Self> {
+        let (n_items, e) = text.dims2()?;
+        let emb = p.normal("item_emb", &[n_items + 1, cfg.dim], INIT_STD)?;
+        let table = Tensor::cat(&[&Tensor::zeros((1, e), text.dtype(), text.device())?, text], 0)?;
+        let l1 = p.linear("kar.item1", e, hidden)?;
+        let l2 = p.linear_normal("kar.item2", hidden, cfg.dim, INIT_STD)?;
+        Self::with_items(cfg, n_items, ItemSide::Augmented { emb, table, l1, l2 }, p)
     }
 
     fn with_items(cfg: &SasRecConfig, n_items: usize, items: ItemSide, p: &mut Params) -> anyhow::Result<Self> {
@@ -390,17 +404,13 @@ impl SasRecTower {
         match &self.items {
             ItemSide::Ids(t) => Ok(t.clone()),
             ItemSide::Text { table, proj } => proj.forward(table),
+            ItemSide::Augmented { emb, table, l1, l2 } => emb + l2.forward(&l1.forward(table)?.relu()?)?,
         }
     }
 
     /// Item embeddings `n_items × d` (without the padding row).
     pub fn item_table(&self) -> candle_core::Result<Tensor> {
         self.item_rows()?.narrow(0, 1, self.n_items)
-    }
-
-    /// Whether items are trainable ID embeddings (else projected text vectors).
-    pub fn has_ids(&self) -> bool {
-        matches!(self.items, ItemSide::Ids(_))
     }
 
     pub fn device(&self) -> &Device {
