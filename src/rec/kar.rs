@@ -188,7 +188,7 @@ mod tests {
         let s1 = m.score(&ds, &[0, 1], Split::Test).unwrap();
         let mut r2 = reasons.clone();
         r2.patterns[..E].iter_mut().for_each(|x| *x += 1.0);
-        let mut m2 = Kar::new(&cfg, &tcfg, &r2, &desc, 5, &Device::Cpu).unwrap();
+        let m2 = Kar::new(&cfg, &tcfg, &r2, &desc, 5, &Device::Cpu).unwrap();
         m2.params.varmap.data().lock().unwrap().iter().for_each(|(k, v)| {
             v.set(m.params.varmap.data().lock().unwrap()[k].as_tensor()).unwrap();
         });
