@@ -34,13 +34,11 @@ if [[ $PART == *a* ]]; then
   done
 fi
 if [[ $PART == *b* ]]; then
-  # (b) with IDs: SASRec, and the CUREC model warm-started from the SASRec run of the same seed
-  # (tower and item embeddings frozen, the matcher and DIN head trained), as in the quickstart job.
+  # (b) with IDs: SASRec, and the CUREC model trained from scratch on the same features.
   $CUREC train sasrec --data "$DATA" --out "$OUT/sasrec" --seeds "$SEEDS"
   for w in oracle shuffled; do
     $CUREC train curec --data "$DATA" --features "$OUT/features-$w" --variant attention \
-      --out "$OUT/b-$w" --seeds "$SEEDS" "${common[@]}" \
-      --set curec.init_tower="\"$OUT/sasrec/seed-{seed}/model.safetensors\""
+      --out "$OUT/b-$w" --seeds "$SEEDS" "${common[@]}"
   done
 fi
 for r in "$OUT"/a-* "$OUT"/b-* "$OUT"/sasrec; do

@@ -42,10 +42,11 @@ pub struct Bert4RecConfig {
 
 impl Default for Bert4RecConfig {
     fn default() -> Self {
+        // RecBole's BERT4Rec defaults (max length 50, mask ratio 0.2), SASRec's sizes otherwise.
         let s = SasRecConfig::default();
         Bert4RecConfig {
             mask_ratio: 0.2,
-            max_len: s.max_len,
+            max_len: 50,
             dim: s.dim,
             blocks: s.blocks,
             heads: s.heads,
