@@ -15,6 +15,7 @@ SEEDS=${SEEDS:-2024,1,2}
 PART=${PART:-ab}
 EPOCHS=${EPOCHS:-30}
 CUREC=${CUREC:-./target/release/curec}
+SASREC_CONFIG=${SASREC_CONFIG:-dataflows/sasrec-reference.toml}
 mkdir -p "$OUT"
 common=(--set curec.positions_per_user=32 --set curec.max_epochs="$EPOCHS")
 
@@ -34,16 +35,26 @@ if [[ $PART == *a* ]]; then
   done
 fi
 if [[ $PART == *b* ]]; then
-  # (b) with IDs: SASRec, and the CUREC model trained from scratch on the same features.
-  $CUREC train sasrec --data "$DATA" --out "$OUT/sasrec" --seeds "$SEEDS"
+  # (b) with IDs, on the tuned SASRec (the reference job's settings, $SASREC_CONFIG): SASRec, the
+  # CUREC model warm-started from the SASRec run of the same seed (tower and item embeddings
+  # frozen, the matcher and DIN head trained, as in the quickstart job), and the paper's strongest
+  # baselines: BERT4Rec and the KAR-style model (oracle texts; the same backbone settings).
+  $CUREC train sasrec --data "$DATA" --out "$OUT/sasrec" --seeds "$SEEDS" --config "$SASREC_CONFIG"
   for w in oracle shuffled; do
     $CUREC train curec --data "$DATA" --features "$OUT/features-$w" --variant attention \
-      --out "$OUT/b-$w" --seeds "$SEEDS" "${common[@]}"
+      --out "$OUT/b-$w" --seeds "$SEEDS" --config "$SASREC_CONFIG" "${common[@]}" \
+      --set curec.init_tower="\"$OUT/sasrec/seed-{seed}/model.safetensors\""
   done
+  $CUREC train bert4rec --data "$DATA" --out "$OUT/bert4rec" --seeds "$SEEDS"
+  $CUREC train kar --data "$DATA" --features "$OUT/features-oracle" --out "$OUT/kar-oracle" \
+    --seeds "$SEEDS" --config "$SASREC_CONFIG"
 fi
-for r in "$OUT"/a-* "$OUT"/b-* "$OUT"/sasrec; do
+for r in "$OUT"/a-* "$OUT"/b-* "$OUT"/sasrec "$OUT"/bert4rec "$OUT"/kar-*; do
   [ -f "$r/metrics.json" ] && $CUREC compare "$r" "$OUT/pop" || true
 done
-for w in oracle shuffled; do
-  [ -f "$OUT/b-$w/metrics.json" ] && $CUREC compare "$OUT/b-$w" "$OUT/sasrec" || true
+for r in "$OUT"/b-* "$OUT"/bert4rec "$OUT"/kar-*; do
+  [ -f "$r/metrics.json" ] && $CUREC compare "$r" "$OUT/sasrec" || true
+done
+for w in text oracle; do
+  [ -f "$OUT/a-$w/metrics.json" ] && $CUREC compare "$OUT/a-$w" "$OUT/a-shuffled" || true
 done

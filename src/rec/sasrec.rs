@@ -141,10 +141,19 @@ impl SasRecTower {
 
     /// A tower without item-ID embeddings: item i enters (and is scored) as `item_proj · text[i]`,
     /// `text` being `n_items × e` fixed vectors.
+    ///
+    /// Each dimension of `text` is standardized over the items first (zero mean, unit variance):
+    /// sentence embeddings share a large common direction (every reason of a template starts
+    /// alike), and what tells items apart is small next to it.
     pub fn new_text(cfg: &SasRecConfig, text: &Tensor, p: &mut Params) -> anyhow::Result<Self> {
         let (n_items, e) = text.dims2()?;
-        let table = Tensor::cat(&[&Tensor::zeros((1, e), text.dtype(), text.device())?, text], 0)?;
-        let proj = p.linear("item_proj", e, cfg.dim)?;
+        let mean = text.mean_keepdim(0)?;
+        let centered = text.broadcast_sub(&mean)?;
+        let std = (centered.sqr()?.mean_keepdim(0)? + 1e-12)?.sqrt()?;
+        let text = centered.broadcast_div(&std)?;
+        let table = Tensor::cat(&[&Tensor::zeros((1, e), text.dtype(), text.device())?, &text], 0)?;
+        // Unit-variance inputs: N(0, 0.02²) weights give item vectors of SASRec's initial scale.
+        let proj = p.linear_normal("item_proj", e, cfg.dim, INIT_STD / (e as f32).sqrt())?;
         Self::with_items(cfg, n_items, ItemSide::Text { table, proj }, p)
     }
 
