@@ -225,7 +225,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     let seed = cfg.train.seed;
     let events = source::replay_events(&ds, &xs, &cfg.replay, seed);
     if events.is_empty() {
-        bail!("{}: no train interaction to replay with replay.users/per_user as set", st.data.display());
+        bail!("{}: no train interaction to replay with replay.users/per_user/last_seconds as set", st.data.display());
     }
     let ep = source::epochs(&events, &cfg.replay, 0)?;
     let all_events = events.clone();
@@ -342,6 +342,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         "slice": format!("{} {}", cfg.replay.slice, cfg.replay.slice_by),
         "users": cfg.replay.users,
         "per_user": cfg.replay.per_user,
+        "last_seconds": cfg.replay.last_seconds,
     });
     let variant = if cfg.replay.update { "correction" } else { "no-update" };
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)

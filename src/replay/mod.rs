@@ -59,6 +59,10 @@ pub struct ReplayConfig {
     pub users: usize,
     /// Each replayed user's most recent N train interactions (0 = all of them).
     pub per_user: usize,
+    /// Only the train interactions of the last N seconds of the train log (0 = no window): every
+    /// interaction of a time window, so that users and items meet their rewritten patterns and
+    /// reasons again in later slices. Applied after `users` and `per_user`.
+    pub last_seconds: u64,
     /// Write a snapshot every N epochs (and after the last one).
     pub snapshot_every: u64,
     /// Reasons kept per item in the state (the newest; the reward model reads `curec.reasons_per_item`).
@@ -94,6 +98,7 @@ impl Default for ReplayConfig {
             slice: 8,
             users: 0,
             per_user: 0,
+            last_seconds: 0,
             snapshot_every: 4,
             reasons_kept: 20,
             history_kept: 200,

@@ -1,5 +1,5 @@
 //! The source: train interactions in time order (ties: user, then position), optionally a
-//! seeded sample of users and each user's most recent N, cut into epochs (time slices) by count
+//! seeded sample of users, each user's most recent N and the last N seconds of the log, cut into epochs (time slices) by count
 //! or by duration. Each worker feeds every `peers`-th slice record; the epoch is the timely time.
 
 use anyhow::Result;
@@ -28,11 +28,16 @@ pub fn replay_events(ds: &Dataset, xs: &[Interaction], cfg: &ReplayConfig, seed:
         users.sort_unstable();
     }
     let mut events = Vec::new();
+    // The window is measured from the newest train interaction of the whole log.
+    let newest = ts.iter().flatten().max().copied().unwrap_or(0);
+    let from = if cfg.last_seconds == 0 { i64::MIN } else { newest.saturating_sub(cfg.last_seconds as i64) };
     for u in users {
         let seq = &ds.train[u as usize];
         let first = if cfg.per_user == 0 { 1 } else { seq.len().saturating_sub(cfg.per_user).max(1) };
         for (pos, &item) in seq.iter().enumerate().skip(first) {
-            events.push(Event { key: key(u, pos), user: u, item, timestamp: ts[u as usize][pos] });
+            if ts[u as usize][pos] >= from {
+                events.push(Event { key: key(u, pos), user: u, item, timestamp: ts[u as usize][pos] });
+            }
         }
     }
     events.sort_by_key(|e| (e.timestamp, e.key));
@@ -77,6 +82,21 @@ pub fn by_epoch(events: Vec<Event>, epochs: &[u64]) -> Vec<(u64, Vec<Event>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_window_keeps_every_train_interaction_inside_it() {
+        use crate::data::{preprocess::ItemRow, Split};
+        let items = (0..5).map(|i| ItemRow { raw_id: i.to_string(), info: Default::default() }).collect();
+        let x = |user, item, timestamp| Interaction { user, item, timestamp, rating: 5.0, split: Split::Train };
+        // User 0 at times 10, 20, 95, 99; user 1 at 50, 96; newest train time 99.
+        let xs = vec![x(0, 0, 10), x(0, 1, 20), x(0, 2, 95), x(0, 3, 99), x(1, 4, 50), x(1, 0, 96)];
+        let ds = Dataset::from_interactions("w", vec!["a".into(), "b".into()], items, &xs);
+        let cfg = ReplayConfig { last_seconds: 5, ..Default::default() };
+        let got: Vec<(u32, i64)> = replay_events(&ds, &xs, &cfg, 1).iter().map(|e| (e.user, e.timestamp)).collect();
+        assert_eq!(got, vec![(0, 95), (1, 96), (0, 99)]);
+        let all = replay_events(&ds, &xs, &ReplayConfig::default(), 1);
+        assert_eq!(all.len(), 4, "position 0 of each user is never replayed");
+    }
 
     fn ev(ts: i64, k: u64) -> Event {
         Event { key: k, user: 0, item: 0, timestamp: ts }
