@@ -21,4 +21,5 @@ pub mod ops;
 pub mod progress;
 pub mod rec;
 pub mod replay;
+pub mod report;
 pub mod seeds;

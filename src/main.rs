@@ -169,6 +169,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One self-contained HTML page (inline SVG, no network) of a run directory: results with
+    /// intervals, training and GRPO curves, replay slices, explanation cards.
+    Report {
+        /// Run directory (the main job's, or any directory holding `curec train` runs).
+        run: PathBuf,
+        /// Output file (default: `<run>/report.html`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Users with explanation cards per CUREC run.
+        #[arg(long, default_value_t = 3)]
+        explain_users: usize,
+    },
     /// Pinned models: fetch (download, verify sha256, assemble) or list.
     Model {
         #[command(subcommand)]
@@ -483,6 +495,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{}", curec::eval::compare::markdown(&c));
             }
+        }
+        Command::Report { run, out, explain_users } => {
+            let path = curec::report::write_report(&run, out.as_deref(), explain_users)?;
+            println!("{}", path.display());
         }
         Command::Model { action: ModelAction::List } => {
             for m in curec::llm::fetch::Pins::builtin().model {

@@ -348,8 +348,51 @@ fn control_writers_text_only_training_and_paired_comparison() {
     assert!((c["all"]["diff"]["mean"].as_f64().unwrap() - (a - b)).abs() < 1e-9);
     let tail_max = c["tail"]["target_train_count"][1].as_u64().unwrap();
     assert!(tail_max <= c["head"]["target_train_count"][0].as_u64().unwrap());
+    check_report(&s.base);
+
     let o = curec_cli(&["compare", &dir("pop"), &dir("oracle")]);
     assert!(!o.status.success() && stderr(&o).contains("ranks.json"), "{}", stderr(&o));
     let o = curec_cli(&["compare", &dir("pop"), &dir("pop"), "--metric", "mrr"]);
     assert!(!o.status.success() && stderr(&o).contains("ndcg@K"), "{}", stderr(&o));
+}
+
+/// `curec report` over a directory of runs: one self-contained page whose numbers equal the runs'
+/// metrics files, with curves and explanation cards; rendered by headless Chromium when it is
+/// installed (`.ci/run` installs it).
+fn check_report(base: &Path) {
+    let page = base.join("page.html");
+    let o = curec_cli(&["report", base.to_str().unwrap(), "--out", page.to_str().unwrap(), "--explain-users", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(!html.contains("<script") && !html.contains("http://") && !html.contains("https://"), "not self-contained");
+    let mut rows = 0;
+    for part in html.split("<tr data-run=\"").skip(1) {
+        let run = &part[..part.find('"').unwrap()];
+        let at = part.find("data-ndcg10=\"").unwrap() + "data-ndcg10=\"".len();
+        let shown: f64 = part[at..at + part[at..].find('"').unwrap()].parse().unwrap();
+        let m: Value = serde_json::from_slice(&read(&base.join(run).join("metrics.json"))).unwrap();
+        assert_eq!(shown, m["ndcg@10"].as_f64().unwrap(), "{run}");
+        rows += 1;
+    }
+    assert!(rows >= 4, "{rows} result rows");
+    for section in ["<h2>Results", "<h2>Training", "<h2>Explanations: text-only", "<svg"] {
+        assert!(html.contains(section), "no {section}");
+    }
+    let chromium =
+        ["chromium", "chromium-browser"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok());
+    let Some(chromium) = chromium else {
+        eprintln!("SKIPPED: rendering the report needs Chromium (apt-get install chromium); .ci/run installs it");
+        assert!(std::env::var_os("CI").is_none(), "CI must install Chromium for the report test");
+        return;
+    };
+    let png = base.join("page.png");
+    let o = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1600"])
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    assert!(png.is_file(), "no screenshot: {}", stderr(&o));
+    let img = read(&png);
+    assert!(img.starts_with(b"\x89PNG") && img.len() > 20_000, "blank screenshot? {} bytes", img.len());
 }
