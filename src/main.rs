@@ -172,8 +172,10 @@ enum Command {
     /// One self-contained HTML page (inline SVG, no network) of a run directory: results with
     /// intervals, training and GRPO curves, replay slices, explanation cards.
     Report {
-        /// Run directory (the main job's, or any directory holding `curec train` runs).
-        run: PathBuf,
+        /// Run directory (the main job's, or any directory holding `curec train` runs); more
+        /// directories may follow.
+        #[arg(required = true)]
+        run: Vec<PathBuf>,
         /// Output file (default: `<run>/report.html`).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -625,6 +627,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = JobConfig::load(Some(&job), &sets)?;
             let m = curec::replay::replay(&cfg, &out)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
+            // The report: the replay and every stage before it (the job's train.out).
+            let mut roots = vec![out.clone()];
+            roots.extend(cfg.train.out.clone().filter(|t| t.is_dir() && *t != out));
+            println!("report: {}", curec::report::write_report(&roots, None, 3)?.display());
         }
         Command::Ingest { from, file, workers, grpo } => {
             let v = curec::replay::ingest(&from, &file, workers, grpo)?;
@@ -633,6 +639,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { job, force, sets } => {
             let cfg = JobConfig::load(Some(&job), &sets)?;
             jobs::run_job(&cfg, force)?;
+            if let Some(out) = cfg.train.out.as_ref().filter(|o| o.is_dir()) {
+                println!("report: {}", curec::report::write_report(std::slice::from_ref(out), None, 3)?.display());
+            }
         }
     }
     Ok(())

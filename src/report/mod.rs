@@ -88,19 +88,34 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px soli
 td:first-child,th:first-child,td.l{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:12px}\
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;margin:8px 0}.muted{color:#777;font-size:12px}";
 
-/// Write the report of `root` to `out` (default `<root>/report.html`); returns the path.
-pub fn write_report(root: &Path, out: Option<&Path>, explain_users: usize) -> Result<PathBuf> {
-    anyhow::ensure!(root.is_dir(), "{}: not a run directory", root.display());
+/// Write the report of `roots` (the first one names it) to `out` (default
+/// `<first root>/report.html`); returns the path.
+pub fn write_report(roots: &[PathBuf], out: Option<&Path>, explain_users: usize) -> Result<PathBuf> {
+    let root = roots.first().context("report: no run directory")?;
+    for r in roots {
+        anyhow::ensure!(r.is_dir(), "{}: not a run directory", r.display());
+    }
     let out = out.map_or_else(|| root.join("report.html"), Path::to_path_buf);
-    let html = render(root, explain_users)?;
+    let html = render(roots, explain_users)?;
     let tmp = crate::data::prepared::tmp_path(&out);
     std::fs::write(&tmp, html).with_context(|| format!("{}: cannot write", out.display()))?;
     std::fs::rename(&tmp, &out).with_context(|| format!("{}: cannot write", out.display()))?;
     Ok(out)
 }
 
-pub fn render(root: &Path, explain_users: usize) -> Result<String> {
-    let dirs = runs(root);
+/// The page for `roots` (each searched to depth 4); run names are relative to the root, or with
+/// several roots to the root's parent.
+pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
+    let root = roots.first().context("report: no run directory")?;
+    let dirs: Vec<PathBuf> = roots.iter().flat_map(|r| runs(r)).collect();
+    let label = |d: &Path| -> String {
+        match roots.iter().find(|r| d.starts_with(r)) {
+            Some(r) if roots.len() == 1 => rel(r, d),
+            Some(r) => rel(r.parent().unwrap_or(r), d),
+            None => d.display().to_string(),
+        }
+    };
+    let files = |name: &str| -> Vec<PathBuf> { roots.iter().flat_map(|r| walk_files(r, name)).collect() };
     let mut h = format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>curec report: {}</title><style>{STYLE}</style></head><body>\
          <h1>curec report: {}</h1><p class=\"muted\">Test split, full ranking, seen items excluded. Intervals: 95% bootstrap over users \
@@ -131,7 +146,7 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
             }
             _ => (String::new(), None),
         };
-        let r = rel(root, d);
+        let r = label(d);
         let dataset = m["dataset"].as_str().unwrap_or("?").to_string();
         h.push_str(&format!(
             "<tr data-run=\"{}\" data-ndcg10=\"{}\" data-recall10=\"{}\"><td>{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{ndcg:.4}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -176,7 +191,7 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
         };
         let Ok(hist) = read_json(&hist_dir.join("history.json")) else { continue };
         let Some(rows) = hist.as_array() else { continue };
-        let label = rel(root, &hist_dir);
+        let label = label(&hist_dir);
         let pts = |key: &str| -> Vec<(f64, f64)> {
             rows.iter().filter_map(|r| Some((r["epoch"].as_f64()?, r[key].as_f64()?))).collect()
         };
@@ -198,7 +213,7 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
     }
 
     // Alignment (GRPO) runs.
-    for d in walk_files(root, "steps.jsonl") {
+    for d in files("steps.jsonl") {
         let steps = jsonl(&d.join("steps.jsonl"));
         if steps.is_empty() {
             continue;
@@ -206,7 +221,7 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
         let series = |key: &str| -> (String, Vec<(f64, f64)>) {
             (key.to_string(), steps.iter().filter_map(|s| Some((s["step"].as_f64()?, s[key].as_f64()?))).collect())
         };
-        h.push_str(&format!("<h2>Alignment: {}</h2><div class=\"charts\">", escape(&rel(root, &d))));
+        h.push_str(&format!("<h2>Alignment: {}</h2><div class=\"charts\">", escape(&label(&d))));
         h.push_str(&svg::lines("GRPO reward", "step", &[series("reward")]));
         h.push_str(&svg::lines("KL to the reference", "step", &[series("kl")]));
         h.push_str(&svg::lines("format rate", "step", &[series("format_rate"), series("accuracy")]));
@@ -229,11 +244,11 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
     }
 
     // Replay slices.
-    for d in walk_files(root, "epochs.jsonl") {
+    for d in files("epochs.jsonl") {
         let rows = jsonl(&d.join("epochs.jsonl"));
         let Some(first) = rows.first().and_then(Value::as_object) else { continue };
         let keys: Vec<&String> = first.keys().filter(|k| first[*k].is_number()).collect();
-        h.push_str(&format!("<h2>Replay: {}</h2><table><tr>", escape(&rel(root, &d))));
+        h.push_str(&format!("<h2>Replay: {}</h2><table><tr>", escape(&label(&d))));
         for k in &keys {
             h.push_str(&format!("<th>{}</th>", escape(k)));
         }
@@ -273,7 +288,7 @@ pub fn render(root: &Path, explain_users: usize) -> Result<String> {
             };
             match explanation_cards(&run, explain_users) {
                 Ok(cards) => {
-                    h.push_str(&format!("<h2>Explanations: {}</h2>", escape(&rel(root, d))));
+                    h.push_str(&format!("<h2>Explanations: {}</h2>", escape(&label(d))));
                     h.push_str(&cards);
                 }
                 Err(e) => tracing::warn!("{}: no explanation cards: {e:#}", d.display()),
