@@ -1,7 +1,9 @@
 //! BERT4Rec (Sun et al., 2019), one of the paper's baselines: the SASRec transformer made
-//! bidirectional and trained as a cloze task. Each training sequence (the train items in chunks of
-//! at most `max_len`, newest chunk last) has each position replaced by a `[mask]` token with
-//! probability `mask_ratio` (at least one per sequence), and the loss is the softmax cross-entropy
+//! bidirectional and trained as a cloze task. Each training sequence (a window of at most
+//! `max_len` train items; windows end every `stride` items from the newest, so they overlap and an
+//! epoch sees each item in about `max_len / stride` contexts, as RecBole's prefixes do more
+//! expensively) has each position replaced by a `[mask]` token with probability `mask_ratio` (at
+//! least one per sequence), and the loss is the softmax cross-entropy
 //! over all items at the masked positions, the output layer tied to the item embeddings (as
 //! RecBole). To recommend, `[mask]` is appended to the newest `max_len - 1` history items and the
 //! hidden state there scores every item.
@@ -28,6 +30,8 @@ use crate::ops::cross_entropy;
 pub struct Bert4RecConfig {
     /// Share of positions masked in a training sequence (RecBole's default 0.2).
     pub mask_ratio: f64,
+    /// Training windows end every `stride` items (0 = `max_len`: no overlap).
+    pub stride: usize,
     pub max_len: usize,
     pub dim: usize,
     pub blocks: usize,
@@ -46,6 +50,7 @@ impl Default for Bert4RecConfig {
         let s = SasRecConfig::default();
         Bert4RecConfig {
             mask_ratio: 0.2,
+            stride: 10,
             max_len: 50,
             dim: s.dim,
             blocks: s.blocks,
@@ -104,19 +109,21 @@ impl Bert4Rec {
         self.tower.n_items as u32
     }
 
-    /// Training sequences `(user, start, end)`: each train sequence cut into chunks of at most
-    /// `max_len` items from its newest end.
+    /// Training sequences `(user, start, end)`: windows of at most `max_len` items ending every
+    /// `stride` items from the newest end of each train sequence.
     fn chunks(&self, ds: &Dataset) -> Vec<(u32, usize, usize)> {
         let l = self.cfg.max_len;
+        let stride = if self.cfg.stride == 0 { l } else { self.cfg.stride };
         let mut out = Vec::new();
         for (u, seq) in ds.train.iter().enumerate() {
             let mut end = seq.len();
-            while end > 0 {
+            while end >= 2 {
                 let start = end.saturating_sub(l);
-                if end - start >= 2 {
-                    out.push((u as u32, start, end));
+                out.push((u as u32, start, end));
+                if start == 0 {
+                    break;
                 }
-                end = start;
+                end = end.saturating_sub(stride);
             }
         }
         out
