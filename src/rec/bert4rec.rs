@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -23,7 +23,6 @@ use super::sasrec::{SasRecConfig, SasRecTower};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
-use crate::ops::cross_entropy;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -153,8 +152,7 @@ impl Model for Bert4Rec {
         let mut chunks = self.chunks(ds);
         let mut rng = rng_for(self.seed, 21, epoch as u64);
         chunks.shuffle(&mut rng);
-        let dev = self.tower.device().clone();
-        let (mut total, mut count) = (0f64, 0usize);
+        let mut epoch_loss = super::EpochLoss::default();
         for (bi, batch) in chunks.chunks(self.cfg.batch_size).enumerate() {
             let mut r = rng_for(self.seed, 22, ((epoch as u64) << 32) | bi as u64);
             let t = batch.iter().map(|&(_, a, e)| e - a).max().unwrap_or(1);
@@ -175,12 +173,9 @@ impl Model for Bert4Rec {
             let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
             let h = self.tower.encode_at(&refs, &rows, Some(&mut r))?;
             let logits = h.matmul(&self.tower.item_table()?.t()?)?;
-            let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
-            self.opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
-            count += targets.len();
+            epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
-        Ok(Some(total / count.max(1) as f64))
+        Ok(epoch_loss.mean())
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -35,7 +35,7 @@ use super::sasrec::{SasRecConfig, SasRecTower};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
-use crate::ops::{cross_entropy, softmax_last_dim};
+use crate::ops::softmax_last_dim;
 
 const INIT_STD: f32 = 0.02;
 const NEG: f32 = -1e9;
@@ -700,7 +700,7 @@ impl Model for Curec {
         let dev = self.reasons_t.device().clone();
         *self.inference.lock().expect("inference cache lock") = None;
         let full = if self.cfg.sampled_negatives == 0 { Some(self.slots(&dev, None)?) } else { None };
-        let (mut total, mut count) = (0f64, 0usize);
+        let mut epoch_loss = super::EpochLoss::default();
         for (bi, batch) in self.batches(ds, epoch).into_iter().enumerate() {
             let inputs: Vec<&[u32]> = batch.iter().map(|&(u, a, e, _)| &ds.train[u as usize][a..e]).collect();
             let t = inputs.iter().map(|s| s.len()).max().unwrap_or(1);
@@ -739,12 +739,9 @@ impl Model for Curec {
             let side = self.reason_side(slots)?;
             let (s, _) = self.matching(&users, slots, &side, false)?;
             let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref())?;
-            let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
-            self.opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
-            count += targets.len();
+            epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
-        Ok(Some(total / count.max(1) as f64))
+        Ok(epoch_loss.mean())
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {

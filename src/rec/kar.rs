@@ -27,7 +27,6 @@ use super::sasrec::{SasRecConfig, SasRecTower};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
-use crate::ops::cross_entropy;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -108,8 +107,7 @@ impl Model for Kar {
         let mut windows = self.tower.windows(ds);
         let mut rng = rng_for(self.seed, 31, epoch as u64);
         windows.shuffle(&mut rng);
-        let dev = self.tower.device().clone();
-        let (mut total, mut count) = (0f64, 0usize);
+        let mut epoch_loss = super::EpochLoss::default();
         for (bi, batch) in windows.chunks(self.tower.cfg.batch_size).enumerate() {
             let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
             // The user of each target row, in the order `batch` lists them.
@@ -118,12 +116,9 @@ impl Model for Kar {
             let mut rng = rng_for(self.seed, 32, ((epoch as u64) << 32) | bi as u64);
             let h = (self.tower.encode_at(&inputs, &rows, Some(&mut rng))? + self.user_side(&row_users)?)?;
             let logits = h.matmul(&self.tower.item_table()?.t()?)?;
-            let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
-            self.opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
-            count += targets.len();
+            epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
-        Ok(Some(total / count.max(1) as f64))
+        Ok(epoch_loss.mean())
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -58,6 +58,35 @@ pub trait Model: Scorer {
     fn load(&mut self, path: &Path) -> anyhow::Result<()>;
 }
 
+/// A training epoch's loss, averaged over its targets, and the optimisation step that adds to it.
+#[derive(Debug, Default)]
+pub struct EpochLoss {
+    total: f64,
+    count: usize,
+}
+
+impl EpochLoss {
+    /// One step of `opt` on the softmax cross-entropy of `logits` (`targets.len() × classes`).
+    pub fn step(
+        &mut self,
+        opt: &mut candle_nn::AdamW,
+        logits: &candle_core::Tensor,
+        targets: &[u32],
+    ) -> anyhow::Result<()> {
+        use candle_nn::Optimizer;
+        let loss = crate::ops::cross_entropy(logits, &candle_core::Tensor::new(targets, logits.device())?)?;
+        opt.backward_step(&loss)?;
+        self.total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
+        self.count += targets.len();
+        Ok(())
+    }
+
+    /// The mean over the epoch's targets.
+    pub fn mean(&self) -> Option<f64> {
+        Some(self.total / self.count.max(1) as f64)
+    }
+}
+
 /// Save a varmap atomically (temp name, then rename), so a kill never leaves a torn checkpoint.
 pub fn save_varmap(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> {
     let tmp = crate::data::prepared::tmp_path(path);

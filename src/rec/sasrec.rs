@@ -20,7 +20,7 @@ use super::nn::{attention_bias, dropout, dropout_mask, position_mask, rng_for, L
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
-use crate::ops::{cross_entropy, softmax_last_dim};
+use crate::ops::softmax_last_dim;
 
 /// Standard deviation of every weight at initialisation (biases start at zero), as in RecBole.
 const INIT_STD: f32 = 0.02;
@@ -496,19 +496,15 @@ impl Model for SasRec {
         }
         let mut batches: Vec<&[(u32, usize, usize, usize)]> = windows.chunks(bs).collect();
         batches.shuffle(&mut rng);
-        let dev = self.tower.device().clone();
-        let (mut total, mut count) = (0f64, 0usize);
+        let mut epoch_loss = super::EpochLoss::default();
         for (bi, batch) in batches.into_iter().enumerate() {
             let (inputs, rows, targets) = SasRecTower::batch(ds, batch);
             let mut rng = rng_for(self.seed, 3, ((epoch as u64) << 32) | bi as u64);
             let h = self.tower.encode_at(&inputs, &rows, Some(&mut rng))?;
             let logits = h.matmul(&self.tower.item_table()?.t()?)?;
-            let loss = cross_entropy(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
-            self.opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? as f64 * targets.len() as f64;
-            count += targets.len();
+            epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
-        Ok(Some(total / count.max(1) as f64))
+        Ok(epoch_loss.mean())
     }
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {

@@ -27,8 +27,14 @@ use svg::escape;
 /// Directories (depth ≤ 4) below `root` holding `metrics.json`, sorted; the `seed-*` runs of a
 /// `--seeds` directory are left out (the directory's summary stands for them).
 fn runs(root: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-        let has = dir.join("metrics.json").is_file();
+    dirs_with(root, "metrics.json", true)
+}
+
+/// Directories (depth ≤ 4) below `root`, itself included, that hold `file`, in path order; with
+/// `skip_seeds`, not the `seed-*` directories of one that holds it too.
+fn dirs_with(root: &Path, file: &str, skip_seeds: bool) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: usize, file: &str, skip_seeds: bool, out: &mut Vec<PathBuf>) {
+        let has = dir.join(file).is_file();
         if has {
             out.push(dir.to_path_buf());
         }
@@ -40,13 +46,13 @@ fn runs(root: &Path) -> Vec<PathBuf> {
         subs.sort();
         for s in subs {
             let seed_run = s.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seed-"));
-            if !(has && seed_run) {
-                walk(&s, depth - 1, out);
+            if !(skip_seeds && has && seed_run) {
+                walk(&s, depth - 1, file, skip_seeds, out);
             }
         }
     }
     let mut out = Vec::new();
-    walk(root, 4, &mut out);
+    walk(root, 4, file, skip_seeds, &mut out);
     out
 }
 
@@ -115,7 +121,7 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
             None => d.display().to_string(),
         }
     };
-    let files = |name: &str| -> Vec<PathBuf> { roots.iter().flat_map(|r| walk_files(r, name)).collect() };
+    let files = |name: &str| -> Vec<PathBuf> { roots.iter().flat_map(|r| dirs_with(r, name, false)).collect() };
     let mut h = format!(
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>curec report: {}</title><style>{STYLE}</style></head><body>\
          <h1>curec report: {}</h1><p class=\"muted\">Test split, full ranking, seen items excluded. Intervals: 95% bootstrap over users \
@@ -311,27 +317,6 @@ fn first_seed(dir: &Path) -> Option<PathBuf> {
         .collect();
     s.sort();
     s.into_iter().next()
-}
-
-/// Directories below `root` (depth ≤ 4) that hold `file`.
-fn walk_files(root: &Path, file: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, depth: usize, file: &str, out: &mut Vec<PathBuf>) {
-        if dir.join(file).is_file() {
-            out.push(dir.to_path_buf());
-        }
-        if depth == 0 {
-            return;
-        }
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
-        let mut subs: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
-        subs.sort();
-        for s in subs {
-            walk(&s, depth - 1, file, out);
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, 4, file, &mut out);
-    out
 }
 
 /// Cards for the first `n` users (raw-id order of the dataset): top-5 items, each with its three
