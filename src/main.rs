@@ -391,6 +391,13 @@ fn load_llm(spec: &str, device: &str, dtype: &str) -> anyhow::Result<curec::llm:
     curec::llm::Llm::load(&path, &dev, dtype)
 }
 
+/// `--split valid|test` (the train split has no held-out item to rank).
+fn held_out_split(s: &str) -> anyhow::Result<Split> {
+    Split::parse(s)
+        .filter(|s| *s != Split::Train)
+        .ok_or_else(|| anyhow::anyhow!("--split '{s}': expected valid or test"))
+}
+
 fn main() -> ExitCode {
     curec::alloc::tune();
     tracing_subscriber::fmt()
@@ -481,16 +488,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Eval { run, data, split } => {
-            let split = Split::parse(&split)
-                .filter(|s| *s != Split::Train)
-                .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
+            let split = held_out_split(&split)?;
             let m = jobs::eval_run(&run, data.as_deref(), split)?;
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
         }
         Command::Compare { a, b, metric, split, resamples, json } => {
-            let split = Split::parse(&split)
-                .filter(|s| *s != Split::Train)
-                .ok_or_else(|| anyhow::anyhow!("--split '{split}': expected valid or test"))?;
+            let split = held_out_split(&split)?;
             let c = curec::eval::compare::compare(&a, &b, &metric, split, resamples, 2024)?;
             if json {
                 println!("{}", serde_json::to_string(&c)?);
