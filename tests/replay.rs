@@ -191,6 +191,9 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     }
     assert_eq!(m["replay"]["interactions"], 12);
     assert_eq!(m["replay"]["epochs"], 6);
+    // The main job's report: the replay's slices and its own row.
+    let page = std::fs::read_to_string(a.join("report.html")).expect("replay writes report.html");
+    assert!(page.contains("<h2>Replay") && page.contains("data-run=\""), "report lacks the replay");
     let da = final_snapshot(&a);
     let manifest = snapshot::manifest(&da).unwrap();
     assert_eq!(manifest["epoch"], 5);
