@@ -96,9 +96,16 @@ impl JobConfig {
             let mut v = toml::Value::try_from(&cfg)?;
             for s in sets {
                 apply_set(&mut v, s)?;
+                // Deserialize after each override, so that a bad value names its own `--set`.
+                JobConfig::deserialize(v.clone())
+                    .map_err(|e| anyhow::anyhow!("--set {s}: {}", e.message().replace('\n', " ")))?;
             }
             cfg =
                 JobConfig::deserialize(v).map_err(|e| anyhow::anyhow!("--set: {}", e.message().replace('\n', " ")))?;
+        }
+        match path {
+            Some(p) if sets.is_empty() => cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+            _ => cfg.validate()?,
         }
         Ok(cfg)
     }
@@ -151,6 +158,8 @@ mod tests {
         assert_eq!(c.train.seed, 7);
         let e = JobConfig::load(None, &["sasrec.max_lenn=50".into()]).unwrap_err().to_string();
         assert!(e.contains("max_lenn"), "{e}");
+        let e = JobConfig::load(None, &["train.seed=abc".into()]).unwrap_err().to_string();
+        assert!(e.starts_with("--set train.seed=abc: invalid type: string \"abc\", expected u64"), "{e}");
         let e = JobConfig::load(None, &["nope.x=1".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown section 'nope'"), "{e}");
     }

@@ -125,9 +125,10 @@ pub const RANKS: &str = "ranks.json";
 
 /// `curec train`: fit with early stopping, evaluate on test, write `model.safetensors`,
 /// `config.toml`, `history.json`, `ranks.json` and `metrics.json` into `out`; returns the metrics.
-pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> anyhow::Result<Value> {
+pub fn train(kind: ModelKind, data_dir: &Path, run_dir: &Path, cfg: &JobConfig) -> anyhow::Result<Value> {
     let ds = prepared::read_dataset(data_dir)?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create run directory", out.display()))?;
+    let staged = StagedRun::new(run_dir, cfg)?;
+    let out = staged.tmp.as_path();
     let device = Device::Cpu;
     let mut model = build_model(kind, &ds, cfg, &device)?;
     let (max_epochs, patience) = match kind {
@@ -153,7 +154,69 @@ pub fn train(kind: ModelKind, data_dir: &Path, out: &Path, cfg: &JobConfig) -> a
     write_json(&out.join(RANKS), &json!({"test": test.ranks, "valid": valid.ranks}))?;
     write_text(&out.join("config.toml"), &cfg.to_toml())?;
     write_json(&out.join("metrics.json"), &metrics)?;
+    staged.commit()?;
     Ok(metrics)
+}
+
+/// A run written into `<out>.partial/` and renamed to `<out>/` only when complete, so a killed
+/// retrain never leaves a folder whose metrics describe other weights. A folder holding a
+/// finished run of another config is refused rather than overwritten.
+pub struct StagedRun {
+    pub tmp: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl StagedRun {
+    pub fn new(out: &Path, cfg: &JobConfig) -> anyhow::Result<Self> {
+        let config = out.join("config.toml");
+        if out.join("metrics.json").is_file() {
+            if let Ok(saved) = std::fs::read_to_string(&config) {
+                anyhow::ensure!(
+                    crate::seeds::same_config(&saved, cfg),
+                    "{}: holds a finished run of another config; choose another --out or delete it",
+                    out.display()
+                );
+            }
+        }
+        // The whole folder is replaced on commit: refuse one that holds anything else.
+        const RUN_FILES: [&str; 6] =
+            ["model.safetensors", "history.json", RANKS, "config.toml", "metrics.json", "report.html"];
+        for e in std::fs::read_dir(out).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            anyhow::ensure!(
+                RUN_FILES.contains(&n.as_str()) || (n.starts_with("eval-") && n.ends_with(".json")),
+                "{}: not empty and not a training run ({n}); choose another --out",
+                out.display()
+            );
+        }
+        let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+        let tmp = out.with_file_name(format!("{name}.partial"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("{}: cannot remove", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create run directory", tmp.display()))?;
+        Ok(Self { tmp, out: out.to_path_buf() })
+    }
+
+    /// Move the finished run into place (an older run there is replaced).
+    pub fn commit(self) -> anyhow::Result<()> {
+        let old = self.out.with_file_name(format!(
+            "{}.replaced",
+            self.out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+        ));
+        if self.out.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old)?;
+            }
+            std::fs::rename(&self.out, &old).with_context(|| format!("{}: cannot replace", self.out.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.out)
+            .with_context(|| format!("{}: cannot move into place", self.out.display()))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old)?;
+        }
+        Ok(())
+    }
 }
 
 pub fn run_metrics(

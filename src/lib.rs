@@ -4,12 +4,13 @@
 //! metrics), [`rec`] (recommenders in candle), [`llm`] (the LLM runtime: loading, tokenizer,
 //! generation, log-probs, LoRA, prompts), [`grpo`] (the GRPO trainer), [`align`]
 //! (recommendation-alignment pretraining), [`ops`] (fused kernels with backward passes),
-//! [`config`] (job files) and [`jobs`] (the CLI's commands as functions).
+//! [`config`] (job files, range-checked by [`config_check`]) and [`jobs`] (the CLI's commands as functions).
 
 pub mod align;
 pub mod alloc;
 pub mod bench;
 pub mod config;
+pub mod config_check;
 pub mod data;
 pub mod embed;
 pub mod eval;

@@ -195,14 +195,14 @@ enum Command {
         model: String,
         #[arg(long)]
         prompt: String,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = positive)]
         max_new_tokens: usize,
         #[arg(long, default_value_t = 2024)]
         seed: u64,
         /// 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = temperature)]
         temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = top_p)]
         top_p: f32,
         /// System prompt (default: the model's own).
         #[arg(long)]
@@ -289,11 +289,11 @@ enum BenchWhat {
     Generate {
         #[arg(long)]
         model: String,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = positive)]
         batch: usize,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = positive)]
         new_tokens: usize,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = positive)]
         prompt_tokens: usize,
         /// `quantized` (the engine: quantized weights, continuous batching) or `candle` (the
         /// f32 candle model, the reference path; the only one off the CPU).
@@ -312,33 +312,33 @@ enum BenchWhat {
     Prefill {
         #[arg(long)]
         model: String,
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = positive)]
         tokens: usize,
         /// Weight format: auto (GGUF 4-bit blocks kept, the rest Q8_0), q8_0 or q4_k.
         #[arg(long, default_value = "auto")]
         quantize: String,
         /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = positive)]
         repeats: usize,
     },
     /// Correction dataflow without the LLM (a fixed-cost stand-in generator): source, state
     /// folding and snapshots on 1 worker and on `--workers`.
     Replay {
-        #[arg(long, default_value_t = 2_000_000)]
+        #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
         interactions: usize,
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = positive)]
         users: usize,
-        #[arg(long, default_value_t = 50_000)]
+        #[arg(long, default_value_t = 50_000, value_parser = positive)]
         items: usize,
         /// Interactions per time slice (epoch).
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = positive)]
         slice: usize,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         snapshot_every: u64,
         /// Busy time of the stand-in per interaction.
         #[arg(long, default_value_t = 0)]
         cost_ns: u64,
-        #[arg(short = 'w', long, default_value_t = 2)]
+        #[arg(short = 'w', long, default_value_t = 2, value_parser = positive)]
         workers: usize,
     },
     /// SASRec training steps on a prepared dataset's windows: the full pass against the one
@@ -354,16 +354,16 @@ enum BenchWhat {
         #[arg(long = "set")]
         sets: Vec<String>,
         /// Batches timed.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = positive)]
         steps: usize,
     },
     /// Per-token log-prob throughput for batch × seq_len (half prompt, half completion).
     Logprobs {
         #[arg(long)]
         model: String,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = positive)]
         batch: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = positive)]
         seq_len: usize,
         /// Completion tokens of each sequence (default: half of seq_len).
         #[arg(long)]
@@ -407,7 +407,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .without_time()
         .init();
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // A bad flag: clap's first line (it names the flag, the value and what was expected),
+            // like every other error, without the usage block.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad arguments"));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -648,4 +659,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A count flag: an integer of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected an integer of at least 1, found '{s}'")),
+    }
+}
+
+/// `--temperature`: a finite number ≥ 0 (0 = greedy).
+fn temperature(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("expected a finite number ≥ 0 (0 = greedy), found '{s}'")),
+    }
+}
+
+/// `--top-p`: a number in (0, 1].
+fn top_p(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("expected a number in (0, 1], found '{s}'")),
+    }
 }

@@ -430,3 +430,95 @@ fn llm_commands_reject_bad_models_with_one_line() {
     one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi", "--dtype", "f8"], "--dtype 'f8'");
     assert!(!tmp.path().join("home").join("models").exists(), "nothing may be left half-fetched");
 }
+
+/// Values that parse but mean nothing (an infinite rating, a timestamp of i64::MAX, a dropout of
+/// 1.5, a zero batch) are refused before any work with one line naming the file and line, or the
+/// key or flag and the allowed range; nothing is left behind.
+#[test]
+fn out_of_range_values_fail_with_one_line_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    for (row, want) in [
+        ("u1,m1,7,inf", "log.csv:3: column rating: expected a finite number, found inf"),
+        ("u1,m1,7,NaN", "log.csv:3: column rating: expected a finite number, found NaN"),
+        ("u1,m1,9223372036854775807,5", "log.csv:3: column timestamp: expected seconds (or milliseconds) since 1970"),
+        (
+            "u1,m1,-5,5",
+            "log.csv:3: column timestamp: expected seconds (or milliseconds) since 1970 in [0, 1e14], found -5",
+        ),
+    ] {
+        let log = format!("user,item,timestamp,rating\nu0,m0,1,5\n{row}\n");
+        let input = broken(tmp.path(), "generic", "log.csv", Some(log.as_bytes()));
+        let e = fails(&["prepare", "--input", &input, "--out", o], &out);
+        assert!(e.contains(want), "{row}: {e}");
+    }
+
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-1m", &data);
+    let run = tmp.path().join("run");
+    for (set, want) in [
+        ("train.seed=abc", "--set train.seed=abc: invalid type: string \"abc\", expected u64"),
+        ("sasrec.heads=0", "sasrec.heads = 0: expected at least 1"),
+        ("sasrec.dim=0", "sasrec.dim = 0: expected at least 1"),
+        ("curec.heads=0", "curec.heads = 0: expected a divisor of sasrec.dim = 64"),
+        ("sasrec.dropout=1.5", "sasrec.dropout = 1.5: expected a number in [0, 1)"),
+        ("sasrec.lr=-1", "sasrec.lr = -1: expected a number in (0, ∞)"),
+    ] {
+        let e = fails(&train_args("sasrec", &data, &run, &["--set", set]), &run);
+        assert!(e.contains(want), "--set {set}: {e}");
+        assert!(!run.exists(), "--set {set}: nothing written");
+    }
+    for (args, want) in [
+        (
+            vec!["bench", "generate", "--model", "smollm2-135m-instruct", "--batch", "0"],
+            "invalid value '0' for '--batch <BATCH>': expected an integer of at least 1",
+        ),
+        (
+            vec!["bench", "logprobs", "--model", "smollm2-135m-instruct", "--seq-len", "0"],
+            "invalid value '0' for '--seq-len <SEQ_LEN>'",
+        ),
+        (vec!["generate", "--model", "m", "--prompt", "hi", "--top-p", "2"], "expected a number in (0, 1], found '2'"),
+        (vec!["generate", "--model", "m", "--prompt", "hi", "--temperature=nan"], "expected a finite number ≥ 0"),
+    ] {
+        let e = fails(&args, &run);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+}
+
+/// A prepared folder where a user lacks a held-out row is refused by name (it used to panic in
+/// evaluation); a retrain into a finished run of another config is refused, and a retrain with
+/// the same config replaces the run only once it is complete (it trains in `<out>.partial`).
+#[test]
+fn broken_prepared_data_and_foreign_runs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    prepare_fixture("ml-1m", &data);
+    let run = tmp.path().join("pop");
+    let first = train("pop", &data, &run, &[]);
+    let e = fails(&train_args("pop", &data, &run, &["--set", "train.seed=7"]), &run);
+    assert!(e.contains("holds a finished run of another config; choose another --out or delete it"), "{e}");
+    assert_eq!(read_json(&run.join("metrics.json")), first, "the old run is untouched");
+    // A stale partial directory (a killed retrain) is cleared, and the same config retrains.
+    std::fs::create_dir_all(tmp.path().join("pop.partial")).unwrap();
+    std::fs::write(tmp.path().join("pop.partial/model.safetensors"), b"torn").unwrap();
+    let again = train("pop", &data, &run, &[]);
+    assert_eq!(again["ndcg@10"], first["ndcg@10"]);
+    assert!(!tmp.path().join("pop.partial").exists());
+    let other = tmp.path().join("notes");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("todo.txt"), b"mine").unwrap();
+    let e = fails(&train_args("pop", &data, &other, &[]), &other);
+    assert!(e.contains("not empty and not a training run (todo.txt)"), "{e}");
+
+    // Drop the test row of one user from the prepared interactions.
+    use curec::data::prepared;
+    let path = data.join(prepared::INTERACTIONS);
+    let mut xs = prepared::read_interactions(&path).unwrap();
+    let victim = xs.iter().find(|x| x.split == curec::data::Split::Test).unwrap().user;
+    xs.retain(|x| !(x.user == victim && x.split == curec::data::Split::Test));
+    prepared::write_parquet(&path, &prepared::interactions_batch(&xs)).unwrap();
+    let run2 = tmp.path().join("pop2");
+    let e = fails(&train_args("pop", &data, &run2, &[]), &run2);
+    assert!(e.contains("interactions.parquet: user '") && e.contains("has no test row"), "{e}");
+}

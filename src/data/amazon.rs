@@ -47,9 +47,15 @@ pub fn read(input: &Path) -> Result<RawLog, DataError> {
         let v = parse_object(&reviews, line, l)?;
         let user = string_key(&reviews, line, &v, "user_id")?;
         let item = string_key(&reviews, line, &v, "parent_asin")?;
-        let rating = number_key(&reviews, line, &v, "rating")? as f32;
-        let ts_ms = number_key(&reviews, line, &v, "timestamp")? as i64;
-        log.push(user, item, ts_ms / 1000, rating);
+        let rating = super::lines::rating(&reviews, line, "rating", number_key(&reviews, line, &v, "rating")?)?;
+        let ts_ms = number_key(&reviews, line, &v, "timestamp")?;
+        let ts = super::lines::timestamp(
+            &reviews,
+            line,
+            "timestamp",
+            if ts_ms.is_finite() { ts_ms as i64 / 1000 } else { -1 },
+        )?;
+        log.push(user, item, ts, rating);
     }
     if let Some(meta) = meta {
         let text = read_text(&meta, Encoding::Utf8)?;

@@ -9,7 +9,7 @@ use arrow_array::Array;
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::lines::field;
+use super::lines::{rating_field, timestamp_field};
 use super::{DataError, ItemInfo, RawLog};
 
 const REQUIRED: [&str; 4] = ["user", "item", "timestamp", "rating"];
@@ -45,8 +45,8 @@ fn read_csv(path: &Path) -> Result<RawLog, DataError> {
     let mut log = RawLog::default();
     let mut rows = CsvRows::open_with(path, &REQUIRED, &OPTIONAL)?;
     while let Some((line, r)) = rows.next_row()? {
-        let ts: i64 = field(path, line, "timestamp", r[2])?;
-        let rating: f32 = field(path, line, "rating", r[3])?;
+        let ts = timestamp_field(path, line, "timestamp", r[2])?;
+        let rating = rating_field(path, line, "rating", r[3])?;
         if r[0].trim().is_empty() || r[1].trim().is_empty() {
             return Err(DataError::row(path, line, "columns user and item must not be empty"));
         }
@@ -98,8 +98,8 @@ fn read_parquet(path: &Path) -> Result<RawLog, DataError> {
                     .as_deref()
                     .ok_or_else(|| DataError::row(path, line, format!("column {}: null value", REQUIRED[c])))
             };
-            let ts: i64 = field(path, line, "timestamp", get(2)?)?;
-            let rating: f32 = field(path, line, "rating", get(3)?)?;
+            let ts = timestamp_field(path, line, "timestamp", get(2)?)?;
+            let rating = rating_field(path, line, "rating", get(3)?)?;
             log.push(get(0)?, get(1)?, ts, rating);
             let opt = |c: &Option<Vec<Option<String>>>| c.as_ref().and_then(|v| v[r].clone()).unwrap_or_default();
             add_info(&mut log, get(1)?, &opt(&title), &opt(&text));

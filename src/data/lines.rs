@@ -46,3 +46,41 @@ fn kind_of<T>() -> &'static str {
         "an integer"
     }
 }
+
+/// Largest timestamp accepted: 10^14 (seconds or milliseconds since 1970; anything above is a
+/// corrupt value that would otherwise become a user's newest, held-out interaction).
+pub const MAX_TIMESTAMP: i64 = 100_000_000_000_000;
+
+/// A rating: any finite number (`inf` and `NaN` parse as floats but order nothing).
+pub fn rating(path: &Path, line: usize, name: &str, value: f64) -> Result<f32, DataError> {
+    if value.is_finite() && value.abs() <= f32::MAX as f64 {
+        Ok(value as f32)
+    } else {
+        Err(DataError::row(path, line, format!("column {name}: expected a finite number, found {value}")))
+    }
+}
+
+/// A timestamp in [0, [`MAX_TIMESTAMP`]].
+pub fn timestamp(path: &Path, line: usize, name: &str, value: i64) -> Result<i64, DataError> {
+    if (0..=MAX_TIMESTAMP).contains(&value) {
+        Ok(value)
+    } else {
+        Err(DataError::row(
+            path,
+            line,
+            format!("column {name}: expected seconds (or milliseconds) since 1970 in [0, 1e14], found {value}"),
+        ))
+    }
+}
+
+/// [`field`] for the rating column, checked by [`rating`].
+pub fn rating_field(path: &Path, line: usize, name: &str, value: &str) -> Result<f32, DataError> {
+    let v: f64 = field(path, line, name, value)?;
+    rating(path, line, name, v)
+}
+
+/// [`field`] for the timestamp column, checked by [`timestamp`].
+pub fn timestamp_field(path: &Path, line: usize, name: &str, value: &str) -> Result<i64, DataError> {
+    let v: i64 = field(path, line, name, value)?;
+    timestamp(path, line, name, v)
+}

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::lines::{field, numbered, read_text, Encoding};
+use super::lines::{numbered, rating_field, read_text, timestamp_field, Encoding};
 use super::{required_file, DataError, ItemInfo, RawLog};
 
 /// ML-100K genre columns of `u.item`, in file order (from its `u.genre`).
@@ -43,8 +43,8 @@ pub fn read_ml1m(dir: &Path) -> Result<RawLog, DataError> {
                 format!("expected 4 fields UserID::MovieID::Rating::Timestamp separated by '::', found {}", f.len()),
             ));
         }
-        let rating: f32 = field(&ratings, line, "Rating", f[2])?;
-        let ts: i64 = field(&ratings, line, "Timestamp", f[3])?;
+        let rating = rating_field(&ratings, line, "Rating", f[2])?;
+        let ts = timestamp_field(&ratings, line, "Timestamp", f[3])?;
         log.push(f[0].trim(), f[1].trim(), ts, rating);
     }
     let movies = required_file(dir, "movies.dat", "MovieID::Title::Genres lines (ml-1m)")?;
@@ -79,8 +79,8 @@ pub fn read_ml100k(dir: &Path) -> Result<RawLog, DataError> {
                 format!("expected 4 tab-separated fields user item rating timestamp, found {}", f.len()),
             ));
         }
-        let rating: f32 = field(&data, line, "rating", f[2])?;
-        let ts: i64 = field(&data, line, "timestamp", f[3])?;
+        let rating = rating_field(&data, line, "rating", f[2])?;
+        let ts = timestamp_field(&data, line, "timestamp", f[3])?;
         log.push(f[0].trim(), f[1].trim(), ts, rating);
     }
     let items = required_file(dir, "u.item", "'|'-separated movie lines (ml-100k)")?;
@@ -110,8 +110,8 @@ pub fn read_csv(dir: &Path) -> Result<RawLog, DataError> {
     let ratings = required_file(dir, "ratings.csv", "userId,movieId,rating,timestamp (MovieLens CSV)")?;
     let mut rows = super::generic::CsvRows::open(&ratings, &["userId", "movieId", "rating", "timestamp"])?;
     while let Some((line, r)) = rows.next_row()? {
-        let rating: f32 = field(&ratings, line, "rating", r[2])?;
-        let ts: i64 = field(&ratings, line, "timestamp", r[3])?;
+        let rating = rating_field(&ratings, line, "rating", r[2])?;
+        let ts = timestamp_field(&ratings, line, "timestamp", r[3])?;
         log.push(r[0].trim(), r[1].trim(), ts, rating);
     }
     let movies = required_file(dir, "movies.csv", "movieId,title,genres (MovieLens CSV)")?;

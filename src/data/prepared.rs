@@ -243,5 +243,32 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
     let stats: serde_json::Value =
         std::fs::read_to_string(dir.join(STATS)).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
     let name = stats.get("dataset").and_then(|v| v.as_str()).map(str::to_string).unwrap_or(name);
+    let mut seen = vec![[0u32; 3]; users.len()];
+    for (r, x) in xs.iter().enumerate() {
+        let k = match x.split {
+            Split::Train => 0,
+            Split::Valid => 1,
+            Split::Test => 2,
+        };
+        seen[x.user as usize][k] += 1;
+        if k > 0 && seen[x.user as usize][k] > 1 {
+            return Err(DataError::row(
+                &dir.join(INTERACTIONS),
+                r + 1,
+                format!(
+                    "user '{}' has a second {} row (leave-one-out keeps one)",
+                    users[x.user as usize],
+                    x.split.as_str()
+                ),
+            ));
+        }
+    }
+    if let Some((u, s)) = seen.iter().enumerate().find(|(_, s)| s.contains(&0)) {
+        let missing = ["train", "valid", "test"][s.iter().position(|&c| c == 0).unwrap_or(0)];
+        return Err(DataError::file(
+            &dir.join(INTERACTIONS),
+            format!("user '{}' has no {missing} row (each user needs train, valid and test rows: run `curec prepare` again)", users[u]),
+        ));
+    }
     Ok(Dataset::from_interactions(&name, users, items, &xs))
 }

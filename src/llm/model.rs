@@ -211,6 +211,13 @@ impl CausalLm {
         let (b, t) = positions.dims2()?;
         let hd = self.cfg.head_dim;
         let pos = positions.flatten_all()?;
+        let context = self.cos.dim(0)?;
+        let max = pos.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()? as usize;
+        if max >= context {
+            bail!(
+                "position {max} is past the model's context of {context} tokens (shorten the prompt or --max-new-tokens)"
+            );
+        }
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, 1, t, hd))?.to_dtype(self.dtype)?;
         let bias = match bias {
