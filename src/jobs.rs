@@ -277,6 +277,17 @@ impl TrainedRun {
         };
         let mut cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
         cfg.curec.init_tower = None;
+        // Features from one of the run's own snapshots that is gone (pruned, or removed for a
+        // torn manifest): the newest complete snapshot instead.
+        if let Some(f) = cfg.curec.features.clone() {
+            let root = run.join("snapshots");
+            if f.parent() == Some(root.as_path()) && !f.join(crate::replay::snapshot::MANIFEST).is_file() {
+                if let Some((_, newest)) = crate::replay::snapshot::newest(&root) {
+                    tracing::warn!("{}: snapshot gone, reading features from {}", f.display(), newest.display());
+                    cfg.curec.features = Some(newest);
+                }
+            }
+        }
         let ds = prepared::read_dataset(&data_dir)?;
         Ok(Self { metrics, kind, ds, cfg })
     }

@@ -285,6 +285,39 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert_eq!(step_of(&dir2), before + 2);
     let m2 = snapshot::read_metrics(&dir2.join(snapshot::METRICS)).unwrap();
     assert!(m2.last().unwrap().reward_count > 0, "the ingest's GRPO step scored rewards");
+    // The ingests keep the log true. The same file again is a reported no-op (no new epoch).
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), more.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((line["interactions"].as_u64(), line["duplicates"].as_u64()), (Some(0), Some(4)), "{line}");
+    assert_eq!(snapshot::newest(&a.join("snapshots")).unwrap().1, dir2, "a no-op writes no snapshot");
+    // A rating at or below prepare's threshold is dropped, a row older than its user's newest
+    // interaction is late, and a new item takes its title and text from the file.
+    let third = c.base.join("third.csv");
+    std::fs::write(
+        &third,
+        format!(
+            "user,item,timestamp,rating,title,text\n{u0},{i0},2000000200,2,,\n{u1},{i2},1000,5,,\n{u1},shiny,2000000300,5,Shiny Movie (2031),A film about shine.\n",
+            u1 = ds.users[1], i2 = ds.items[2].raw_id
+        ),
+    )
+    .unwrap();
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), third.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let counts: Vec<Option<u64>> =
+        ["interactions", "filtered", "late", "duplicates", "new_items"].iter().map(|k| line[*k].as_u64()).collect();
+    assert_eq!(counts, [Some(2), Some(1), Some(1), Some(0), Some(1)], "{line}");
+    let (_, dir3) = snapshot::newest(&a.join("snapshots")).unwrap();
+    let grown = &snapshot::manifest(&dir3).unwrap()["grown"];
+    assert_eq!(grown["info"]["shiny"], json!(["Shiny Movie (2031)", "A film about shine."]));
+    // Three ingests later the replay's own final snapshot is still there (the two newest and it).
+    assert!(snapshot::manifest(&da).is_ok(), "the replay's final snapshot was pruned");
+    assert_eq!(snapshot::complete(&a.join("snapshots")).len(), 3);
+    // A torn newest manifest: the next reader falls back to the last complete snapshot.
+    std::fs::write(dir3.join(snapshot::MANIFEST), b"{\"epoch\": 1").unwrap();
+    assert_eq!(snapshot::newest(&a.join("snapshots")).unwrap().1, dir2);
+    assert!(!dir3.exists(), "the torn snapshot is removed");
     // Recommendations read the updated state.
     let o = curec_cli(&["recommend", "--model-dir", a.to_str().unwrap(), "--user", u0, "-k", "3", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

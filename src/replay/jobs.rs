@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::graph::{run_dataflow, CorrectorFactory, Initial};
+use super::ingest_log;
 use super::llm_corrector::{LlmCorrector, LlmSetup};
 use super::policy::{Corrector, EpochMetrics};
 use super::snapshot::{self, Board, State};
@@ -348,18 +349,6 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)
 }
 
-/// New interactions with raw ids, read from a generic CSV or Parquet log.
-fn read_new(path: &Path) -> Result<Vec<(String, String, i64)>> {
-    let raw = crate::data::read_raw(path, crate::data::Format::Generic)?;
-    let mut v: Vec<(String, String, i64)> = raw
-        .interactions
-        .iter()
-        .map(|x| (raw.users.name(x.user).to_string(), raw.items.name(x.item).to_string(), x.timestamp))
-        .collect();
-    v.sort_by_key(|x| x.2);
-    Ok(v)
-}
-
 /// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
 /// the same operators from the run's newest snapshot; GRPO only with `replay.grpo_on_ingest`.
 pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
@@ -389,9 +378,34 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     let model = identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string();
     let adapter: Option<PathBuf> = identity["config"]["adapter"].as_str().map(PathBuf::from);
     let ds = prepared::read_dataset(&data)?;
-    let new = read_new(file)?;
-    if new.is_empty() {
+    let (rows, file_info) = ingest_log::read_file(file)?;
+    if rows.is_empty() {
         bail!("{}: no interactions to ingest", file.display());
+    }
+    // The prepare step's rating filter: ratings at or below it are not positives.
+    let stats: Value = crate::jobs::read_json(&data.join("stats.json")).unwrap_or_default();
+    let rating_above = stats["config"]["rating_above"]
+        .as_f64()
+        .map(|r| r as f32)
+        .unwrap_or(crate::data::preprocess::PrepareConfig::default().rating_above);
+    let mut known = ingest_log::Known::load(&data, &ds, run, last)?;
+    let admitted = ingest_log::admit(rows, &mut known, rating_above);
+    let counts = json!({
+        "duplicates": admitted.duplicates,
+        "filtered": admitted.filtered,
+        "late": admitted.late,
+        "retracted": 0,
+    });
+    if admitted.rows.is_empty() {
+        // Nothing new (e.g. the same file again): no epoch, no snapshot.
+        let mut v = json!({
+            "interactions": 0, "new_users": 0, "new_items": 0,
+            "seconds": t0.elapsed().as_secs_f64(), "slices": 0, "snapshot": dir.display().to_string(),
+        });
+        if let (Some(m), Some(c)) = (v.as_object_mut(), counts.as_object()) {
+            m.extend(c.clone());
+        }
+        return Ok(v);
     }
     // Id maps: the dataset's, then those grown by earlier ingests, then new ones.
     let mut users: Vec<String> = ds.users.clone();
@@ -400,24 +414,37 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     for u in grown["users"].as_array().into_iter().flatten() {
         users.push(u.as_str().unwrap_or_default().to_string());
     }
+    // Titles and texts of grown items: from the file that brought them, else the raw id.
+    let mut grown_info: Map<String, Value> = grown["info"].as_object().cloned().unwrap_or_default();
+    let info_of = |raw: &str, grown_info: &Map<String, Value>| -> crate::data::ItemInfo {
+        match grown_info.get(raw).and_then(Value::as_array) {
+            Some(v) if v.len() == 2 => crate::data::ItemInfo {
+                title: v[0].as_str().unwrap_or(raw).to_string(),
+                text: v[1].as_str().unwrap_or(raw).to_string(),
+            },
+            _ => crate::data::ItemInfo { title: raw.to_string(), text: raw.to_string() },
+        }
+    };
     for i in grown["items"].as_array().into_iter().flatten() {
         let raw = i.as_str().unwrap_or_default().to_string();
-        items.push(ItemRow { raw_id: raw.clone(), info: crate::data::ItemInfo { title: raw.clone(), text: raw } });
+        items.push(ItemRow { raw_id: raw.clone(), info: info_of(&raw, &grown_info) });
     }
     let mut uid: HashMap<String, u32> = users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
     let mut iid: HashMap<String, u32> = items.iter().enumerate().map(|(i, r)| (r.raw_id.clone(), i as u32)).collect();
     let (mut new_users, mut new_items) = (Vec::new(), Vec::new());
     let done_before = manifest["interactions"].as_u64().unwrap_or(0);
-    let mut events = Vec::with_capacity(new.len());
-    for (n, (u, i, ts)) in new.into_iter().enumerate() {
+    let mut events = Vec::with_capacity(admitted.rows.len());
+    for (n, ingest_log::NewRow { user: u, item: i, timestamp: ts, .. }) in admitted.rows.iter().cloned().enumerate() {
         let user = *uid.entry(u.clone()).or_insert_with(|| {
             users.push(u.clone());
             new_users.push(u.clone());
             users.len() as u32 - 1
         });
         let item = *iid.entry(i.clone()).or_insert_with(|| {
-            items
-                .push(ItemRow { raw_id: i.clone(), info: crate::data::ItemInfo { title: i.clone(), text: i.clone() } });
+            if let Some(info) = file_info.get(&i) {
+                grown_info.insert(i.clone(), json!([info.title, info.text]));
+            }
+            items.push(ItemRow { raw_id: i.clone(), info: info_of(&i, &grown_info) });
             new_items.push(i.clone());
             items.len() as u32 - 1
         });
@@ -434,7 +461,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         grown["users"].as_array().cloned().unwrap_or_default().into_iter().chain(new_users.iter().map(|u| json!(u)));
     let all_items =
         grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
-    let grown_now = json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>()});
+    let grown_now =
+        json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>(), "info": grown_info});
+    ingest_log::write_log(run, order[0], *order.last().expect("at least one slice"), &admitted.rows)?;
     let done = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
     let board = Arc::new(Board::new(
         root.clone(),
@@ -481,7 +510,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         write_text(&run.join("config.toml"), &run_cfg.to_toml())?;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    Ok(json!({
+    let mut v = json!({
         "interactions": n_events,
         "new_users": new_users.len(),
         "new_items": new_items.len(),
@@ -492,5 +521,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         "seconds_per_interaction": outcome.epoch_seconds.iter().sum::<f64>() / n_events as f64,
         "seconds_per_slice": outcome.epoch_seconds.iter().sum::<f64>() / slices.max(1) as f64,
         "snapshot": newest.display().to_string(),
-    }))
+    });
+    if let (Some(m), Some(c)) = (v.as_object_mut(), counts.as_object()) {
+        m.extend(c.clone());
+    }
+    Ok(v)
 }

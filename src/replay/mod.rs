@@ -26,6 +26,7 @@
 
 pub mod bench;
 pub mod graph;
+pub mod ingest_log;
 pub mod item_state;
 pub mod jobs;
 pub mod llm_corrector;

@@ -37,7 +37,12 @@ pub fn epoch_dir(root: &Path, e: u64) -> PathBuf {
     root.join(format!("epoch-{e:08}"))
 }
 
-/// Complete snapshots under `root` (those with a manifest), oldest first.
+/// Whether `dir` holds a readable manifest (written last, so the snapshot is whole).
+fn is_complete(dir: &Path) -> bool {
+    dir.join(MANIFEST).is_file() && manifest(dir).is_ok_and(|m| m.is_object())
+}
+
+/// Complete snapshots under `root` (those with a readable manifest), oldest first.
 pub fn complete(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
@@ -46,21 +51,42 @@ pub fn complete(root: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let epoch = name.strip_prefix("epoch-")?.parse::<u64>().ok()?;
-            e.path().join(MANIFEST).is_file().then(|| (epoch, e.path()))
+            is_complete(&e.path()).then(|| (epoch, e.path()))
         })
         .collect();
     out.sort();
     out
 }
 
-/// The newest complete snapshot; incomplete ones (a killed run's) are removed.
+/// The newest complete snapshot; incomplete ones (a killed run's, or one whose manifest is
+/// torn) are removed, the torn ones with a warning naming the snapshot fallen back to.
 pub fn newest(root: &Path) -> Option<(u64, PathBuf)> {
+    let mut torn = Vec::new();
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with("epoch-") && !e.path().join(MANIFEST).is_file() {
+        if e.file_name().to_string_lossy().starts_with("epoch-") && !is_complete(&e.path()) {
+            if e.path().join(MANIFEST).is_file() {
+                torn.push(e.path());
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    complete(root).pop()
+    let found = complete(root).pop();
+    for t in torn {
+        tracing::warn!(
+            "{}: unreadable manifest, snapshot removed; falling back to {}",
+            t.display(),
+            found.as_ref().map_or("none".to_string(), |(_, d)| d.display().to_string())
+        );
+    }
+    found
+}
+
+/// Snapshots to delete after a new one: all but the newest `keep` and the replay's own final
+/// snapshot (the newest one not written by an ingest, which records `grown` in its manifest).
+fn to_prune(all: &[(u64, PathBuf)], keep: usize) -> Vec<PathBuf> {
+    let pinned = all.iter().rev().find(|(_, d)| manifest(d).is_ok_and(|m| m.get("grown").is_none())).map(|(e, _)| *e);
+    let old = all.len().saturating_sub(keep);
+    all[..old].iter().filter(|(e, _)| Some(*e) != pinned).map(|(_, d)| d.clone()).collect()
 }
 
 /// One worker's part of the state, handed to the [`Board`] (texts shared, not copied).
@@ -492,12 +518,8 @@ impl Board {
         }
         crate::jobs::write_json(&dir.join(MANIFEST), &manifest)?;
         self.inner.lock().expect("board lock").written.push(e);
-        // Keep the newest `keep` complete snapshots.
-        let all = complete(&self.root);
-        if all.len() > self.keep {
-            for (_, d) in &all[..all.len() - self.keep] {
-                let _ = std::fs::remove_dir_all(d);
-            }
+        for d in to_prune(&complete(&self.root), self.keep) {
+            let _ = std::fs::remove_dir_all(d);
         }
         Ok(())
     }
