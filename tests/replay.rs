@@ -311,6 +311,12 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let (_, dir3) = snapshot::newest(&a.join("snapshots")).unwrap();
     let grown = &snapshot::manifest(&dir3).unwrap()["grown"];
     assert_eq!(grown["info"]["shiny"], json!(["Shiny Movie (2031)", "A film about shine."]));
+    // Histories stay in event time, the late row included.
+    let state = snapshot::State::load(&dir3, 100).unwrap();
+    for (u, e) in &state.users {
+        assert_eq!(e.times.len(), e.history.len());
+        assert!(e.times.windows(2).all(|w| w[0] <= w[1]), "user {u}: history out of time order {:?}", e.times);
+    }
     // Three ingests later the replay's own final snapshot is still there (the two newest and it).
     assert!(snapshot::manifest(&da).is_ok(), "the replay's final snapshot was pruned");
     assert_eq!(snapshot::complete(&a.join("snapshots")).len(), 3);

@@ -155,7 +155,14 @@ fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> snapsh
 
 /// Initial state for a first replay: the features' patterns and reason lists, and each user's
 /// train items before their first replayed interaction.
-fn initial_state(ds: &Dataset, features: &Path, events: &[Event], keep: usize, history_kept: usize) -> Result<State> {
+fn initial_state(
+    ds: &Dataset,
+    times: &[Vec<i64>],
+    features: &Path,
+    events: &[Event],
+    keep: usize,
+    history_kept: usize,
+) -> Result<State> {
     let mut state = State::load(features, keep)?;
     let mut first: HashMap<u32, usize> = HashMap::new();
     for e in events {
@@ -165,8 +172,10 @@ fn initial_state(ds: &Dataset, features: &Path, events: &[Event], keep: usize, h
     for (u, seq) in ds.train.iter().enumerate() {
         let end = first.get(&(u as u32)).copied().unwrap_or(seq.len());
         if end > 0 {
-            let h = &seq[end.saturating_sub(history_kept)..end];
-            state.users.entry(u as u32).or_default().history = h.to_vec();
+            let from = end.saturating_sub(history_kept);
+            let e = state.users.entry(u as u32).or_default();
+            e.history = seq[from..end].to_vec();
+            e.times = times[u][from..end].to_vec();
         }
     }
     Ok(state)
@@ -266,7 +275,9 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         }
         None => {
             seed_caches(&features, out)?;
-            let s = initial_state(&ds, &features, &all_events, cfg.replay.reasons_kept, cfg.replay.history_kept)?;
+            let times = crate::features::jobs::train_timestamps(&ds, &xs);
+            let s =
+                initial_state(&ds, &times, &features, &all_events, cfg.replay.reasons_kept, cfg.replay.history_kept)?;
             (s, None, Vec::new())
         }
     };

@@ -94,8 +94,8 @@ fn to_prune(all: &[(u64, PathBuf)], keep: usize) -> Vec<PathBuf> {
 pub struct Shard {
     /// (user, timestamp, text)
     pub patterns: Vec<(u32, i64, Arc<str>)>,
-    /// (user, position, item)
-    pub history: Vec<(u32, u32, u32)>,
+    /// (user, position, item, timestamp)
+    pub history: Vec<(u32, u32, u32, i64)>,
     /// (item, timestamp, user, text), each item's list in order.
     pub reasons: Vec<(u32, i64, u32, Arc<str>)>,
     /// Which kinds it holds: user state (patterns, history) and/or item state (reasons).
@@ -128,7 +128,7 @@ pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
         if let Some((ts, t)) = &e.pattern {
             sh.patterns.push((u, *ts, t.clone()));
         }
-        sh.history.extend(e.history.iter().enumerate().map(|(p, &i)| (u, p as u32, i)));
+        sh.history.extend(e.history.iter().zip(&e.times).enumerate().map(|(p, (&i, &t))| (u, p as u32, i, t)));
     }
     sh
 }
@@ -150,24 +150,41 @@ fn by_partition<T: Clone>(rows: &[T], key: impl Fn(&T) -> u32) -> Vec<Vec<T>> {
     out
 }
 
-fn write_history(path: &Path, rows: &[(u32, u32, u32)]) -> Result<()> {
-    let col =
-        |f: fn(&(u32, u32, u32)) -> u32| -> ArrayRef { Arc::new(UInt32Array::from_iter_values(rows.iter().map(f))) };
+fn write_history(path: &Path, rows: &[(u32, u32, u32, i64)]) -> Result<()> {
+    let col = |f: fn(&(u32, u32, u32, i64)) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(f)))
+    };
     Ok(write_parquet(
         path,
         &batch(
-            vec![("user", DataType::UInt32), ("position", DataType::UInt32), ("item", DataType::UInt32)],
-            vec![col(|r| r.0), col(|r| r.1), col(|r| r.2)],
+            vec![
+                ("user", DataType::UInt32),
+                ("position", DataType::UInt32),
+                ("item", DataType::UInt32),
+                ("timestamp", DataType::Int64),
+            ],
+            vec![
+                col(|r| r.0),
+                col(|r| r.1),
+                col(|r| r.2),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+            ],
         ),
     )?)
 }
 
-fn read_history(path: &Path) -> Result<Vec<(u32, u32, u32)>> {
+/// History rows; snapshots written before event-time histories have no timestamp column, and
+/// their items count as older than anything that arrives later (i64::MIN).
+fn read_history(path: &Path) -> Result<Vec<(u32, u32, u32, i64)>> {
     let b = read_parquet(path)?;
     let u = column(path, &b, "user", DataType::UInt32)?.as_primitive::<UInt32Type>();
     let p = column(path, &b, "position", DataType::UInt32)?.as_primitive::<UInt32Type>();
     let i = column(path, &b, "item", DataType::UInt32)?.as_primitive::<UInt32Type>();
-    Ok((0..b.num_rows()).map(|r| (u.value(r), p.value(r), i.value(r))).collect())
+    let t = match b.column_by_name("timestamp") {
+        Some(_) => Some(column(path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>()),
+        None => None,
+    };
+    Ok((0..b.num_rows()).map(|r| (u.value(r), p.value(r), i.value(r), t.map_or(i64::MIN, |t| t.value(r)))).collect())
 }
 
 fn write_metrics(path: &Path, ms: &[EpochMetrics]) -> Result<()> {
@@ -271,8 +288,10 @@ impl State {
             hist.extend(read_history(&h)?);
         }
         hist.sort_unstable();
-        for (u, _, i) in hist {
-            s.users.entry(u).or_default().history.push(i);
+        for (u, _, i, t) in hist {
+            let e = s.users.entry(u).or_default();
+            e.history.push(i);
+            e.times.push(t);
         }
         let mut lists: IdMap<ReasonList> = IdMap::default();
         for r in store::read_reasons_in(dir)? {

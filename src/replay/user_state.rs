@@ -1,6 +1,10 @@
-//! Per-user state, exchanged by user: the current interest pattern p_u and the item history.
-//! An event leaves annotated with the pattern and the history before it; the history then grows
-//! by the event's item. Pattern updates of epoch t − 1 replace p_u before epoch t's events.
+//! Per-user state, exchanged by user: the current interest pattern p_u and the item history in
+//! event time. An event leaves annotated with the pattern and the history before it (in event
+//! time: a late interaction, older than the user's newest, sees only what came before it); its
+//! item then takes its place by timestamp (ties: arrival order). Pattern updates of epoch t − 1
+//! replace p_u before epoch t's events. Patterns and reasons written after a late interaction
+//! are not rewritten: a late row changes the history that later prompts and the reward model
+//! read, not the texts already derived.
 
 use std::sync::Arc;
 
@@ -12,6 +16,24 @@ use super::{Annotated, Event, IdMap, Shared, Update, UpdateKind};
 pub struct UserEntry {
     pub pattern: Option<(i64, Arc<str>)>,
     pub history: Vec<u32>,
+    /// Event time of each history item (parallel to `history`, non-decreasing).
+    pub times: Vec<i64>,
+}
+
+impl UserEntry {
+    /// Insert `item` at its place in event time; returns that position (items before it are
+    /// its history). Ties keep arrival order. The oldest items beyond `kept` are dropped.
+    pub fn insert(&mut self, item: u32, timestamp: i64, kept: usize) -> usize {
+        let at = self.times.partition_point(|&t| t <= timestamp);
+        self.history.insert(at, item);
+        self.times.insert(at, timestamp);
+        if self.history.len() > kept {
+            let cut = self.history.len() - kept;
+            self.history.drain(..cut);
+            self.times.drain(..cut);
+        }
+        at
+    }
 }
 
 pub struct UserState {
@@ -70,12 +92,9 @@ impl KeyedState for UserState {
                 Some(f) => f.get(&e.user).cloned(),
                 None => entry.pattern.as_ref().map(|(_, p)| p.clone()),
             };
-            let history = if self.attach { entry.history.clone() } else { Vec::new() };
-            entry.history.push(e.item);
-            if entry.history.len() > self.history_kept {
-                let cut = entry.history.len() - self.history_kept;
-                entry.history.drain(..cut);
-            }
+            let at = entry.times.partition_point(|&t| t <= e.timestamp);
+            let history = if self.attach { entry.history[..at].to_vec() } else { Vec::new() };
+            entry.insert(e.item, e.timestamp, self.history_kept);
             out.push(Annotated { event: e, pattern: pattern.map(Shared), history, reasons: None });
         }
         out
@@ -83,5 +102,24 @@ impl KeyedState for UserState {
 
     fn shard(&self) -> Shard {
         pattern_shard(&self.users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_interaction_takes_its_place_in_event_time() {
+        let mut e = UserEntry::default();
+        for (item, ts) in [(1, 10), (2, 20), (3, 30)] {
+            e.insert(item, ts, 10);
+        }
+        assert_eq!(e.insert(9, 15, 10), 1, "between 10 and 20");
+        assert_eq!(e.history, vec![1, 9, 2, 3]);
+        assert_eq!(e.times, vec![10, 15, 20, 30]);
+        assert_eq!(e.insert(8, 20, 10), 3, "a tie goes after the earlier arrival");
+        e.insert(7, 40, 3);
+        assert_eq!((e.history, e.times), (vec![8, 3, 7], vec![20, 30, 40]), "the oldest beyond `kept` leave");
     }
 }
