@@ -331,12 +331,29 @@ pub struct ReasonWeight {
 /// `curec recommend`: the top `k` items for a user (raw id) after everything the user has seen
 /// (train, valid and test), each with its top `n_reasons` reasons when the run is a CUREC model.
 pub fn recommend(run: &Path, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
-    let TrainedRun { kind, ds, cfg, .. } = TrainedRun::open(run, None)?;
+    let TrainedRun { kind, mut ds, cfg, .. } = TrainedRun::open(run, None)?;
+    let trained_users = ds.n_users;
+    // Interactions ingested since training (`curec ingest`), new users included.
+    let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
     let user = ds.users.iter().position(|u| u == raw_user).with_context(|| {
-        format!("--user '{raw_user}': no such user in dataset {} (raw ids as in the input log)", ds.name)
+        format!("--user '{raw_user}': no such user in dataset {} or its ingests (raw ids as in the input log)", ds.name)
     })? as u32;
-    let mut seen = ds.history(user, Split::Test);
-    seen.push(ds.test[user as usize]);
+    let mut seen = Vec::new();
+    if (user as usize) < trained_users {
+        seen = ds.history(user, Split::Test);
+        seen.push(ds.test[user as usize]);
+    } else {
+        anyhow::ensure!(
+            kind != ModelKind::Ncf,
+            "--user '{raw_user}': added by ingestion after training, and {} learns an embedding per user; use a sequential model",
+            kind.name()
+        );
+    }
+    seen.extend(ingested.get(&user).into_iter().flatten());
+    anyhow::ensure!(
+        !seen.is_empty(),
+        "--user '{raw_user}': no interaction with an item the model knows yet (ingested items are new to it)"
+    );
     let (scores, weights): (Vec<f32>, Option<(Curec, Vec<f32>)>) = if kind == ModelKind::Curec {
         let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
         m.load(&run.join("model.safetensors"))?;

@@ -327,6 +327,12 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     // Recommendations read the updated state.
     let o = curec_cli(&["recommend", "--model-dir", a.to_str().unwrap(), "--user", u0, "-k", "3", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A user added by ingestion is served, from the items it was ingested with.
+    let o = curec_cli(&["recommend", "--model-dir", a.to_str().unwrap(), "--user", "newbie", "-k", "3", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(recs.len(), 3);
+    assert!(recs.iter().all(|r| r["item"] != json!(i0)), "an item the user has seen is not recommended");
 }
 
 #[test]

@@ -172,6 +172,46 @@ fn read_log(path: &Path) -> Result<Vec<NewRow>> {
         .collect())
 }
 
+/// What a run's completed ingests add to its dataset for recommendation: users new to the
+/// model are appended to `ds` (ids after the dataset's, in order of first appearance, with empty
+/// train sequences), and each user's ingested items known to the model are returned in event
+/// time (items added by ingestion have no ID embedding and are left out).
+pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, Vec<u32>>> {
+    let mut out: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
+    let Some((upto, _)) = super::snapshot::newest(&run.join("snapshots")) else { return Ok(HashMap::new()) };
+    let mut uid: HashMap<String, u32> = ds.users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
+    let iid: HashMap<&str, u32> = ds.items.iter().enumerate().map(|(i, r)| (r.raw_id.as_str(), i as u32)).collect();
+    let mut new_users = Vec::new();
+    for (_, last, path) in logs(run)? {
+        if last > upto {
+            continue;
+        }
+        for r in read_log(&path)? {
+            let u = *uid.entry(r.user.clone()).or_insert_with(|| {
+                new_users.push(r.user.clone());
+                (ds.users.len() + new_users.len() - 1) as u32
+            });
+            if let Some(&i) = iid.get(r.item.as_str()) {
+                out.entry(u).or_default().push((r.timestamp, i));
+            }
+        }
+    }
+    for u in new_users {
+        ds.users.push(u);
+        ds.train.push(Vec::new());
+        ds.valid.push(u32::MAX);
+        ds.test.push(u32::MAX);
+        ds.n_users += 1;
+    }
+    Ok(out
+        .into_iter()
+        .map(|(u, mut v)| {
+            v.sort_by_key(|&(t, _)| t);
+            (u, v.into_iter().map(|(_, i)| i).collect())
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
