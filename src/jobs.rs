@@ -448,7 +448,9 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
     if force_prepare || !data_dir.join(prepared::STATS).is_file() {
         let input = cfg.prepare.input.clone().context("the job file needs prepare.input (the raw dataset)")?;
+        let t0 = std::time::Instant::now();
         let stats = prepare(&input, &data_dir, &cfg.prepare.format, cfg)?;
+        record_stage(&out, "prepare", t0)?;
         tracing::info!(
             "prepared {}: {} users, {} items, {} interactions",
             data_dir.display(),
@@ -469,7 +471,12 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
                 tracing::info!("{}: already trained (delete it to redo)", dir.display());
                 m
             }
-            Err(_) => train(kind, &data_dir, &dir, cfg)?,
+            Err(_) => {
+                let t0 = std::time::Instant::now();
+                let m = train(kind, &data_dir, &dir, cfg)?;
+                record_stage(&out, kind.name(), t0)?;
+                m
+            }
         };
         println!("{}", table_row(&m));
         rows.push(m);
@@ -487,7 +494,12 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
                 tracing::info!("{}: pretraining already done (delete it to redo)", dir.display());
                 v
             }
-            Err(_) => crate::align::pretrain(&data_dir, model, &dir, &cfg.pretrain, &cfg.grpo, &cfg.lora)?,
+            Err(_) => {
+                let t0 = std::time::Instant::now();
+                let v = crate::align::pretrain(&data_dir, model, &dir, &cfg.pretrain, &cfg.grpo, &cfg.lora)?;
+                record_stage(&out, "alignment", t0)?;
+                v
+            }
         };
         let table = pretrain_table(model, &eval);
         println!("{table}");
@@ -500,7 +512,12 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
         if cfg.features.adapter.is_none() && cfg.features.aligned {
             cfg.features.adapter = adapter;
         }
+        let t0 = std::time::Instant::now();
+        let done_before = dir.join("manifest.json").is_file();
         let m = crate::features::generate_features(&data_dir, &model, &dir, &cfg.features)?;
+        if !done_before {
+            record_stage(&out, "features", t0)?;
+        }
         tracing::info!("features: {} patterns, {} reasons in {}", m["patterns"], m["reasons"], dir.display());
         cfg.curec.features.get_or_insert(dir);
     }
@@ -513,7 +530,12 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
                     tracing::info!("{}: already trained (delete it to redo)", dir.display());
                     m
                 }
-                Err(_) => train(ModelKind::Curec, &data_dir, &dir, &cfg)?,
+                Err(_) => {
+                    let t0 = std::time::Instant::now();
+                    let m = train(ModelKind::Curec, &data_dir, &dir, &cfg)?;
+                    record_stage(&out, &format!("curec-{}", v.name()), t0)?;
+                    m
+                }
             };
             println!("{}", table_row(&m));
             rows.push(m);
@@ -521,6 +543,28 @@ pub fn run_job(cfg: &JobConfig, force_prepare: bool) -> anyhow::Result<Vec<Value
         }
     }
     Ok(rows)
+}
+
+/// Stage wall times of a job: `<out>/stages.json` maps each stage run (not reused) to seconds.
+pub const STAGES: &str = "stages.json";
+
+/// Add the seconds since `t0` under `stage` to `<out>/stages.json`.
+pub fn record_stage(out: &Path, stage: &str, t0: std::time::Instant) -> anyhow::Result<()> {
+    let path = out.join(STAGES);
+    let mut v: Value = read_json(&path).unwrap_or_else(|_| json!({}));
+    if let Some(m) = v.as_object_mut() {
+        m.insert(stage.to_string(), json!((t0.elapsed().as_secs_f64() * 10.0).round() / 10.0));
+    }
+    write_json(&path, &v)
+}
+
+/// `stages.json` as a Markdown table with the total.
+pub fn stages_table(out: &Path) -> Option<String> {
+    let v = read_json(&out.join(STAGES)).ok()?;
+    let m = v.as_object()?;
+    let total: f64 = m.values().filter_map(Value::as_f64).sum();
+    let rows: Vec<String> = m.iter().map(|(k, s)| format!("| {k} | {:.1} |", s.as_f64().unwrap_or(f64::NAN))).collect();
+    Some(format!("| stage | seconds |\n|---|---|\n{}\n| **total** | **{total:.1}** |", rows.join("\n")))
 }
 
 /// Aligned vs base vs random on the validation prompts, as Markdown.

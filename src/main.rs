@@ -399,6 +399,13 @@ fn held_out_split(s: &str) -> anyhow::Result<Split> {
 }
 
 fn main() -> ExitCode {
+    // `curec … | head` closes stdout early: die quietly as other Unix tools do, instead of
+    // panicking in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     curec::alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUREC_LOG").unwrap_or_else(|_| "info".into()))
@@ -644,7 +651,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The report: the replay and every stage before it (the job's train.out).
             let mut roots = vec![out.clone()];
             roots.extend(cfg.train.out.clone().filter(|t| t.is_dir() && *t != out));
-            println!("report: {}", curec::report::write_report(&roots, None, 3)?.display());
+            let t0 = std::time::Instant::now();
+            let report = curec::report::write_report(&roots, None, 3)?;
+            jobs::record_stage(&out, "report", t0)?;
+            // Wall time per stage run by this command or earlier ones (reused stages keep theirs).
+            for r in roots.iter().rev() {
+                if let Some(t) = jobs::stages_table(r) {
+                    println!("\nstages ({}):\n{t}", r.display());
+                }
+            }
+            println!("report: {}", report.display());
         }
         Command::Ingest { from, file, workers, grpo } => {
             let v = curec::replay::ingest(&from, &file, workers, grpo)?;

@@ -194,6 +194,11 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     // The main job's report: the replay's slices and its own row.
     let page = std::fs::read_to_string(a.join("report.html")).expect("replay writes report.html");
     assert!(page.contains("<h2>Replay") && page.contains("data-run=\""), "report lacks the replay");
+    let stages: Value = serde_json::from_slice(&read(&a.join("stages.json"))).unwrap();
+    for s in ["correction", "report"] {
+        assert!(stages[s].as_f64().is_some_and(|t| t >= 0.0), "stages.json lacks {s}: {stages}");
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| **total** |"), "the job prints its stage times");
     let da = final_snapshot(&a);
     let manifest = snapshot::manifest(&da).unwrap();
     assert_eq!(manifest["epoch"], 5);

@@ -329,6 +329,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         attach_reasons: true,
         single_policy: true,
     });
+    let t_correction = Instant::now();
     let outcome = run_dataflow(
         todo,
         initial,
@@ -357,6 +358,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         "last_seconds": cfg.replay.last_seconds,
     });
     let variant = if cfg.replay.update { "correction" } else { "no-update" };
+    crate::jobs::record_stage(out, "correction", t_correction)?;
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)
 }
 
