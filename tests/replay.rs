@@ -199,6 +199,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
         assert!(stages[s].as_f64().is_some_and(|t| t >= 0.0), "stages.json lacks {s}: {stages}");
     }
     assert!(String::from_utf8_lossy(&o.stdout).contains("| **total** |"), "the job prints its stage times");
+    assert!(page.contains("<h2>Stage times") && page.contains("<td>correction</td>"), "report lacks the stage times");
     let da = final_snapshot(&a);
     let manifest = snapshot::manifest(&da).unwrap();
     assert_eq!(manifest["epoch"], 5);

@@ -69,6 +69,10 @@ fn num(v: &Value) -> Option<f64> {
     v.as_f64()
 }
 
+fn f1(v: Option<f64>) -> String {
+    v.map_or("–".into(), |x| format!("{x:.1}"))
+}
+
 fn f4(v: Option<f64>) -> String {
     v.map_or("–".into(), |x| format!("{x:.4}"))
 }
@@ -274,6 +278,21 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
             h.push_str("</tr>");
         }
         h.push_str("</table>");
+    }
+
+    // Wall time of each stage a job ran (`stages.json`, written by `curec run` and `curec replay`).
+    for d in files(crate::jobs::STAGES) {
+        let Ok(v) = read_json(&d.join(crate::jobs::STAGES)) else { continue };
+        let Some(m) = v.as_object() else { continue };
+        h.push_str(&format!(
+            "<h2>Stage times: {}</h2><table><tr><th>stage</th><th>seconds</th></tr>",
+            escape(&label(&d))
+        ));
+        for (k, s) in m {
+            h.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", escape(k), f1(s.as_f64())));
+        }
+        let total: f64 = m.values().filter_map(Value::as_f64).sum();
+        h.push_str(&format!("<tr><td><b>total</b></td><td><b>{total:.1}</b></td></tr></table>"));
     }
 
     // Explanation cards.
