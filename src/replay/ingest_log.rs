@@ -64,17 +64,23 @@ impl Known {
         *n = (*n).max(ts);
     }
 
-    /// The prepared log of `data` (every split) and the run's ingests completed by snapshot
-    /// epoch `upto`.
-    pub fn load(data: &Path, ds: &Dataset, run: &Path, upto: u64) -> Result<Known> {
+    /// What the prepared log of `data` (every split) and the run's ingests completed by snapshot
+    /// epoch `upto` hold for `users` (the users of the file being ingested: the rest cannot
+    /// collide with it, so a small ingest into a large log stays cheap).
+    pub fn load(data: &Path, ds: &Dataset, run: &Path, upto: u64, users: &HashSet<&str>) -> Result<Known> {
         let mut k = Known::default();
         for x in prepared::read_interactions(&data.join(prepared::INTERACTIONS))? {
-            k.add(&ds.users[x.user as usize], &ds.items[x.item as usize].raw_id, x.timestamp);
+            let u = ds.users[x.user as usize].as_str();
+            if users.contains(u) {
+                k.add(u, &ds.items[x.item as usize].raw_id, x.timestamp);
+            }
         }
         for (_, last, path) in logs(run)? {
             if last <= upto {
                 for r in read_log(&path)? {
-                    k.add(&r.user, &r.item, r.timestamp);
+                    if users.contains(r.user.as_str()) {
+                        k.add(&r.user, &r.item, r.timestamp);
+                    }
                 }
             }
         }

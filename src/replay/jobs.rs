@@ -401,7 +401,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         .as_f64()
         .map(|r| r as f32)
         .unwrap_or(crate::data::preprocess::PrepareConfig::default().rating_above);
-    let mut known = ingest_log::Known::load(&data, &ds, run, last)?;
+    let file_users: std::collections::HashSet<&str> = rows.iter().map(|r| r.user.as_str()).collect();
+    let mut known = ingest_log::Known::load(&data, &ds, run, last, &file_users)?;
     let admitted = ingest_log::admit(rows, &mut known, rating_above);
     let counts = json!({
         "duplicates": admitted.duplicates,
