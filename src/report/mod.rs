@@ -59,7 +59,8 @@ fn dirs_with(root: &Path, file: &str, skip_seeds: bool) -> Vec<PathBuf> {
 fn rel(root: &Path, p: &Path) -> String {
     let r = p.strip_prefix(root).unwrap_or(p).display().to_string();
     if r.is_empty() {
-        ".".into()
+        // The root itself (e.g. the replay's own run): its folder name says more than ".".
+        root.file_name().map_or(".".into(), |n| n.to_string_lossy().to_string())
     } else {
         r
     }
