@@ -282,7 +282,7 @@ impl TrainedRun {
         if let Some(f) = cfg.curec.features.clone() {
             let root = run.join("snapshots");
             if f.parent() == Some(root.as_path()) && !f.join(crate::replay::snapshot::MANIFEST).is_file() {
-                if let Some((_, newest)) = crate::replay::snapshot::newest(&root) {
+                if let Some((_, newest)) = crate::replay::snapshot::complete(&root).pop() {
                     tracing::warn!("{}: snapshot gone, reading features from {}", f.display(), newest.display());
                     cfg.curec.features = Some(newest);
                 }

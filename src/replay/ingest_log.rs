@@ -140,10 +140,17 @@ fn logs(run: &Path) -> Result<Vec<(u64, u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Record an ingest's admitted rows, which run as epochs `first..=last`.
-pub fn write_log(run: &Path, first: u64, last: u64, rows: &[NewRow]) -> Result<()> {
+/// Record an ingest's admitted rows, which run as epochs `first..=last` after the snapshot of
+/// epoch `upto`. Records of ingests that never completed (ending after `upto`) are removed first,
+/// so that a later snapshot cannot make them count.
+pub fn write_log(run: &Path, upto: u64, first: u64, last: u64, rows: &[NewRow]) -> Result<()> {
     let d = dir(run);
     std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create", d.display()))?;
+    for (_, l, path) in logs(run)? {
+        if l > upto {
+            std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
+        }
+    }
     let b = batch(
         vec![
             ("user", DataType::Utf8),
@@ -184,7 +191,8 @@ fn read_log(path: &Path) -> Result<Vec<NewRow>> {
 /// time (items added by ingestion have no ID embedding and are left out).
 pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, Vec<u32>>> {
     let mut out: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
-    let Some((upto, _)) = super::snapshot::newest(&run.join("snapshots")) else { return Ok(HashMap::new()) };
+    // Read-only: a reader must not remove the snapshot an ingest is writing right now.
+    let Some((upto, _)) = super::snapshot::complete(&run.join("snapshots")).pop() else { return Ok(HashMap::new()) };
     let mut uid: HashMap<String, u32> = ds.users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
     let iid: HashMap<&str, u32> = ds.items.iter().enumerate().map(|(i, r)| (r.raw_id.as_str(), i as u32)).collect();
     let mut new_users = Vec::new();
@@ -224,6 +232,18 @@ mod tests {
 
     fn row(user: &str, item: &str, timestamp: i64, rating: f32) -> NewRow {
         NewRow { user: user.into(), item: item.into(), timestamp, rating }
+    }
+
+    #[test]
+    fn only_completed_ingests_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        // An ingest that ran as epochs 6..7 after the snapshot of epoch 5 and was killed.
+        write_log(run, 5, 6, 7, &[row("a", "x", 1, 5.0)]).unwrap();
+        // The next ingest starts again from epoch 5 and runs as 6..6: the stale record goes.
+        write_log(run, 5, 6, 6, &[row("a", "y", 2, 5.0)]).unwrap();
+        let spans: Vec<(u64, u64)> = logs(run).unwrap().into_iter().map(|(f, l, _)| (f, l)).collect();
+        assert_eq!(spans, vec![(6, 6)]);
     }
 
     #[test]

@@ -477,7 +477,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
     let grown_now =
         json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>(), "info": grown_info});
-    ingest_log::write_log(run, order[0], *order.last().expect("at least one slice"), &admitted.rows)?;
+    ingest_log::write_log(run, last, order[0], *order.last().expect("at least one slice"), &admitted.rows)?;
     let done = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
     let board = Arc::new(Board::new(
         root.clone(),
