@@ -21,10 +21,15 @@ pub struct UserEntry {
 }
 
 impl UserEntry {
-    /// Insert `item` at its place in event time; returns that position (items before it are
-    /// its history). Ties keep arrival order. The oldest items beyond `kept` are dropped.
-    pub fn insert(&mut self, item: u32, timestamp: i64, kept: usize) -> usize {
-        let at = self.times.partition_point(|&t| t <= timestamp);
+    /// Where an item of `timestamp` goes in event time (ties keep arrival order): the items
+    /// before that position are its history.
+    pub fn place(&self, timestamp: i64) -> usize {
+        self.times.partition_point(|&t| t <= timestamp)
+    }
+
+    /// Insert `item` at position `at` (from [`Self::place`]); the oldest items beyond `kept` are
+    /// dropped.
+    pub fn insert_at(&mut self, at: usize, item: u32, timestamp: i64, kept: usize) {
         self.history.insert(at, item);
         self.times.insert(at, timestamp);
         if self.history.len() > kept {
@@ -32,6 +37,12 @@ impl UserEntry {
             self.history.drain(..cut);
             self.times.drain(..cut);
         }
+    }
+
+    /// Insert `item` at its place in event time; returns that position.
+    pub fn insert(&mut self, item: u32, timestamp: i64, kept: usize) -> usize {
+        let at = self.place(timestamp);
+        self.insert_at(at, item, timestamp, kept);
         at
     }
 }
@@ -92,9 +103,9 @@ impl KeyedState for UserState {
                 Some(f) => f.get(&e.user).cloned(),
                 None => entry.pattern.as_ref().map(|(_, p)| p.clone()),
             };
-            let at = entry.times.partition_point(|&t| t <= e.timestamp);
+            let at = entry.place(e.timestamp);
             let history = if self.attach { entry.history[..at].to_vec() } else { Vec::new() };
-            entry.insert(e.item, e.timestamp, self.history_kept);
+            entry.insert_at(at, e.item, e.timestamp, self.history_kept);
             out.push(Annotated { event: e, pattern: pattern.map(Shared), history, reasons: None });
         }
         out
