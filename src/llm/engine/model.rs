@@ -65,14 +65,63 @@ pub enum Logits {
 }
 
 /// RMSNorm of every row of `x` (rows of `w.len()` values) into `out`.
+/// Scores of one query against four transposed key blocks ([dim][KEY_BLOCK] each): four
+/// accumulators, each key's sum in dimension order.
+#[inline(always)]
+fn scores_4(q: &[f32], kb: [&[f32]; 4]) -> [[f32; KEY_BLOCK]; 4] {
+    let mut acc = [[0f32; KEY_BLOCK]; 4];
+    let it = kb[0]
+        .chunks_exact(KEY_BLOCK)
+        .zip(kb[1].chunks_exact(KEY_BLOCK))
+        .zip(kb[2].chunks_exact(KEY_BLOCK).zip(kb[3].chunks_exact(KEY_BLOCK)));
+    for (&qd, ((k0, k1), (k2, k3))) in q.iter().zip(it) {
+        for t in 0..KEY_BLOCK {
+            acc[0][t] = qd.mul_add(k0[t], acc[0][t]);
+            acc[1][t] = qd.mul_add(k1[t], acc[1][t]);
+            acc[2][t] = qd.mul_add(k2[t], acc[2][t]);
+            acc[3][t] = qd.mul_add(k3[t], acc[3][t]);
+        }
+    }
+    acc
+}
+
+/// `o += Σ_j p[j] · v(j)` over W output dims kept in registers, j in order.
+#[inline(always)]
+fn weighted_sum<'v, const W: usize>(o: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
+    let mut acc = [0f32; W];
+    acc.copy_from_slice(&o[..W]);
+    for (j, &pj) in p.iter().enumerate() {
+        let v = &v(j)[..W];
+        for t in 0..W {
+            acc[t] = pj.mul_add(v[t], acc[t]);
+        }
+    }
+    o[..W].copy_from_slice(&acc);
+}
+
+/// The attention output, written by parallel tasks into disjoint ranges.
+struct AttnOut(*mut f32);
+// SAFETY: see its one use in `forward_in_pool`.
+unsafe impl Sync for AttnOut {}
+
+/// Rows per parallel task of the row-wise element operations (norms, RoPE, SwiGLU, residuals).
+const ROWS_PER_TASK: usize = 8;
+
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
-    for (x, out) in x.chunks(w.len()).zip(out.chunks_mut(w.len())) {
+    x.par_chunks(w.len()).zip(out.par_chunks_mut(w.len())).with_min_len(ROWS_PER_TASK).for_each(|(x, out)| {
         let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let inv = 1.0 / (ms + eps as f32).sqrt();
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
             *o = v * inv * g;
         }
-    }
+    });
+}
+
+/// `x += y`, row-parallel (`h` values a row).
+fn add_rows(x: &mut [f32], y: &[f32], h: usize) {
+    x.par_chunks_mut(h).zip(y.par_chunks(h)).with_min_len(ROWS_PER_TASK).for_each(|(x, y)| {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+    });
 }
 
 /// e^x for x ≤ 0 (softmax after the max is subtracted): 2^(x·log2 e) split into an integer power
@@ -316,8 +365,7 @@ impl QModel {
             acts.requantize(&normed, rows, h);
             layer.qkv.matmul(&acts, &mut qkv);
             let w = qd + 2 * kvd;
-            for r in 0..rows {
-                let row = &mut qkv[r * w..(r + 1) * w];
+            qkv.par_chunks_mut(w).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, row)| {
                 if let Some(b) = &layer.qkv_bias {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
@@ -329,13 +377,13 @@ impl QModel {
                         head[i + half] = b * c[i] + a * s[i];
                     }
                 }
-            }
-            for (si, s) in seqs.iter_mut().enumerate() {
+            });
+            seqs.par_iter_mut().enumerate().for_each(|(si, s)| {
                 for i in 0..s.tokens.len() {
                     let row = &qkv[(starts[si] + i) * w..(starts[si] + i + 1) * w];
                     s.cache.push(li, &row[qd..qd + kvd], &row[qd + kvd..]);
                 }
-            }
+            });
             // Attention, one task per (sequence, KV head, chunk of up to 32 query rows): the
             // `rep` query heads that share a KV head read its keys and values once.
             let rep = nh / nkv;
@@ -347,96 +395,122 @@ impl QModel {
                 })
                 .collect();
             let caches: Vec<&SeqCache> = seqs.iter().map(|s| &*s.cache).collect();
-            let outs: Vec<Vec<f32>> = tasks
-                .par_iter()
-                .map(|&(si, kh, i0, i1)| {
-                    let c = caches[si];
-                    let (keys, vals) = c.layer(li);
-                    let total = c.len_layer(li);
-                    let n = lens[si];
-                    let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-                    let mut out = vec![0f32; (i1 - i0) * rep * hd];
-                    let mut scores = vec![0f32; rep * stride];
-                    for i in i0..i1 {
-                        let r = starts[si] + i;
-                        let visible = total - n + i + 1;
-                        let blocks = visible.div_ceil(KEY_BLOCK);
-                        for h in 0..rep {
-                            let q = &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd];
-                            let sc = &mut scores[h * stride..h * stride + blocks * KEY_BLOCK];
-                            for (b, s8) in sc.chunks_exact_mut(KEY_BLOCK).enumerate() {
-                                let kb = &keys[(b * kvd + kh * hd) * KEY_BLOCK..(b * kvd + (kh + 1) * hd) * KEY_BLOCK];
-                                let mut acc = [0f32; KEY_BLOCK];
-                                for (qd, kd) in q.iter().zip(kb.chunks_exact(KEY_BLOCK)) {
-                                    for t in 0..KEY_BLOCK {
-                                        acc[t] = qd.mul_add(kd[t], acc[t]);
-                                    }
-                                }
+            let attn_out = AttnOut(attn.as_mut_ptr());
+            tasks.par_iter().for_each(|&(si, kh, i0, i1)| {
+                let attn_out = &attn_out;
+                let c = caches[si];
+                let (keys, vals) = c.layer(li);
+                let total = c.len_layer(li);
+                let n = lens[si];
+                let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                let mut out = vec![0f32; (i1 - i0) * rep * hd];
+                let mut scores = vec![0f32; rep * stride];
+                for i in i0..i1 {
+                    let r = starts[si] + i;
+                    let visible = total - n + i + 1;
+                    let blocks = visible.div_ceil(KEY_BLOCK);
+                    for h in 0..rep {
+                        let q = &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd];
+                        let sc = &mut scores[h * stride..h * stride + blocks * KEY_BLOCK];
+                        let kb =
+                            |b: usize| &keys[(b * kvd + kh * hd) * KEY_BLOCK..(b * kvd + (kh + 1) * hd) * KEY_BLOCK];
+                        // Four key blocks at a time: four independent FMA chains (one
+                        // chain is bound by the FMA's latency); each key's sum runs over the
+                        // head dimension in order either way.
+                        let mut b = 0;
+                        while b + 4 <= blocks {
+                            let acc = scores_4(q, [kb(b), kb(b + 1), kb(b + 2), kb(b + 3)]);
+                            for (u, a) in acc.iter().enumerate() {
                                 for t in 0..KEY_BLOCK {
-                                    s8[t] = acc[t] * scale;
+                                    sc[(b + u) * KEY_BLOCK + t] = a[t] * scale;
                                 }
                             }
-                            let sc = &mut sc[..visible];
-                            let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            sc.iter_mut().for_each(|s| *s = fast_exp(*s - m));
-                            let inv = 1.0 / sc.iter().sum::<f32>();
-                            sc.iter_mut().for_each(|s| *s *= inv);
+                            b += 4;
                         }
-                        let o = &mut out[(i - i0) * rep * hd..(i - i0 + 1) * rep * hd];
-                        // Keys in blocks of 64 (16 KiB of values for head_dim 64 stay in L1 while
-                        // every head sharing them reads them); 16 output dims at a time stay in
-                        // registers over a block.
-                        for j0 in (0..visible).step_by(64) {
-                            let j1 = (j0 + 64).min(visible);
-                            for h in 0..rep {
-                                let p = &scores[h * stride + j0..h * stride + j1];
-                                let o = &mut o[h * hd..(h + 1) * hd];
-                                if hd % 16 == 0 {
-                                    for c in (0..hd).step_by(16) {
-                                        let mut acc = [0f32; 16];
-                                        acc.copy_from_slice(&o[c..c + 16]);
-                                        for (j, &pj) in (j0..j1).zip(p) {
-                                            let v = &vals[j * kvd + kh * hd + c..j * kvd + kh * hd + c + 16];
-                                            for t in 0..16 {
-                                                acc[t] = pj.mul_add(v[t], acc[t]);
-                                            }
-                                        }
-                                        o[c..c + 16].copy_from_slice(&acc);
-                                    }
-                                } else {
+                        for b in b..blocks {
+                            let mut acc = [0f32; KEY_BLOCK];
+                            for (qd, kd) in q.iter().zip(kb(b).chunks_exact(KEY_BLOCK)) {
+                                for t in 0..KEY_BLOCK {
+                                    acc[t] = qd.mul_add(kd[t], acc[t]);
+                                }
+                            }
+                            for t in 0..KEY_BLOCK {
+                                sc[b * KEY_BLOCK + t] = acc[t] * scale;
+                            }
+                        }
+                        let sc = &mut sc[..visible];
+                        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        sc.iter_mut().for_each(|s| *s = fast_exp(*s - m));
+                        let inv = 1.0 / sc.iter().sum::<f32>();
+                        sc.iter_mut().for_each(|s| *s *= inv);
+                    }
+                    let o = &mut out[(i - i0) * rep * hd..(i - i0 + 1) * rep * hd];
+                    // Keys in blocks of 64 (16 KiB of values for head_dim 64 stay in L1 while
+                    // every head sharing them reads them); 64 (or 16) output dims at a time
+                    // stay in registers over a block: eight independent FMA chains.
+                    for j0 in (0..visible).step_by(64) {
+                        let j1 = (j0 + 64).min(visible);
+                        for h in 0..rep {
+                            let p = &scores[h * stride + j0..h * stride + j1];
+                            let o = &mut o[h * hd..(h + 1) * hd];
+                            if hd % 64 == 0 {
+                                for c in (0..hd).step_by(64) {
+                                    weighted_sum::<64>(&mut o[c..c + 64], p, |j| {
+                                        let at = (j0 + j) * kvd + kh * hd + c;
+                                        &vals[at..at + 64]
+                                    });
+                                }
+                            } else if hd % 16 == 0 {
+                                for c in (0..hd).step_by(16) {
+                                    let mut acc = [0f32; 16];
+                                    acc.copy_from_slice(&o[c..c + 16]);
                                     for (j, &pj) in (j0..j1).zip(p) {
-                                        let v = &vals[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-                                        o.iter_mut().zip(v).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
+                                        let v = &vals[j * kvd + kh * hd + c..j * kvd + kh * hd + c + 16];
+                                        for t in 0..16 {
+                                            acc[t] = pj.mul_add(v[t], acc[t]);
+                                        }
                                     }
+                                    o[c..c + 16].copy_from_slice(&acc);
+                                }
+                            } else {
+                                for (j, &pj) in (j0..j1).zip(p) {
+                                    let v = &vals[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
+                                    o.iter_mut().zip(v).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
                                 }
                             }
                         }
                     }
-                    out
-                })
-                .collect();
-            for (&(si, kh, i0, i1), out) in tasks.iter().zip(&outs) {
+                }
                 for i in i0..i1 {
                     let r = starts[si] + i;
-                    let dst = &mut attn[r * qd + kh * rep * hd..r * qd + (kh + 1) * rep * hd];
-                    dst.copy_from_slice(&out[(i - i0) * rep * hd..(i - i0 + 1) * rep * hd]);
+                    // SAFETY: each task owns rows i0..i1 of its sequence and the columns of
+                    // its KV head's query heads: disjoint ranges of `attn` (rows × qd).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            out.as_ptr().add((i - i0) * rep * hd),
+                            attn_out.0.add(r * qd + kh * rep * hd),
+                            rep * hd,
+                        );
+                    }
                 }
-            }
+            });
             acts.requantize(&attn, rows, qd);
             layer.o.matmul(&acts, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            add_rows(&mut x, &proj, h);
             rms_norm_rows(&x, &layer.mlp_norm, cfg.rms_norm_eps, &mut normed);
             acts.requantize(&normed, rows, h);
             layer.gate_up.matmul(&acts, &mut gu);
-            for r in 0..rows {
-                let (g, u) = gu[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
-                for ((o, &g), &u) in hidden[r * inter..(r + 1) * inter].iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            }
+            hidden.par_chunks_mut(inter).zip(gu.par_chunks(2 * inter)).with_min_len(ROWS_PER_TASK).for_each(
+                |(hidden, gu)| {
+                    let (g, u) = gu.split_at(inter);
+                    for ((o, &g), &u) in hidden.iter_mut().zip(g).zip(u) {
+                        *o = g / (1.0 + (-g).exp()) * u;
+                    }
+                },
+            );
             acts.requantize(&hidden, rows, inter);
             layer.down.matmul(&acts, &mut proj);
-            x.iter_mut().zip(&proj).for_each(|(x, p)| *x += p);
+            add_rows(&mut x, &proj, h);
         }
         for s in seqs.iter_mut() {
             s.cache.commit(s.tokens.len());

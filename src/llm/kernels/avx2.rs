@@ -2,7 +2,9 @@
 //! output rows × 4 inputs (Q8) or × 8 inputs (Q4, two nibbles a byte); `vpmaddubsw` multiplies
 //! unsigned by signed bytes, so Q8 moves the weight's sign onto the activation (`vpsignb`, as
 //! llama.cpp does) and Q4's codes are unsigned already. Up to four activation rows share each
-//! weight load. Results equal [`super::portable`] bit for bit.
+//! weight load; the tile size is a const parameter so that its accumulators live in registers
+//! (a run-time row count made LLVM keep them on the stack). Results equal [`super::portable`]
+//! bit for bit.
 #![cfg(target_arch = "x86_64")]
 // Rows index several register arrays at once; an index loop reads clearer than zips here.
 #![allow(clippy::needless_range_loop)]
@@ -15,82 +17,112 @@ use super::{GroupRef, QActs, BLOCK, LANES};
 const TILE: usize = 4;
 
 #[inline(always)]
-unsafe fn bcast_quad(x: &[i8], at: usize) -> __m256i {
-    _mm256_set1_epi32((x.as_ptr().add(at) as *const i32).read_unaligned())
+unsafe fn bcast_quad(x: *const i8, at: usize) -> __m256i {
+    _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
+}
+
+/// Rows `m0..m0 + R` of a Q8 group.
+#[inline(always)]
+unsafe fn tile_q8<const R: usize>(w: &GroupRef, x: &QActs, m0: usize, dst: *mut f32) {
+    let k = x.kp;
+    let ones = _mm256_set1_epi16(1);
+    let xq = x.q.as_ptr();
+    let xd = x.d.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..w.blocks {
+        let qs = w.quants.as_ptr().add(b * LANES * BLOCK);
+        let mut isum = [_mm256_setzero_si256(); R];
+        for j in 0..BLOCK / 4 {
+            let wv = _mm256_loadu_si256(qs.add(j * 32) as *const __m256i);
+            let wabs = _mm256_sign_epi8(wv, wv);
+            for r in 0..R {
+                let xv = bcast_quad(xq, (m0 + r) * k + b * BLOCK + 4 * j);
+                let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
+            }
+        }
+        let dw = _mm256_loadu_ps(w.scales.as_ptr().add(b * LANES));
+        for r in 0..R {
+            let dx = _mm256_set1_ps(*xd.add((m0 + r) * w.blocks + b));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, dx), acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm256_storeu_ps(dst.add((m0 + r) * LANES), acc[r]);
+    }
+}
+
+/// Rows `m0..m0 + R` of a Q4 group.
+#[inline(always)]
+unsafe fn tile_q4<const R: usize>(w: &GroupRef, x: &QActs, m0: usize, dst: *mut f32) {
+    let k = x.kp;
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(0x0f);
+    let xq = x.q.as_ptr();
+    let (xd, xds) = (x.d.as_ptr(), x.ds.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..w.blocks {
+        let qs = w.quants.as_ptr().add(b * LANES * BLOCK / 2);
+        // |q·x| ≤ 15·127·2 per pair: eight products sum within i16.
+        let mut s16 = [_mm256_setzero_si256(); R];
+        for p in 0..4 {
+            let v = _mm256_loadu_si256(qs.add(p * 32) as *const __m256i);
+            let lo = _mm256_and_si256(v, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for r in 0..R {
+                let base = (m0 + r) * k + b * BLOCK + 8 * p;
+                let a = _mm256_maddubs_epi16(lo, bcast_quad(xq, base));
+                let c = _mm256_maddubs_epi16(hi, bcast_quad(xq, base + 4));
+                s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(a, c));
+            }
+        }
+        let dw = _mm256_loadu_ps(w.scales.as_ptr().add(b * LANES));
+        let mw = _mm256_loadu_ps(w.mins.as_ptr().add(b * LANES));
+        for r in 0..R {
+            let i = (m0 + r) * w.blocks + b;
+            let isum = _mm256_madd_epi16(s16[r], ones);
+            let dx = _mm256_set1_ps(*xd.add(i));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xds.add(i)), acc[r]);
+        }
+    }
+    for r in 0..R {
+        _mm256_storeu_ps(dst.add((m0 + r) * LANES), acc[r]);
+    }
 }
 
 /// See [`super::portable::group_q8`].
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn group_q8(w: &GroupRef, x: &QActs, dst: &mut [f32]) {
-    let k = x.kp;
-    let ones = _mm256_set1_epi16(1);
+    assert!(dst.len() >= x.m * LANES && x.q.len() >= x.m * x.kp && x.d.len() >= x.m * w.blocks);
+    let out = dst.as_mut_ptr();
     let mut m0 = 0;
-    while m0 < x.m {
-        let rows = TILE.min(x.m - m0);
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        for b in 0..w.blocks {
-            let qs = w.quants.as_ptr().add(b * LANES * BLOCK);
-            let mut isum = [_mm256_setzero_si256(); TILE];
-            for j in 0..BLOCK / 4 {
-                let wv = _mm256_loadu_si256(qs.add(j * 32) as *const __m256i);
-                let wabs = _mm256_sign_epi8(wv, wv);
-                for r in 0..rows {
-                    let xv = bcast_quad(&x.q, (m0 + r) * k + b * BLOCK + 4 * j);
-                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-                    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
-                }
-            }
-            let dw = _mm256_loadu_ps(w.scales.as_ptr().add(b * LANES));
-            for r in 0..rows {
-                let dx = _mm256_set1_ps(x.d[(m0 + r) * w.blocks + b]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, dx), acc[r]);
-            }
-        }
-        for r in 0..rows {
-            _mm256_storeu_ps(dst.as_mut_ptr().add((m0 + r) * LANES), acc[r]);
-        }
-        m0 += rows;
+    while m0 + TILE <= x.m {
+        tile_q8::<TILE>(w, x, m0, out);
+        m0 += TILE;
+    }
+    match x.m - m0 {
+        1 => tile_q8::<1>(w, x, m0, out),
+        2 => tile_q8::<2>(w, x, m0, out),
+        3 => tile_q8::<3>(w, x, m0, out),
+        _ => {}
     }
 }
 
 /// See [`super::portable::group_q4`].
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn group_q4(w: &GroupRef, x: &QActs, dst: &mut [f32]) {
-    let k = x.kp;
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(0x0f);
+    assert!(dst.len() >= x.m * LANES && x.q.len() >= x.m * x.kp && x.ds.len() >= x.m * w.blocks);
+    let out = dst.as_mut_ptr();
     let mut m0 = 0;
-    while m0 < x.m {
-        let rows = TILE.min(x.m - m0);
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        for b in 0..w.blocks {
-            let qs = w.quants.as_ptr().add(b * LANES * BLOCK / 2);
-            // |q·x| ≤ 15·127·2 per pair: eight products sum within i16.
-            let mut s16 = [_mm256_setzero_si256(); TILE];
-            for p in 0..4 {
-                let v = _mm256_loadu_si256(qs.add(p * 32) as *const __m256i);
-                let lo = _mm256_and_si256(v, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                for r in 0..rows {
-                    let base = (m0 + r) * k + b * BLOCK + 8 * p;
-                    let a = _mm256_maddubs_epi16(lo, bcast_quad(&x.q, base));
-                    let c = _mm256_maddubs_epi16(hi, bcast_quad(&x.q, base + 4));
-                    s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(a, c));
-                }
-            }
-            let dw = _mm256_loadu_ps(w.scales.as_ptr().add(b * LANES));
-            let mw = _mm256_loadu_ps(w.mins.as_ptr().add(b * LANES));
-            for r in 0..rows {
-                let i = (m0 + r) * w.blocks + b;
-                let isum = _mm256_madd_epi16(s16[r], ones);
-                let dx = _mm256_set1_ps(x.d[i]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), acc[r]);
-                acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.ds[i]), acc[r]);
-            }
-        }
-        for r in 0..rows {
-            _mm256_storeu_ps(dst.as_mut_ptr().add((m0 + r) * LANES), acc[r]);
-        }
-        m0 += rows;
+    while m0 + TILE <= x.m {
+        tile_q4::<TILE>(w, x, m0, out);
+        m0 += TILE;
+    }
+    match x.m - m0 {
+        1 => tile_q4::<1>(w, x, m0, out),
+        2 => tile_q4::<2>(w, x, m0, out),
+        3 => tile_q4::<3>(w, x, m0, out),
+        _ => {}
     }
 }

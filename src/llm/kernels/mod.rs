@@ -242,25 +242,30 @@ impl QMatrix {
         assert_eq!(x.k, self.k, "matmul: activations have {} inputs, the matrix {}", x.k, self.k);
         assert_eq!(out.len(), x.m * self.n, "matmul: output buffer size");
         let groups = self.groups();
-        // Threads split the output groups; each task writes a column range of every row, so
-        // the results go to a scratch laid out group-major and are scattered afterwards.
+        // Threads split the output groups; each task computes a group into a small scratch
+        // (`m × LANES`, group-major) and copies its lanes into the rows of `out` itself.
         let chunk = groups.div_ceil(rayon::current_num_threads().max(1) * 2).max(1);
-        let mut scratch = vec![0f32; groups * LANES * x.m];
-        scratch.par_chunks_mut(chunk * LANES * x.m).enumerate().for_each(|(ci, s)| {
-            let g0 = ci * chunk;
-            let g1 = (g0 + chunk).min(groups);
-            for g in g0..g1 {
-                let dst = &mut s[(g - g0) * LANES * x.m..(g - g0 + 1) * LANES * x.m];
-                self.group(kern, g, x, dst);
+        let (n, m) = (self.n, x.m);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..groups.div_ceil(chunk)).into_par_iter().for_each(|ci| {
+            let out_ptr = &out_ptr;
+            let mut dst = vec![0f32; LANES * m];
+            for g in ci * chunk..((ci + 1) * chunk).min(groups) {
+                self.group(kern, g, x, &mut dst);
+                let lanes = LANES.min(n - g * LANES);
+                for r in 0..m {
+                    // SAFETY: tasks own disjoint groups, i.e. disjoint column ranges
+                    // [g·LANES, g·LANES + lanes) of every row of `out` (m × n, checked above).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            dst.as_ptr().add(r * LANES),
+                            out_ptr.0.add(r * n + g * LANES),
+                            lanes,
+                        );
+                    }
+                }
             }
         });
-        for g in 0..groups {
-            let lanes = LANES.min(self.n - g * LANES);
-            for m in 0..x.m {
-                let src = &scratch[(g * x.m + m) * LANES..(g * x.m + m) * LANES + lanes];
-                out[m * self.n + g * LANES..m * self.n + g * LANES + lanes].copy_from_slice(src);
-            }
-        }
     }
 
     /// One group of LANES output rows for all activation rows: `dst[m * LANES + lane]`.
@@ -314,6 +319,11 @@ pub fn quantize_block(x: &[f32], format: Format) -> RowBlock {
         }
     }
 }
+
+/// A pointer handed to parallel tasks that write disjoint parts of one buffer.
+struct SendPtr(*mut f32);
+// SAFETY: only used by `QMatrix::matmul_with`, whose tasks write disjoint ranges.
+unsafe impl Sync for SendPtr {}
 
 /// One group's weights, borrowed.
 pub(crate) struct GroupRef<'a> {
