@@ -85,6 +85,54 @@ fn scores_4(q: &[f32], kb: [&[f32]; 4]) -> [[f32; KEY_BLOCK]; 4] {
     acc
 }
 
+/// [`scores_4`] for two queries: each key block load serves both.
+#[inline(always)]
+fn scores_4x2(q0: &[f32], q1: &[f32], kb: [&[f32]; 4]) -> ([[f32; KEY_BLOCK]; 4], [[f32; KEY_BLOCK]; 4]) {
+    let mut a0 = [[0f32; KEY_BLOCK]; 4];
+    let mut a1 = [[0f32; KEY_BLOCK]; 4];
+    let it = kb[0]
+        .chunks_exact(KEY_BLOCK)
+        .zip(kb[1].chunks_exact(KEY_BLOCK))
+        .zip(kb[2].chunks_exact(KEY_BLOCK).zip(kb[3].chunks_exact(KEY_BLOCK)));
+    for ((&x0, &x1), ((k0, k1), (k2, k3))) in q0.iter().zip(q1).zip(it) {
+        for t in 0..KEY_BLOCK {
+            a0[0][t] = x0.mul_add(k0[t], a0[0][t]);
+            a0[1][t] = x0.mul_add(k1[t], a0[1][t]);
+            a0[2][t] = x0.mul_add(k2[t], a0[2][t]);
+            a0[3][t] = x0.mul_add(k3[t], a0[3][t]);
+            a1[0][t] = x1.mul_add(k0[t], a1[0][t]);
+            a1[1][t] = x1.mul_add(k1[t], a1[1][t]);
+            a1[2][t] = x1.mul_add(k2[t], a1[2][t]);
+            a1[3][t] = x1.mul_add(k3[t], a1[3][t]);
+        }
+    }
+    (a0, a1)
+}
+
+/// [`weighted_sum`] for two query rows over the same values: each value load serves both.
+#[inline(always)]
+fn weighted_sum_2<'v, const W: usize>(
+    o0: &mut [f32],
+    o1: &mut [f32],
+    p0: &[f32],
+    p1: &[f32],
+    v: impl Fn(usize) -> &'v [f32],
+) {
+    let mut a0 = [0f32; W];
+    let mut a1 = [0f32; W];
+    a0.copy_from_slice(&o0[..W]);
+    a1.copy_from_slice(&o1[..W]);
+    for (j, (&x0, &x1)) in p0.iter().zip(p1).enumerate() {
+        let v = &v(j)[..W];
+        for t in 0..W {
+            a0[t] = x0.mul_add(v[t], a0[t]);
+            a1[t] = x1.mul_add(v[t], a1[t]);
+        }
+    }
+    o0[..W].copy_from_slice(&a0);
+    o1[..W].copy_from_slice(&a1);
+}
+
 /// `o += Σ_j p[j] · v(j)` over W output dims kept in registers, j in order.
 #[inline(always)]
 fn weighted_sum<'v, const W: usize>(o: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
@@ -404,82 +452,116 @@ impl QModel {
                 let n = lens[si];
                 let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
                 let mut out = vec![0f32; (i1 - i0) * rep * hd];
-                let mut scores = vec![0f32; rep * stride];
-                for i in i0..i1 {
-                    let r = starts[si] + i;
-                    let visible = total - n + i + 1;
-                    let blocks = visible.div_ceil(KEY_BLOCK);
+                // Scores of up to two query rows (row k of the pair at (k·rep + h)·stride).
+                let mut scores = vec![0f32; 2 * rep * stride];
+                let kb = |b: usize| &keys[(b * kvd + kh * hd) * KEY_BLOCK..(b * kvd + (kh + 1) * hd) * KEY_BLOCK];
+                let val = |j: usize, c: usize, width: usize| {
+                    let at = j * kvd + kh * hd + c;
+                    &vals[at..at + width]
+                };
+                // Rows go in pairs where they can (a prompt's rows): each key and value load then
+                // serves two queries. Row i of a pair sees one key fewer than row i + 1; every
+                // row's sums run in the same order as alone, so the outputs are the same bit for
+                // bit whatever the pairing (and so whatever the batch).
+                let mut i = i0;
+                while i < i1 {
+                    let g = if i + 1 < i1 && hd % 32 == 0 { 2 } else { 1 };
+                    let vis: [usize; 2] = [total - n + i + 1, total - n + i + g];
+                    let blocks = vis[g - 1].div_ceil(KEY_BLOCK);
                     for h in 0..rep {
-                        let q = &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd];
-                        let sc = &mut scores[h * stride..h * stride + blocks * KEY_BLOCK];
-                        let kb =
-                            |b: usize| &keys[(b * kvd + kh * hd) * KEY_BLOCK..(b * kvd + (kh + 1) * hd) * KEY_BLOCK];
-                        // Four key blocks at a time: four independent FMA chains (one
-                        // chain is bound by the FMA's latency); each key's sum runs over the
-                        // head dimension in order either way.
+                        let q = |k: usize| {
+                            let r = starts[si] + i + k;
+                            &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd]
+                        };
+                        // Four key blocks at a time: independent FMA chains (one chain is bound
+                        // by the FMA's latency); each key's sum runs over the head dimension in
+                        // order either way.
                         let mut b = 0;
                         while b + 4 <= blocks {
-                            let acc = scores_4(q, [kb(b), kb(b + 1), kb(b + 2), kb(b + 3)]);
-                            for (u, a) in acc.iter().enumerate() {
-                                for t in 0..KEY_BLOCK {
-                                    sc[(b + u) * KEY_BLOCK + t] = a[t] * scale;
+                            let k4 = [kb(b), kb(b + 1), kb(b + 2), kb(b + 3)];
+                            let accs = if g == 2 {
+                                let (a0, a1) = scores_4x2(q(0), q(1), k4);
+                                [a0, a1]
+                            } else {
+                                [scores_4(q(0), k4), [[0f32; KEY_BLOCK]; 4]]
+                            };
+                            for (k, acc) in accs.iter().enumerate().take(g) {
+                                let sc = &mut scores[(k * rep + h) * stride..];
+                                for (u, a) in acc.iter().enumerate() {
+                                    for t in 0..KEY_BLOCK {
+                                        sc[(b + u) * KEY_BLOCK + t] = a[t] * scale;
+                                    }
                                 }
                             }
                             b += 4;
                         }
-                        for b in b..blocks {
-                            let mut acc = [0f32; KEY_BLOCK];
-                            for (qd, kd) in q.iter().zip(kb(b).chunks_exact(KEY_BLOCK)) {
-                                for t in 0..KEY_BLOCK {
-                                    acc[t] = qd.mul_add(kd[t], acc[t]);
-                                }
-                            }
-                            for t in 0..KEY_BLOCK {
-                                sc[b * KEY_BLOCK + t] = acc[t] * scale;
-                            }
-                        }
-                        let sc = &mut sc[..visible];
-                        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        sc.iter_mut().for_each(|s| *s = fast_exp(*s - m));
-                        let inv = 1.0 / sc.iter().sum::<f32>();
-                        sc.iter_mut().for_each(|s| *s *= inv);
-                    }
-                    let o = &mut out[(i - i0) * rep * hd..(i - i0 + 1) * rep * hd];
-                    // Keys in blocks of 64 (16 KiB of values for head_dim 64 stay in L1 while
-                    // every head sharing them reads them); 64 (or 16) output dims at a time
-                    // stay in registers over a block: eight independent FMA chains.
-                    for j0 in (0..visible).step_by(64) {
-                        let j1 = (j0 + 64).min(visible);
-                        for h in 0..rep {
-                            let p = &scores[h * stride + j0..h * stride + j1];
-                            let o = &mut o[h * hd..(h + 1) * hd];
-                            if hd % 64 == 0 {
-                                for c in (0..hd).step_by(64) {
-                                    weighted_sum::<64>(&mut o[c..c + 64], p, |j| {
-                                        let at = (j0 + j) * kvd + kh * hd + c;
-                                        &vals[at..at + 64]
-                                    });
-                                }
-                            } else if hd % 16 == 0 {
-                                for c in (0..hd).step_by(16) {
-                                    let mut acc = [0f32; 16];
-                                    acc.copy_from_slice(&o[c..c + 16]);
-                                    for (j, &pj) in (j0..j1).zip(p) {
-                                        let v = &vals[j * kvd + kh * hd + c..j * kvd + kh * hd + c + 16];
-                                        for t in 0..16 {
-                                            acc[t] = pj.mul_add(v[t], acc[t]);
-                                        }
+                        for k in 0..g {
+                            let sc = &mut scores[(k * rep + h) * stride..];
+                            for b in b..blocks {
+                                let mut acc = [0f32; KEY_BLOCK];
+                                for (qd, kd) in q(k).iter().zip(kb(b).chunks_exact(KEY_BLOCK)) {
+                                    for t in 0..KEY_BLOCK {
+                                        acc[t] = qd.mul_add(kd[t], acc[t]);
                                     }
-                                    o[c..c + 16].copy_from_slice(&acc);
                                 }
-                            } else {
-                                for (j, &pj) in (j0..j1).zip(p) {
-                                    let v = &vals[j * kvd + kh * hd..j * kvd + (kh + 1) * hd];
-                                    o.iter_mut().zip(v).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
+                                for t in 0..KEY_BLOCK {
+                                    sc[b * KEY_BLOCK + t] = acc[t] * scale;
+                                }
+                            }
+                            let sc = &mut sc[..vis[k]];
+                            let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            sc.iter_mut().for_each(|s| *s = fast_exp(*s - m));
+                            let inv = 1.0 / sc.iter().sum::<f32>();
+                            sc.iter_mut().for_each(|s| *s *= inv);
+                        }
+                    }
+                    let (o0, o1) = out[(i - i0) * rep * hd..].split_at_mut(rep * hd);
+                    // Keys in blocks of 64 (16 KiB of values for head_dim 64 stay in L1 while
+                    // every head sharing them reads them); the output dims of a chunk stay in
+                    // registers over a block: eight independent FMA chains.
+                    if g == 2 {
+                        let common = vis[0];
+                        for j0 in (0..common).step_by(64) {
+                            let j1 = (j0 + 64).min(common);
+                            for h in 0..rep {
+                                let p0 = &scores[h * stride + j0..h * stride + j1];
+                                let p1 = &scores[(rep + h) * stride + j0..(rep + h) * stride + j1];
+                                for c in (0..hd).step_by(32) {
+                                    let (a, b) = (h * hd + c, h * hd + c + 32);
+                                    weighted_sum_2::<32>(&mut o0[a..b], &mut o1[a..b], p0, p1, |j| val(j0 + j, c, 32));
+                                }
+                            }
+                        }
+                        // Row i + 1's last key.
+                        for h in 0..rep {
+                            let pj = scores[(rep + h) * stride + common];
+                            let o = &mut o1[h * hd..(h + 1) * hd];
+                            o.iter_mut().zip(val(common, 0, hd)).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
+                        }
+                    } else {
+                        let visible = vis[0];
+                        for j0 in (0..visible).step_by(64) {
+                            let j1 = (j0 + 64).min(visible);
+                            for h in 0..rep {
+                                let p = &scores[h * stride + j0..h * stride + j1];
+                                let o = &mut o0[h * hd..(h + 1) * hd];
+                                if hd % 64 == 0 {
+                                    for c in (0..hd).step_by(64) {
+                                        weighted_sum::<64>(&mut o[c..c + 64], p, |j| val(j0 + j, c, 64));
+                                    }
+                                } else if hd % 16 == 0 {
+                                    for c in (0..hd).step_by(16) {
+                                        weighted_sum::<16>(&mut o[c..c + 16], p, |j| val(j0 + j, c, 16));
+                                    }
+                                } else {
+                                    for (j, &pj) in (j0..j1).zip(p) {
+                                        o.iter_mut().zip(val(j, 0, hd)).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
+                                    }
                                 }
                             }
                         }
                     }
+                    i += g;
                 }
                 for i in i0..i1 {
                     let r = starts[si] + i;
