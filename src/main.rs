@@ -299,7 +299,7 @@ enum BenchWhat {
         /// f32 candle model, the reference path; the only one off the CPU).
         #[arg(long, default_value = "quantized")]
         engine: String,
-        /// Weight format for the quantized engine: auto (GGUF 4-bit blocks kept, the rest Q8_0), q8_0 or q4_k.
+        /// Weight format for the quantized engine: auto (GGUF 4- and 5-bit blocks kept, the rest Q8_0), q8_0, q5_1 or q4_k.
         #[arg(long, default_value = "auto")]
         quantize: String,
         #[arg(long, default_value = "cpu")]
@@ -314,7 +314,7 @@ enum BenchWhat {
         model: String,
         #[arg(long, default_value_t = 512, value_parser = positive)]
         tokens: usize,
-        /// Weight format: auto (GGUF 4-bit blocks kept, the rest Q8_0), q8_0 or q4_k.
+        /// Weight format: auto (GGUF 4- and 5-bit blocks kept, the rest Q8_0), q8_0, q5_1 or q4_k.
         #[arg(long, default_value = "auto")]
         quantize: String,
         /// Timed runs (the median is reported).

@@ -265,7 +265,11 @@ impl QModel {
     /// Quantize a candle model's weights (LoRA adapters folded in first: pass `model.merged()`
     /// for a model under training). `Quantize::Auto` means Q8 here.
     pub fn from_causal(model: &CausalLm, quantize: Quantize) -> Result<Self> {
-        let format = if quantize == Quantize::Q4 { Format::Q4 } else { Format::Q8 };
+        let format = match quantize {
+            Quantize::Q4 => Format::Q4,
+            Quantize::Q5 => Format::Q5,
+            Quantize::Auto | Quantize::Q8 => Format::Q8,
+        };
         let cfg = model.cfg.clone();
         let mut w: std::collections::HashMap<String, candle_core::Tensor> = model.named_weights().into_iter().collect();
         let mut take = |name: &str| -> Result<candle_core::Tensor> {

@@ -1,7 +1,8 @@
 //! GGUF tensors → [`QMatrix`] row by row, without dequantizing whole tensors: Q4_0, Q4_1 and
-//! Q4_K blocks become [`Format::Q4`] blocks exactly; Q8_0 becomes [`Format::Q8`] exactly; F32,
-//! F16, BF16, Q5_0 and Q6_K rows are decoded to f32 and requantized to Q8 (or Q4 when asked); any
-//! other type is dequantized by candle first. Decoders are checked against candle's
+//! Q4_K blocks become [`Format::Q4`] blocks exactly; Q5_0 and Q5_1 become [`Format::Q5`]
+//! exactly; Q8_0 becomes [`Format::Q8`] exactly; F32, F16, BF16 and Q6_K rows are decoded to f32
+//! and requantized to Q8 (or the format asked for); any other type is dequantized by candle
+//! first. Decoders are checked against candle's
 //! `dequantize` on the pinned files (tests/llm_engine.rs).
 
 use anyhow::{bail, Result};
@@ -14,10 +15,11 @@ use super::{expand_blocks, quantize_block, Format, QMatrix, RowBlock, BLOCK};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantize {
-    /// 4-bit GGUF blocks stay 4-bit; everything else becomes Q8.
+    /// 4- and 5-bit GGUF blocks stay as they are; everything else becomes Q8.
     #[default]
     Auto,
     Q8,
+    Q5,
     Q4,
 }
 
@@ -26,8 +28,9 @@ impl Quantize {
         Ok(match s {
             "auto" => Quantize::Auto,
             "q8" | "q8_0" => Quantize::Q8,
+            "q5" | "q5_0" | "q5_1" => Quantize::Q5,
             "q4" | "q4_k" | "q4_1" => Quantize::Q4,
-            other => bail!("--quantize '{other}': expected auto, q8_0 or q4_k"),
+            other => bail!("--quantize '{other}': expected auto, q8_0, q5_1 or q4_k"),
         })
     }
 }
@@ -36,10 +39,9 @@ fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// A row's decoded content: exact 4-bit blocks, exact 8-bit blocks, or f32 values.
+/// A row's decoded content: exact 4-, 5- or 8-bit blocks, or f32 values.
 enum Row {
-    Q4(Vec<RowBlock>),
-    Q8(Vec<RowBlock>),
+    Blocks(Format, Vec<RowBlock>),
     F32(Vec<f32>),
 }
 
@@ -60,7 +62,8 @@ fn decode_row(dtype: GgmlDType, bytes: &[u8], k: usize) -> Result<Row> {
         GgmlDType::BF16 => {
             Row::F32(bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
         }
-        GgmlDType::Q8_0 => Row::Q8(
+        GgmlDType::Q8_0 => Row::Blocks(
+            Format::Q8,
             bytes
                 .chunks_exact(34)
                 .map(|b| {
@@ -74,7 +77,8 @@ fn decode_row(dtype: GgmlDType, bytes: &[u8], k: usize) -> Result<Row> {
         ),
         GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
             let size = if dtype == GgmlDType::Q4_0 { 18 } else { 20 };
-            Row::Q4(
+            Row::Blocks(
+                Format::Q4,
                 bytes
                     .chunks_exact(size)
                     .map(|b| {
@@ -90,24 +94,30 @@ fn decode_row(dtype: GgmlDType, bytes: &[u8], k: usize) -> Result<Row> {
                     .collect(),
             )
         }
-        GgmlDType::Q5_0 => Row::F32(
-            bytes
-                .chunks_exact(22)
-                .flat_map(|b| {
-                    let d = h(b, 0);
-                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                    let qs = &b[6..22];
-                    let mut y = [0f32; BLOCK];
-                    for j in 0..16 {
-                        let h0 = (((qh >> j) << 4) & 0x10) as u8;
-                        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
-                        y[j] = (((qs[j] & 0x0f) | h0) as i32 - 16) as f32 * d;
-                        y[j + 16] = (((qs[j] >> 4) | h1) as i32 - 16) as f32 * d;
-                    }
-                    y
-                })
-                .collect(),
-        ),
+        // d·(q − 16) = d·q + (−16·d), exactly: both products are a small integer times an f16.
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+            let size = if dtype == GgmlDType::Q5_0 { 22 } else { 24 };
+            Row::Blocks(
+                Format::Q5,
+                bytes
+                    .chunks_exact(size)
+                    .map(|b| {
+                        let d = h(b, 0);
+                        let (m, at) = if size == 22 { (-16.0 * d, 2) } else { (h(b, 2), 4) };
+                        let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                        let qs = &b[at + 4..at + 20];
+                        let mut q = [0u8; BLOCK];
+                        for j in 0..16 {
+                            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                            q[j] = (qs[j] & 0x0f) | h0;
+                            q[j + 16] = (qs[j] >> 4) | h1;
+                        }
+                        RowBlock::Q5 { d, m, q }
+                    })
+                    .collect(),
+            )
+        }
         GgmlDType::Q4K => {
             let mut out = Vec::with_capacity(k / BLOCK);
             for b in bytes.chunks_exact(144) {
@@ -124,7 +134,7 @@ fn decode_row(dtype: GgmlDType, bytes: &[u8], k: usize) -> Result<Row> {
                     }
                 }
             }
-            Row::Q4(out)
+            Row::Blocks(Format::Q4, out)
         }
         GgmlDType::Q6K => {
             let mut y = Vec::with_capacity(k);
@@ -161,6 +171,7 @@ fn bytes_per_row(dtype: GgmlDType, k: usize) -> Option<usize> {
         GgmlDType::Q4_0 => k / 32 * 18,
         GgmlDType::Q4_1 => k / 32 * 20,
         GgmlDType::Q5_0 => k / 32 * 22,
+        GgmlDType::Q5_1 => k / 32 * 24,
         GgmlDType::Q4K => k / 256 * 144,
         GgmlDType::Q6K => k / 256 * 210,
         _ => return None,
@@ -174,7 +185,7 @@ pub fn dequantize_row(t: &QTensor, r: usize) -> Result<Vec<f32>> {
     let data = t.data()?;
     Ok(match decode_row(t.dtype(), &data[r * rb..(r + 1) * rb], k)? {
         Row::F32(v) => v,
-        Row::Q4(blocks) | Row::Q8(blocks) => {
+        Row::Blocks(_, blocks) => {
             let mut out = vec![0f32; k];
             expand_blocks(&blocks, &mut out);
             out
@@ -187,17 +198,20 @@ pub fn dequantize_row(t: &QTensor, r: usize) -> Result<Vec<f32>> {
 pub fn to_qmatrix(t: &QTensor, want: Quantize, source: impl Fn(usize) -> usize) -> Result<QMatrix> {
     let (n, k) = t.shape().dims2()?;
     let native4 = matches!(t.dtype(), GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K);
+    let native5 = matches!(t.dtype(), GgmlDType::Q5_0 | GgmlDType::Q5_1);
     let format = match want {
         Quantize::Auto if native4 => Format::Q4,
+        Quantize::Auto if native5 => Format::Q5,
         Quantize::Auto | Quantize::Q8 => Format::Q8,
+        Quantize::Q5 => Format::Q5,
         Quantize::Q4 => Format::Q4,
     };
     let from_f32 = |v: &[f32]| -> Vec<RowBlock> { v.chunks(BLOCK).map(|c| quantize_block(c, format)).collect() };
     let blocks_of = |row: Row| -> Vec<RowBlock> {
-        match (row, format) {
-            (Row::Q4(b), Format::Q4) | (Row::Q8(b), Format::Q8) => b,
-            (Row::F32(v), _) => from_f32(&v),
-            (Row::Q4(b), Format::Q8) | (Row::Q8(b), Format::Q4) => {
+        match row {
+            Row::Blocks(f, b) if f == format => b,
+            Row::F32(v) => from_f32(&v),
+            Row::Blocks(_, b) => {
                 let mut v = vec![0f32; k];
                 expand_blocks(&b, &mut v);
                 from_f32(&v)
@@ -256,7 +270,7 @@ impl RawRows {
         let bytes = bytes.ok_or_else(|| anyhow::anyhow!("row {r} is outside the table"))?;
         match decode_row(self.dtype, bytes, self.k)? {
             Row::F32(v) => out.copy_from_slice(&v),
-            Row::Q4(blocks) | Row::Q8(blocks) => expand_blocks(&blocks, out),
+            Row::Blocks(_, blocks) => expand_blocks(&blocks, out),
         }
         Ok(())
     }

@@ -16,6 +16,9 @@
 //! - [`Format::Q4`]: 4-bit codes 0..15 with an f32 scale and an f32 offset per block
 //!   (value = d·q + m). GGUF Q4_0, Q4_1 and Q4_K (a sub-block of 32 with scale d·sc and offset
 //!   −dmin·m) convert to it exactly.
+//! - [`Format::Q5`]: 5-bit codes 0..31, scale and offset as Q4: the Q4 nibbles plus a plane of
+//!   high bits. GGUF Q5_0 (d·(q − 16)) and Q5_1 convert to it exactly; 7 bits a weight with the
+//!   f32 scale and offset, against Q8's 9, which is what a memory-bound decoding step reads.
 //!
 //! Every path computes each output as Σ_blocks (i32 dot) × (d_w·d_x) [+ m_w·(d_x·Σx)] with the
 //! integer dot exact and the float operations in the same order, so the AVX2 and the portable
@@ -45,6 +48,7 @@ pub const LANES: usize = 8;
 pub enum Format {
     Q8,
     Q4,
+    Q5,
 }
 
 impl Format {
@@ -53,6 +57,8 @@ impl Format {
         match self {
             Format::Q8 => LANES * BLOCK,
             Format::Q4 => LANES * BLOCK / 2,
+            // The Q4 nibbles, then 8 words of high bits (see `from_row_blocks`).
+            Format::Q5 => LANES * BLOCK / 2 + LANES * BLOCK / 8,
         }
     }
 }
@@ -64,6 +70,8 @@ pub enum RowBlock {
     Q8 { d: f32, q: [i8; BLOCK] },
     /// d · q + m, q in 0..=15.
     Q4 { d: f32, m: f32, q: [u8; BLOCK] },
+    /// d · q + m, q in 0..=31.
+    Q5 { d: f32, m: f32, q: [u8; BLOCK] },
 }
 
 /// A quantized n × k weight matrix (a projection's `[out, in]`).
@@ -77,7 +85,7 @@ pub struct QMatrix {
     quants: Vec<u8>,
     /// Per group, per block: LANES scales.
     scales: Vec<f32>,
-    /// Q4 only: per group, per block: LANES offsets.
+    /// Q4 and Q5: per group, per block: LANES offsets.
     mins: Vec<f32>,
 }
 
@@ -107,7 +115,7 @@ impl QMatrix {
         let qb = format.quant_bytes();
         let mut quants = vec![0u8; groups * nb * qb];
         let mut scales = vec![0f32; groups * nb * LANES];
-        let mut mins = if format == Format::Q4 { vec![0f32; groups * nb * LANES] } else { Vec::new() };
+        let mut mins = if format == Format::Q8 { Vec::new() } else { vec![0f32; groups * nb * LANES] };
         for r in 0..n {
             let blocks = row(r);
             anyhow::ensure!(blocks.len() == nb, "row {r}: {} blocks, expected {nb}", blocks.len());
@@ -135,6 +143,26 @@ impl QMatrix {
                                 let lo = q[8 * p + t] & 0x0f;
                                 let hi = q[8 * p + 4 + t] & 0x0f;
                                 qs[p * 32 + lane * 4 + t] = lo | (hi << 4);
+                            }
+                        }
+                    }
+                    (RowBlock::Q5 { d, m, q }, Format::Q5) => {
+                        scales[gb * LANES + lane] = d;
+                        mins[gb * LANES + lane] = m;
+                        // The low nibbles as Q4; then, for register p and half s (0: the low
+                        // nibbles, 1: the high ones), a word whose bit lane*4 + t is bit 4 of
+                        // input 8p + 4s + t: the kernels spread it to one byte per bit.
+                        let (nib, hb) = qs.split_at_mut(LANES * BLOCK / 2);
+                        for p in 0..4 {
+                            for t in 0..4 {
+                                let lo = q[8 * p + t] & 0x0f;
+                                let hi = q[8 * p + 4 + t] & 0x0f;
+                                nib[p * 32 + lane * 4 + t] = lo | (hi << 4);
+                                for s in 0..2 {
+                                    let bit = (q[8 * p + 4 * s + t] >> 4) & 1;
+                                    let at = lane * 4 + t;
+                                    hb[(2 * p + s) * 4 + at / 8] |= bit << (at % 8);
+                                }
                             }
                         }
                     }
@@ -194,14 +222,24 @@ impl QMatrix {
                         }
                         RowBlock::Q8 { d, q }
                     }
-                    Format::Q4 => {
+                    Format::Q4 | Format::Q5 => {
                         let mut q = [0u8; BLOCK];
                         for (i, v) in q.iter_mut().enumerate() {
                             let (p, w) = (i / 8, i % 8);
                             let byte = qs[p * 32 + lane * 4 + w % 4];
                             *v = if w < 4 { byte & 0x0f } else { byte >> 4 };
+                            if self.format == Format::Q5 {
+                                let at = lane * 4 + w % 4;
+                                let word = &qs[LANES * BLOCK / 2 + (2 * p + w / 4) * 4..];
+                                *v |= ((word[at / 8] >> (at % 8)) & 1) << 4;
+                            }
                         }
-                        RowBlock::Q4 { d, m: self.mins[gb * LANES + lane], q }
+                        let m = self.mins[gb * LANES + lane];
+                        if self.format == Format::Q5 {
+                            RowBlock::Q5 { d, m, q }
+                        } else {
+                            RowBlock::Q4 { d, m, q }
+                        }
                     }
                 }
             })
@@ -275,7 +313,7 @@ impl QMatrix {
         let w = GroupRef {
             quants: &self.quants[g * nb * qb..(g + 1) * nb * qb],
             scales: &self.scales[g * nb * LANES..(g + 1) * nb * LANES],
-            mins: if self.format == Format::Q4 { &self.mins[g * nb * LANES..(g + 1) * nb * LANES] } else { &[] },
+            mins: if self.format == Format::Q8 { &[] } else { &self.mins[g * nb * LANES..(g + 1) * nb * LANES] },
             blocks: nb,
         };
         match (kern, self.format) {
@@ -283,8 +321,11 @@ impl QMatrix {
             (Kernel::Avx2, Format::Q8) => unsafe { avx2::group_q8(&w, x, dst) },
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, Format::Q4) => unsafe { avx2::group_q4(&w, x, dst) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Format::Q5) => unsafe { avx2::group_q5(&w, x, dst) },
             (_, Format::Q8) => portable::group_q8(&w, x, dst),
             (_, Format::Q4) => portable::group_q4(&w, x, dst),
+            (_, Format::Q5) => portable::group_q5(&w, x, dst),
         }
     }
 }
@@ -294,7 +335,9 @@ pub fn expand_blocks(blocks: &[RowBlock], out: &mut [f32]) {
     for (o, blk) in out.chunks_mut(BLOCK).zip(blocks) {
         match *blk {
             RowBlock::Q8 { d, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32),
-            RowBlock::Q4 { d, m, q } => o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m),
+            RowBlock::Q4 { d, m, q } | RowBlock::Q5 { d, m, q } => {
+                o.iter_mut().zip(q).for_each(|(o, q)| *o = d * q as f32 + m)
+            }
         }
     }
 }
@@ -306,16 +349,21 @@ pub fn quantize_block(x: &[f32], format: Format) -> RowBlock {
             let (d, q) = quantize_block_q8(x);
             RowBlock::Q8 { d, q }
         }
-        Format::Q4 => {
+        Format::Q4 | Format::Q5 => {
+            let top = if format == Format::Q4 { 15.0 } else { 31.0 };
             let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
             let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let d = (hi - lo) / 15.0;
+            let d = (hi - lo) / top;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut q = [0u8; BLOCK];
             for (o, &v) in q.iter_mut().zip(x) {
-                *o = ((v - lo) * inv).round().clamp(0.0, 15.0) as u8;
+                *o = ((v - lo) * inv).round().clamp(0.0, top) as u8;
             }
-            RowBlock::Q4 { d, m: lo, q }
+            if format == Format::Q4 {
+                RowBlock::Q4 { d, m: lo, q }
+            } else {
+                RowBlock::Q5 { d, m: lo, q }
+            }
         }
     }
 }
@@ -456,7 +504,7 @@ mod tests {
     fn kernels_agree_bitwise_and_match_the_dequantized_product() {
         let (n, k) = (37, 96); // a partial last group
         let w = random(n * k, 1);
-        for format in [Format::Q8, Format::Q4] {
+        for format in [Format::Q8, Format::Q4, Format::Q5] {
             let qm = QMatrix::quantize(&w, n, k, format).unwrap();
             let deq = qm.dequantize();
             for m in [1, 3, 4, 9] {
@@ -501,6 +549,33 @@ mod tests {
         let mut single = vec![0f32; n];
         w.matmul(&one, &mut single);
         assert_eq!(&out[2 * n..3 * n], single.as_slice());
+    }
+
+    #[test]
+    fn q5_codes_round_trip_through_the_packed_layout() {
+        let (n, k) = (13, 64);
+        let rows: Vec<Vec<RowBlock>> = (0..n)
+            .map(|r| {
+                (0..k / BLOCK)
+                    .map(|b| {
+                        let mut q = [0u8; BLOCK];
+                        q.iter_mut().enumerate().for_each(|(i, v)| *v = ((i * 7 + r * 3 + b * 11) % 32) as u8);
+                        RowBlock::Q5 { d: 0.5 + r as f32, m: -(b as f32), q }
+                    })
+                    .collect()
+            })
+            .collect();
+        let qm = QMatrix::from_row_blocks(n, k, Format::Q5, |r| rows[r].clone()).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            for (a, b) in qm.row_blocks(r).iter().zip(row) {
+                match (a, b) {
+                    (RowBlock::Q5 { d, m, q }, RowBlock::Q5 { d: d2, m: m2, q: q2 }) => {
+                        assert_eq!((d, m, q), (d2, m2, q2), "row {r}");
+                    }
+                    _ => panic!("row {r}: not Q5 blocks"),
+                }
+            }
+        }
     }
 
     #[test]
