@@ -3,6 +3,7 @@
 //! from GGUF metadata), batched generation with a KV cache, per-token log-probs, LoRA, chat
 //! templates, CUREC's prompts and their parser, and the pinned-model fetcher.
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -89,6 +89,8 @@ struct Step {
     cos: Tensor,
     sin: Tensor,
     bias: Tensor,
+    /// The mask as [b, t, keys] values for the fused attention op (f32 on the CPU only).
+    mask: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 /// What [`CausalLm::forward_checkpointed`] keeps for the backward pass.
@@ -112,6 +114,9 @@ pub struct CausalLm {
     sin: Tensor,
     dtype: DType,
     device: Device,
+    /// The fused attention op on the CPU in f32 (`llm::attention`); off: the composite ops
+    /// (`CUREC_ATTENTION=composite` at load, or [`Self::set_fused_attention`]).
+    fused_attention: bool,
 }
 
 fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
@@ -161,7 +166,8 @@ impl CausalLm {
         let norm = take(&mut w, "model.norm.weight")?;
         let lm_head = if cfg.tie_embeddings { None } else { Some(take(&mut w, "lm_head.weight")?) };
         let (cos, sin) = rope_tables(&cfg, cfg.max_position.min(32_768), device)?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone() })
+        let fused_attention = std::env::var("CUREC_ATTENTION").map_or(true, |v| v != "composite");
+        Ok(Self { cfg, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone(), fused_attention })
     }
 
     /// A randomly initialised model (normal(0, 0.02) matrices, unit norms), seeded; for tests.
@@ -202,6 +208,11 @@ impl CausalLm {
         &self.device
     }
 
+    /// Use the fused attention op where it applies (the default) or the composite ops.
+    pub fn set_fused_attention(&mut self, on: bool) {
+        self.fused_attention = on;
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -224,7 +235,9 @@ impl CausalLm {
             Some(m) => m.to_dtype(self.dtype)?,
             None => causal_bias(b, t, past, &self.device)?.to_dtype(self.dtype)?,
         };
-        Ok(Step { b, t, cos, sin, bias })
+        let fused = self.fused_attention && self.device.is_cpu() && self.dtype == DType::F32;
+        let mask = if fused { Some(std::sync::Arc::new(bias.flatten_all()?.to_vec1::<f32>()?)) } else { None };
+        Ok(Step { b, t, cos, sin, bias, mask })
     }
 
     /// One decoder layer on the residual stream `x` ([b·t, hidden]).
@@ -253,13 +266,23 @@ impl CausalLm {
             None => (k, v),
         };
         let total = k.dim(2)?;
-        // Grouped-query attention without repeating K/V: the `rep` query heads that share a
-        // KV head are stacked along the query axis.
         let scale = 1.0 / (hd as f64).sqrt();
-        let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&st.bias)?;
-        let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
-        let att = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        let att = match &st.mask {
+            // The fused op (`llm::attention`): no [b, heads, t, keys] tensors kept or written.
+            Some(mask) if mask.len() == b * t * total => {
+                let op = super::attention::Attention { mask: mask.clone(), scale: scale as f32 };
+                q.contiguous()?.apply_op3(&k.contiguous()?, &v, op)?
+            }
+            _ => {
+                // Grouped-query attention without repeating K/V: the `rep` query heads that
+                // share a KV head are stacked along the query axis.
+                let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+                let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&st.bias)?;
+                let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
+                probs.matmul(&v)?.reshape((b, nh, t, hd))?
+            }
+        };
+        let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + op.forward(&att, adapters)?)?;
         let h = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
         let g = gp.forward(&h, adapters)?.silu()?;
