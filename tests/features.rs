@@ -396,3 +396,62 @@ fn check_report(base: &Path) {
     let img = read(&png);
     assert!(img.starts_with(b"\x89PNG") && img.len() > 20_000, "blank screenshot? {} bytes", img.len());
 }
+
+#[test]
+fn a_killed_features_run_keeps_its_finished_batches_and_resumes_to_the_same_bytes() {
+    // Batches of one job: each batch's rows must be on disk before the next batch starts, so a
+    // `kill -9` in the middle loses at most the batch in flight (before, every row reached the log
+    // only when the last batch was done, and a killed run started over).
+    let s = setup();
+    let (data, model) = (s.data.to_str().unwrap(), s.model.to_str().unwrap());
+    let dir = |n: &str| s.base.join(n).to_str().unwrap().to_string();
+    let sets = [
+        "--set",
+        "features.users=60",
+        "--set",
+        "features.reasons_per_user=8",
+        "--set",
+        "features.batch=1",
+        "--set",
+        "features.max_new_tokens_reason=24",
+        "--set",
+        "features.max_new_tokens_pattern=24",
+    ];
+    let whole =
+        curec_cli(&[&["features", "--data", data, "--model", model, "--out", &dir("whole")][..], &sets].concat());
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_curec"))
+        .args([&["features", "--data", data, "--model", model, "--out", &dir("killed")][..], &sets].concat())
+        .env("CUREC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = s.base.join("killed").join("patterns.jsonl");
+    let t0 = std::time::Instant::now();
+    let seen_running = loop {
+        let lines = std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0);
+        if lines >= 3 {
+            break child.try_wait().unwrap().is_none();
+        }
+        if child.try_wait().unwrap().is_some() || t0.elapsed().as_secs() > 120 {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill().ok();
+    child.wait().unwrap();
+    assert!(seen_running, "no rows reached the log while the run was going");
+    // Killed early: most of the 60 patterns and 480 reasons were still to do (before, the first
+    // row reached the log only after every batch had been generated).
+    let count =
+        |f: &str| std::fs::read_to_string(s.base.join("killed").join(f)).map(|t| t.lines().count()).unwrap_or(0);
+    let done = count("patterns.jsonl") + count("reasons.jsonl");
+    assert!(done < 270, "{done} of 540 rows were already logged when the run was killed");
+    let resumed =
+        curec_cli(&[&["features", "--data", data, "--model", model, "--out", &dir("killed")][..], &sets].concat());
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    for f in ["patterns.parquet", "reasons.parquet"] {
+        assert_eq!(read(&s.base.join("whole").join(f)), read(&s.base.join("killed").join(f)), "{f}");
+    }
+}

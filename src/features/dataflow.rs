@@ -1,10 +1,12 @@
 //! Feature generation as a timely dataflow: jobs enter on every worker, are exchanged by user (a
 //! user's prompts share a prefix, which the worker's engine computes once), and each worker runs
 //! its share through its own copy of the LLM in batches once its input frontier has passed the
-//! jobs' time. A job's text depends on its record alone (greedy, or sampled
+//! jobs' time, one batch per activation, so that each batch's rows are written (and survive a
+//! kill) before the next batch starts. A job's text depends on its record alone (greedy, or sampled
 //! from (seed, key)), so the rows are the same with 1 or N workers; only their order differs, and
 //! the caller sorts them.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
@@ -52,42 +54,46 @@ pub fn generate_on_workers(jobs: Vec<FeatureJob>, workers: usize, ctx: Arc<Worke
         };
         worker.dataflow::<u64, _, _>(|scope| {
             let err_op = err.clone();
+            let act_scope = scope.clone();
             input
                 .to_stream(scope)
-                .unary_frontier(
-                    Exchange::new(|j: &FeatureJob| j.user as u64),
-                    "GenerateFeatures",
-                    move |_cap, _info| {
-                        let mut stash = Vec::new();
-                        move |(input, frontier), output| {
-                            input.for_each_stamp(|cap, data| {
-                                if let Some(cap) = cap.retain_least(output.output_index()) {
-                                    stash.push((cap, data.flat_map(|d| d.drain(..)).collect::<Vec<FeatureJob>>()));
-                                }
-                            });
-                            stash.retain_mut(|(cap, todo)| {
-                                if frontier.less_equal(cap.time()) {
-                                    return true;
-                                }
-                                // Patterns first, then reasons, each in key order; a batch holds one kind.
-                                todo.sort_by_key(|j| (j.item.is_some(), j.key));
-                                let mut session = output.session(cap);
-                                let split = todo.partition_point(|j| j.item.is_none());
-                                let (patterns, reasons) = todo.split_at(split);
-                                let chunks = patterns
-                                    .chunks(ctx.cfg.batch)
-                                    .map(|c| (c, ctx.cfg.max_new_tokens_pattern))
-                                    .chain(reasons.chunks(ctx.cfg.batch).map(|c| (c, ctx.cfg.max_new_tokens_reason)));
-                                for (chunk, max_new_tokens) in chunks {
-                                    if err_op.lock().expect("error slot").is_some() {
-                                        break;
-                                    }
-                                    let Some(model) = model.as_ref() else { break };
-                                    match run_batch(model, &ctx.prompts, &ctx.items, chunk, &ctx.cfg, max_new_tokens) {
-                                        Ok(outs) => session.give(
+                .unary_frontier(Exchange::new(|j: &FeatureJob| j.user as u64), "GenerateFeatures", move |_cap, info| {
+                    let activator = act_scope.activator_for(info.address.clone());
+                    let mut stash = Vec::new();
+                    // Batches ready to run, in order, each with its capability: one runs per
+                    // activation, so that its rows reach the sink (and the resumable log)
+                    // before the next one starts.
+                    let mut ready = VecDeque::new();
+                    move |(input, frontier), output| {
+                        input.for_each_stamp(|cap, data| {
+                            if let Some(cap) = cap.retain_least(output.output_index()) {
+                                stash.push((cap, data.flat_map(|d| d.drain(..)).collect::<Vec<FeatureJob>>()));
+                            }
+                        });
+                        stash.retain_mut(|(cap, todo)| {
+                            if frontier.less_equal(cap.time()) {
+                                return true;
+                            }
+                            // Patterns first, then reasons, each in key order; a batch holds one kind.
+                            todo.sort_by_key(|j| (j.item.is_some(), j.key));
+                            let split = todo.partition_point(|j| j.item.is_none());
+                            let (patterns, reasons) = todo.split_at(split);
+                            for c in patterns.chunks(ctx.cfg.batch) {
+                                ready.push_back((cap.clone(), c.to_vec(), ctx.cfg.max_new_tokens_pattern));
+                            }
+                            for c in reasons.chunks(ctx.cfg.batch) {
+                                ready.push_back((cap.clone(), c.to_vec(), ctx.cfg.max_new_tokens_reason));
+                            }
+                            false
+                        });
+                        if let Some((cap, chunk, max_new_tokens)) = ready.pop_front() {
+                            let failed = err_op.lock().expect("error slot").is_some();
+                            match model.as_ref() {
+                                Some(model) if !failed => {
+                                    match run_batch(model, &ctx.prompts, &ctx.items, &chunk, &ctx.cfg, max_new_tokens) {
+                                        Ok(outs) => output.session(&cap).give(
                                             chunk
-                                                .iter()
-                                                .cloned()
+                                                .into_iter()
                                                 .zip(outs)
                                                 .map(|(j, (t, p, n))| (j, t, p, n))
                                                 .collect::<Vec<Generated>>(),
@@ -97,11 +103,14 @@ pub fn generate_on_workers(jobs: Vec<FeatureJob>, workers: usize, ctx: Arc<Worke
                                         }
                                     }
                                 }
-                                false
-                            });
+                                _ => ready.clear(),
+                            }
                         }
-                    },
-                )
+                        if !ready.is_empty() {
+                            activator.activate();
+                        }
+                    }
+                })
                 .container::<Vec<_>>()
                 .inspect(move |batch: &Vec<Generated>| {
                     let mut sink = sink.lock().expect("sink lock");
