@@ -54,7 +54,7 @@ pub fn generate_on_workers(jobs: Vec<FeatureJob>, workers: usize, ctx: Arc<Worke
         };
         worker.dataflow::<u64, _, _>(|scope| {
             let err_op = err.clone();
-            let act_scope = scope.clone();
+            let act_scope = scope;
             input
                 .to_stream(scope)
                 .unary_frontier(Exchange::new(|j: &FeatureJob| j.user as u64), "GenerateFeatures", move |_cap, info| {

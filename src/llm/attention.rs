@@ -3,7 +3,8 @@
 //! softmax, values matmul) materializes several [batch, heads, t, keys] tensors forward and
 //! more backward, and candle's backward of the mask add also reduces a gradient for the constant
 //! mask; this op keeps only its output and recomputes each probability row in the backward pass
-//! (as FlashAttention does), skipping masked keys.
+//! (as FlashAttention does), skipping masked keys. Opt-in (`CUREC_ATTENTION=fused`): it keeps
+//! less memory, but its per-row loops are not yet faster than the gemm-based composite ops.
 //!
 //! Shapes: q [b, heads, t, d] (RoPE applied, not scaled), k and v [b, kv_heads, keys, d], the
 //! additive mask [b, t, keys] (0 or [`MASKED`]); output [b, heads, t, d]. Query head h reads KV

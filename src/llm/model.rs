@@ -114,8 +114,9 @@ pub struct CausalLm {
     sin: Tensor,
     dtype: DType,
     device: Device,
-    /// The fused attention op on the CPU in f32 (`llm::attention`); off: the composite ops
-    /// (`CUREC_ATTENTION=composite` at load, or [`Self::set_fused_attention`]).
+    /// The fused attention op on the CPU in f32 (`llm::attention`): less memory (no attention
+    /// matrices kept), not yet faster than the composite ops, so off unless
+    /// `CUREC_ATTENTION=fused` at load or [`Self::set_fused_attention`].
     fused_attention: bool,
 }
 
@@ -166,7 +167,7 @@ impl CausalLm {
         let norm = take(&mut w, "model.norm.weight")?;
         let lm_head = if cfg.tie_embeddings { None } else { Some(take(&mut w, "lm_head.weight")?) };
         let (cos, sin) = rope_tables(&cfg, cfg.max_position.min(32_768), device)?;
-        let fused_attention = std::env::var("CUREC_ATTENTION").map_or(true, |v| v != "composite");
+        let fused_attention = std::env::var("CUREC_ATTENTION").is_ok_and(|v| v == "fused");
         Ok(Self { cfg, embed, layers, norm, lm_head, cos, sin, dtype, device: device.clone(), fused_attention })
     }
 
@@ -208,7 +209,7 @@ impl CausalLm {
         &self.device
     }
 
-    /// Use the fused attention op where it applies (the default) or the composite ops.
+    /// Use the fused attention op where it applies, or the composite ops (the default).
     pub fn set_fused_attention(&mut self, on: bool) {
         self.fused_attention = on;
     }
