@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::model::MASKED;
+use crate::ops::contiguous_f32;
 
 /// Keys whose mask is at or below this are skipped (their probability is exactly 0 either way).
 const SKIP: f32 = MASKED / 2.0;
@@ -25,14 +26,6 @@ pub struct Attention {
     /// [b, t, keys], row-major.
     pub mask: Arc<Vec<f32>>,
     pub scale: f32,
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("attention {what}: expected f32") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("attention {what}: expected a contiguous tensor"),
-    }
 }
 
 /// Four dot products of `q` with `k[0..4]` (four independent FMA chains).
@@ -157,7 +150,11 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (contiguous(s1, l1, "q")?, contiguous(s2, l2, "k")?, contiguous(s3, l3, "v")?);
+        let (q, k, v) = (
+            contiguous_f32(s1, l1, "attention q")?,
+            contiguous_f32(s2, l2, "attention k")?,
+            contiguous_f32(s3, l3, "attention v")?,
+        );
         let Dims { nh, nkv, t, keys, d, .. } = self.dims(l1.dims(), l2.dims())?;
         let rep = nh / nkv;
         let mut out = vec![0f32; q.len()];
