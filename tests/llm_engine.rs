@@ -150,3 +150,43 @@ fn stop_strings_end_a_request_and_are_cut() {
     assert_eq!(got.finish, curec::llm::generate::Finish::Stop);
     assert!(!got.text.contains(&third) && got.tokens.len() <= 3, "{got:?}");
 }
+
+#[test]
+fn prompts_that_extend_each_other_share_one_chain_of_cached_keys_and_give_the_same_tokens() {
+    // A user's successive reason prompts: each one is the previous prompt plus a line, lengths
+    // off the 8-position key blocks, so cache hits hand out chains of shared segments whose
+    // last block is copied.
+    let q = QModel::from_causal(&tiny(Family::Qwen2), Quantize::Q8).unwrap();
+    let tok = tiny_tokenizer();
+    let mut prompts: Vec<Vec<u32>> = vec![(0..37).map(|i| (i * 7 + 3) % 97).collect()];
+    for k in 1..12u32 {
+        let mut p = prompts.last().unwrap().clone();
+        p.extend((0..(k as usize % 5 + 3)).map(|j| (k * 17 + j as u32 * 3) % 97));
+        prompts.push(p);
+    }
+    let requests: Vec<Request> =
+        prompts.iter().enumerate().map(|(i, p)| req(p.clone(), i as u64, 4 + i % 3, 1.0)).collect();
+    let alone: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let cfg = EngineConfig { max_batch: 1, prefix_cache_mib: 0 };
+            Engine::new(&q, &tok, cfg).run(std::slice::from_ref(r)).unwrap().pop().unwrap()
+        })
+        .collect();
+    for max_batch in [1, 3, 12] {
+        let mut e = Engine::new(&q, &tok, EngineConfig { max_batch, prefix_cache_mib: 16 });
+        // Twice: the second pass hits entries built from chains.
+        for pass in 0..2 {
+            let got = e.run(&requests).unwrap();
+            assert_eq!(got, alone, "max_batch {max_batch}, pass {pass}");
+        }
+        let s = e.stats();
+        assert!(s.prefix.hits >= 12, "{s:?}");
+        // Memory is counted once per shared segment: the entries hold about one copy of the
+        // longest prompt, not one copy per prompt.
+        let per_position = q.cfg.num_layers * 2 * q.cfg.num_kv_heads * q.cfg.head_dim * 4;
+        let longest = prompts.last().unwrap().len();
+        let all: usize = prompts.iter().map(|p| p.len()).sum();
+        assert!(s.prefix.bytes < (longest + 8 * 12) * per_position, "{} bytes for {all} prompt positions", s.prefix.bytes);
+    }
+}

@@ -15,7 +15,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use rayon::prelude::*;
 
-use super::kv::{SeqCache, KEY_BLOCK};
+use super::kv::{LayerView, SeqCache, KEY_BLOCK};
 use crate::llm::config::{Family, LlmConfig};
 use crate::llm::kernels::gguf::{to_qmatrix, Quantize};
 use crate::llm::kernels::{Format, QActs, QMatrix};
@@ -446,22 +446,23 @@ impl QModel {
                     (0..nkv).flat_map(move |kh| (0..n).step_by(32).map(move |i0| (si, kh, i0, (i0 + 32).min(n))))
                 })
                 .collect();
-            let caches: Vec<&SeqCache> = seqs.iter().map(|s| &*s.cache).collect();
+            // Each sequence's key blocks and value rows, wherever they live (shared prefix
+            // segments or its own positions).
+            let views: Vec<LayerView> = seqs.iter().map(|s| s.cache.layer(li)).collect();
             let attn_out = AttnOut(attn.as_mut_ptr());
             tasks.par_iter().for_each(|&(si, kh, i0, i1)| {
                 let attn_out = &attn_out;
-                let c = caches[si];
-                let (keys, vals) = c.layer(li);
-                let total = c.len_layer(li);
+                let (keys, vals) = (&views[si].0, &views[si].1);
+                let total = vals.len();
                 let n = lens[si];
                 let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
                 let mut out = vec![0f32; (i1 - i0) * rep * hd];
                 // Scores of up to two query rows (row k of the pair at (k·rep + h)·stride).
                 let mut scores = vec![0f32; 2 * rep * stride];
-                let kb = |b: usize| &keys[(b * kvd + kh * hd) * KEY_BLOCK..(b * kvd + (kh + 1) * hd) * KEY_BLOCK];
+                let kb = |b: usize| &keys[b][kh * hd * KEY_BLOCK..(kh + 1) * hd * KEY_BLOCK];
                 let val = |j: usize, c: usize, width: usize| {
-                    let at = j * kvd + kh * hd + c;
-                    &vals[at..at + width]
+                    let at = kh * hd + c;
+                    &vals[j][at..at + width]
                 };
                 // Rows go in pairs where they can (a prompt's rows): each key and value load then
                 // serves two queries. Row i of a pair sees one key fewer than row i + 1; every

@@ -1,7 +1,10 @@
 //! The prefix cache: KV caches of prompts already computed, keyed by their token ids. A new
 //! prompt takes the longest common token prefix with any entry (a GRPO group's shared prompt, the
 //! fixed instructions, a user's history across that user's reasons) and computes only the rest.
-//! Entries are evicted least recently used first under a byte budget. Lookup is a scan over the
+//! Entries are chains of shared KV segments ([`SeqCache::share`]): an entry that extends another
+//! holds the other's segments plus the positions it added, and a hit hands out pointers, not
+//! copies. Memory is counted once per segment, and entries are evicted least recently used first
+//! until the segments they keep alive fit the byte budget. Lookup is a scan over the
 //! entries comparing token prefixes: entries number in the hundreds under any useful budget, and
 //! a scan costs microseconds against milliseconds of model time per token.
 
@@ -98,28 +101,36 @@ impl PrefixCache {
             e.used = self.clock;
             return;
         }
-        let mut i = 0;
-        while i < self.entries.len() {
-            if prompt.starts_with(&self.entries[i].tokens) {
-                self.bytes -= self.entries[i].cache.bytes();
-                self.entries.swap_remove(i);
-            } else {
-                i += 1;
-            }
-        }
-        let entry = Entry { tokens: prompt.to_vec(), cache: cache.prefix(prompt.len(), 0), used: self.clock };
-        let size = entry.cache.bytes();
-        if size > self.budget {
+        // Entries the prompt extends are dropped: the new entry shares their segments.
+        self.entries.retain(|e| !prompt.starts_with(&e.tokens));
+        let entry = Entry { tokens: prompt.to_vec(), cache: cache.share(prompt.len()), used: self.clock };
+        if entry.cache.own_bytes() + entry.cache.segments().map(|(_, b)| b).sum::<usize>() > self.budget {
+            self.bytes = self.count_bytes();
             return;
         }
-        self.bytes += size;
         self.entries.push(entry);
-        while self.bytes > self.budget {
+        self.bytes = self.count_bytes();
+        while self.bytes > self.budget && !self.entries.is_empty() {
             let (victim, _) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used).expect("non-empty");
-            self.bytes -= self.entries[victim].cache.bytes();
             self.entries.swap_remove(victim);
             self.stats.evictions += 1;
+            self.bytes = self.count_bytes();
         }
+    }
+
+    /// Bytes of keys and values the entries keep alive, each shared segment once.
+    fn count_bytes(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut bytes = 0;
+        for e in &self.entries {
+            bytes += e.cache.own_bytes();
+            for (ptr, b) in e.cache.segments() {
+                if seen.insert(ptr) {
+                    bytes += b;
+                }
+            }
+        }
+        bytes
     }
 
     pub fn stats(&self) -> PrefixStats {
