@@ -331,74 +331,134 @@ pub struct ReasonWeight {
 /// `curec recommend`: the top `k` items for a user (raw id) after everything the user has seen
 /// (train, valid and test), each with its top `n_reasons` reasons when the run is a CUREC model.
 pub fn recommend(run: &Path, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
-    let TrainedRun { kind, mut ds, cfg, .. } = TrainedRun::open(run, None)?;
-    let trained_users = ds.n_users;
-    // Interactions ingested since training (`curec ingest`), new users included.
-    let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
-    let user = ds.users.iter().position(|u| u == raw_user).with_context(|| {
-        format!("--user '{raw_user}': no such user in dataset {} or its ingests (raw ids as in the input log)", ds.name)
-    })? as u32;
-    let mut seen = Vec::new();
-    if (user as usize) < trained_users {
-        seen = ds.history(user, Split::Test);
-        seen.push(ds.test[user as usize]);
-    } else {
-        anyhow::ensure!(
-            kind != ModelKind::Ncf,
-            "--user '{raw_user}': added by ingestion after training, and {} learns an embedding per user; use a sequential model",
-            kind.name()
-        );
+    Recommender::open(run)?.recommend(raw_user, k, n_reasons)
+}
+
+enum Loaded {
+    Curec(Box<Curec>),
+    Other(Box<dyn Model>),
+}
+
+/// A trained run loaded once to answer many recommendation queries (`curec recommend` opens one
+/// per call, `curec serve` keeps one and replaces it after each ingest).
+pub struct Recommender {
+    kind: ModelKind,
+    ds: Dataset,
+    trained_users: usize,
+    ingested: std::collections::HashMap<u32, Vec<u32>>,
+    user_index: std::collections::HashMap<String, u32>,
+    model: Loaded,
+}
+
+impl Recommender {
+    /// The run's model, dataset and the interactions ingested since training (new users included).
+    pub fn open(run: &Path) -> anyhow::Result<Self> {
+        let TrainedRun { kind, mut ds, cfg, .. } = TrainedRun::open(run, None)?;
+        let trained_users = ds.n_users;
+        let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
+        let model = if kind == ModelKind::Curec {
+            let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
+            m.load(&run.join("model.safetensors"))?;
+            Loaded::Curec(Box::new(m))
+        } else {
+            let mut m = build_model(kind, &ds, &cfg, &Device::Cpu)?;
+            m.load(&run.join("model.safetensors"))?;
+            Loaded::Other(m)
+        };
+        let user_index = ds.users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
+        Ok(Self { kind, ds, trained_users, ingested, user_index, model })
     }
-    seen.extend(ingested.get(&user).into_iter().flatten());
-    anyhow::ensure!(
-        !seen.is_empty(),
-        "--user '{raw_user}': no interaction with an item the model knows yet (ingested items are new to it)"
-    );
-    let (scores, weights): (Vec<f32>, Option<(Curec, Vec<f32>)>) = if kind == ModelKind::Curec {
-        let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
-        m.load(&run.join("model.safetensors"))?;
-        let (s, w) = m.score_with_weights(&[user], std::slice::from_ref(&seen))?;
-        (s.flatten_all()?.to_vec1()?, Some((m, w.flatten_all()?.to_vec1()?)))
-    } else {
-        let mut m = build_model(kind, &ds, &cfg, &Device::Cpu)?;
-        m.load(&run.join("model.safetensors"))?;
-        let mut tmp = ds.clone();
-        tmp.train[user as usize] = seen.clone();
-        (m.score(&tmp, &[user], Split::Valid)?, None)
-    };
-    let seen: std::collections::HashSet<u32> = seen.into_iter().collect();
-    let mut order: Vec<u32> = (0..ds.n_items as u32).filter(|i| !seen.contains(i)).collect();
-    order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
-    order.truncate(k);
-    Ok(order
-        .into_iter()
-        .map(|i| {
-            let reasons = match &weights {
-                Some((m, w)) => {
-                    let bank = m.bank();
-                    let l = bank.max_list();
-                    let mut rs: Vec<ReasonWeight> = bank.lists[i as usize]
-                        .iter()
-                        .enumerate()
-                        .map(|(j, &(r, _))| ReasonWeight {
-                            text: bank.texts[r as usize].clone(),
-                            weight: w[i as usize * l + j],
-                        })
-                        .collect();
-                    rs.sort_by(|a, b| b.weight.total_cmp(&a.weight));
-                    rs.truncate(n_reasons);
-                    rs
-                }
-                None => Vec::new(),
-            };
-            Recommendation {
-                item: ds.items[i as usize].raw_id.clone(),
-                title: ds.items[i as usize].info.title.clone(),
-                score: scores[i as usize],
-                reasons,
+
+    /// Whether the raw user id is known (trained or ingested).
+    pub fn knows(&self, raw_user: &str) -> bool {
+        self.user_index.contains_key(raw_user)
+    }
+
+    /// Raw ids of the users (ingested ones included).
+    pub fn user_ids(&self) -> Vec<String> {
+        self.ds.users.clone()
+    }
+
+    /// Raw ids of the items the model scores.
+    pub fn item_ids(&self) -> Vec<String> {
+        self.ds.items[..self.ds.n_items].iter().map(|i| i.raw_id.clone()).collect()
+    }
+
+    /// Users and items the model serves (ingested ones included).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.ds.users.len(), self.ds.n_items)
+    }
+
+    /// Top `k` unseen items for a user, each with its top `n_reasons` matched reasons.
+    pub fn recommend(&self, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
+        let ds = &self.ds;
+        let user = *self.user_index.get(raw_user).with_context(|| {
+            format!(
+                "--user '{raw_user}': no such user in dataset {} or its ingests (raw ids as in the input log)",
+                ds.name
+            )
+        })?;
+        let mut seen = Vec::new();
+        if (user as usize) < self.trained_users {
+            seen = ds.history(user, Split::Test);
+            seen.push(ds.test[user as usize]);
+        } else {
+            anyhow::ensure!(
+                self.kind != ModelKind::Ncf,
+                "--user '{raw_user}': added by ingestion after training, and {} learns an embedding per user; use a sequential model",
+                self.kind.name()
+            );
+        }
+        seen.extend(self.ingested.get(&user).into_iter().flatten());
+        anyhow::ensure!(
+            !seen.is_empty(),
+            "--user '{raw_user}': no interaction with an item the model knows yet (ingested items are new to it)"
+        );
+        let (scores, weights): (Vec<f32>, Option<(&Curec, Vec<f32>)>) = match &self.model {
+            Loaded::Curec(m) => {
+                let (s, w) = m.score_with_weights(&[user], std::slice::from_ref(&seen))?;
+                (s.flatten_all()?.to_vec1()?, Some((m, w.flatten_all()?.to_vec1()?)))
             }
-        })
-        .collect())
+            Loaded::Other(m) => {
+                let mut tmp = ds.clone();
+                tmp.train[user as usize] = seen.clone();
+                (m.score(&tmp, &[user], Split::Valid)?, None)
+            }
+        };
+        let seen: std::collections::HashSet<u32> = seen.into_iter().collect();
+        let mut order: Vec<u32> = (0..ds.n_items as u32).filter(|i| !seen.contains(i)).collect();
+        order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
+        order.truncate(k);
+        Ok(order
+            .into_iter()
+            .map(|i| {
+                let reasons = match &weights {
+                    Some((m, w)) => {
+                        let bank = m.bank();
+                        let l = bank.max_list();
+                        let mut rs: Vec<ReasonWeight> = bank.lists[i as usize]
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &(r, _))| ReasonWeight {
+                                text: bank.texts[r as usize].clone(),
+                                weight: w[i as usize * l + j],
+                            })
+                            .collect();
+                        rs.sort_by(|a, b| b.weight.total_cmp(&a.weight));
+                        rs.truncate(n_reasons);
+                        rs
+                    }
+                    None => Vec::new(),
+                };
+                Recommendation {
+                    item: ds.items[i as usize].raw_id.clone(),
+                    title: ds.items[i as usize].info.title.clone(),
+                    score: scores[i as usize],
+                    reasons,
+                }
+            })
+            .collect())
+    }
 }
 
 /// Markdown table header matching [`table_row`].

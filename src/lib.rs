@@ -24,3 +24,4 @@ pub mod rec;
 pub mod replay;
 pub mod report;
 pub mod seeds;
+pub mod serve;

@@ -261,6 +261,19 @@ enum Command {
         #[arg(long)]
         grpo: bool,
     },
+    /// Serve a trained run over HTTP: recommendations with reasons, durable ingestion of new
+    /// interactions through the replay's operators, /healthz, /metrics (Prometheus) and the report
+    /// at /. Stops cleanly on SIGTERM or Ctrl-C
+    Serve {
+        /// A run directory (`curec replay` to ingest; `curec train` runs serve recommendations only).
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Milliseconds the ingest worker waits for more rows after the first pending one.
+        #[arg(long, default_value_t = 500)]
+        ingest_delay_ms: u64,
+    },
     /// Run a job file: prepare the data if needed, then train and evaluate every listed model.
     Run {
         job: PathBuf,
@@ -285,6 +298,19 @@ enum ModelAction {
 
 #[derive(Subcommand)]
 enum BenchWhat {
+    /// Loopback load on `curec serve` over a copy of a run: requests/s and p50/p99 latency for
+    /// recommendations, for ingestion and for a mix (stops by itself).
+    Serve {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long, default_value_t = 4, value_parser = positive)]
+        clients: usize,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        #[arg(short = 'k', long, default_value_t = 10, value_parser = positive)]
+        k: usize,
+    },
     /// Aggregate generation tokens/s for a batch.
     Generate {
         #[arg(long)]
@@ -664,6 +690,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ingest { from, file, workers, grpo } => {
             let v = curec::replay::ingest(&from, &file, workers, grpo)?;
+            println!("{v}");
+        }
+        Command::Serve { run, addr, ingest_delay_ms } => {
+            curec::serve::serve(&curec::serve::ServeOptions {
+                run,
+                addr,
+                ingest_delay: std::time::Duration::from_millis(ingest_delay_ms),
+            })?;
+        }
+        Command::Bench { what: BenchWhat::Serve { run, clients, seconds, k } } => {
+            let v = curec::serve::bench::run(&curec::serve::bench::ServeBench { run, clients, seconds, k })?;
             println!("{v}");
         }
         Command::Run { job, force, sets } => {

@@ -187,6 +187,10 @@ fn prompts_that_extend_each_other_share_one_chain_of_cached_keys_and_give_the_sa
         let per_position = q.cfg.num_layers * 2 * q.cfg.num_kv_heads * q.cfg.head_dim * 4;
         let longest = prompts.last().unwrap().len();
         let all: usize = prompts.iter().map(|p| p.len()).sum();
-        assert!(s.prefix.bytes < (longest + 8 * 12) * per_position, "{} bytes for {all} prompt positions", s.prefix.bytes);
+        assert!(
+            s.prefix.bytes < (longest + 8 * 12) * per_position,
+            "{} bytes for {all} prompt positions",
+            s.prefix.bytes
+        );
     }
 }

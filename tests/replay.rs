@@ -9,10 +9,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::setup;
-use curec::config::JobConfig;
-use curec::features::{generate_features, FeaturesConfig};
-use curec::rec::ModelKind;
+use common::chain;
 use curec::replay::bench::{synthetic, BenchSpec};
 use curec::replay::graph::{run_dataflow, CorrectorFactory, Initial};
 use curec::replay::policy::Corrector;
@@ -123,52 +120,6 @@ fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
     standin_run(&part, epochs[20..].to_vec(), state, 2, [29].into_iter().collect(), done);
     let (_, d3) = snapshot::newest(&part).unwrap();
     same_state(&d1, &d3, "uninterrupted vs resumed");
-}
-
-struct Chain {
-    _s: common::Setup,
-    job: PathBuf,
-    base: PathBuf,
-}
-
-/// Tiny LLM features, a reward model on them, and a replay job file.
-fn chain() -> Chain {
-    let s = setup();
-    let model = s.model.to_str().unwrap().to_string();
-    let feats = s.base.join("features");
-    let fcfg = FeaturesConfig {
-        model: Some(model.clone()),
-        users: 12,
-        reasons_per_user: 3,
-        max_new_tokens_pattern: 8,
-        max_new_tokens_reason: 8,
-        batch: 8,
-        ..Default::default()
-    };
-    generate_features(&s.data, &model, &feats, &fcfg).unwrap();
-    let mut cfg = JobConfig::default();
-    cfg.curec.features = Some(feats.clone());
-    cfg.curec.encoder = format!("llm:{model}");
-    cfg.curec.positions_per_user = 4;
-    cfg.sasrec.max_len = 20;
-    cfg.curec.max_epochs = 1;
-    cfg.train.bootstrap = 20;
-    let rm = s.base.join("rm");
-    curec::jobs::train(ModelKind::Curec, &s.data, &rm, &cfg).unwrap();
-    let job = s.base.join("replay.toml");
-    let text = format!(
-        "[prepare]\nout = {data:?}\n[train]\nout = {stages:?}\nmodels = []\nbootstrap = 20\n\
-         [features]\nmodel = {model:?}\nmax_new_tokens_reason = 8\n[sasrec]\nmax_len = 20\n\
-         [grpo]\ngroup_size = 2\n\
-         [replay]\nreward_model = {rm:?}\nusers = 6\nper_user = 2\nslice = 2\nsnapshot_every = 2\n\
-         max_new_tokens_update = 8\nmax_new_tokens_reason = 6\n",
-        data = s.data,
-        stages = s.base.join("stages"),
-        rm = rm,
-    );
-    std::fs::write(&job, text).unwrap();
-    let base = s.base.clone();
-    Chain { _s: s, job, base }
 }
 
 fn final_snapshot(run: &Path) -> PathBuf {

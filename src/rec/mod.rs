@@ -51,7 +51,7 @@ impl ModelKind {
 }
 
 /// A trainable scorer.
-pub trait Model: Scorer {
+pub trait Model: Scorer + Send {
     /// One pass over the training data; the mean loss, or `None` for models fitted in closed form.
     fn train_epoch(&mut self, ds: &Dataset, epoch: usize) -> anyhow::Result<Option<f64>>;
     fn save(&self, path: &Path) -> anyhow::Result<()>;

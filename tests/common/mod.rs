@@ -79,3 +79,49 @@ pub fn tiny_tokenizer() -> curec::llm::Tokenizer {
     t.pad_id = 0;
     t
 }
+
+pub struct Chain {
+    pub _s: Setup,
+    pub job: PathBuf,
+    pub base: PathBuf,
+}
+
+/// Tiny LLM features, a reward model on them, and a replay job file.
+pub fn chain() -> Chain {
+    let s = setup();
+    let model = s.model.to_str().unwrap().to_string();
+    let feats = s.base.join("features");
+    let fcfg = curec::features::FeaturesConfig {
+        model: Some(model.clone()),
+        users: 12,
+        reasons_per_user: 3,
+        max_new_tokens_pattern: 8,
+        max_new_tokens_reason: 8,
+        batch: 8,
+        ..Default::default()
+    };
+    curec::features::generate_features(&s.data, &model, &feats, &fcfg).unwrap();
+    let mut cfg = JobConfig::default();
+    cfg.curec.features = Some(feats.clone());
+    cfg.curec.encoder = format!("llm:{model}");
+    cfg.curec.positions_per_user = 4;
+    cfg.sasrec.max_len = 20;
+    cfg.curec.max_epochs = 1;
+    cfg.train.bootstrap = 20;
+    let rm = s.base.join("rm");
+    curec::jobs::train(curec::rec::ModelKind::Curec, &s.data, &rm, &cfg).unwrap();
+    let job = s.base.join("replay.toml");
+    let text = format!(
+        "[prepare]\nout = {data:?}\n[train]\nout = {stages:?}\nmodels = []\nbootstrap = 20\n\
+         [features]\nmodel = {model:?}\nmax_new_tokens_reason = 8\n[sasrec]\nmax_len = 20\n\
+         [grpo]\ngroup_size = 2\n\
+         [replay]\nreward_model = {rm:?}\nusers = 6\nper_user = 2\nslice = 2\nsnapshot_every = 2\n\
+         max_new_tokens_update = 8\nmax_new_tokens_reason = 6\n",
+        data = s.data,
+        stages = s.base.join("stages"),
+        rm = rm,
+    );
+    std::fs::write(&job, text).unwrap();
+    let base = s.base.clone();
+    Chain { _s: s, job, base }
+}

@@ -1,0 +1,453 @@
+//! `curec serve`: a trained run behind HTTP (axum on tokio).
+//!
+//! - `GET /v1/users/{id}/recommendations?k=10&reasons=3`: the top-k unseen items with scores and
+//!   their matched reasons with attention weights (the same [`Recommender`] as `curec recommend`,
+//!   loaded once);
+//! - `POST /v1/interactions`: a JSON array of `{user, item, timestamp, rating[, title, text]}`
+//!   (ids as JSON numbers or strings). The reply comes once the rows are in the fsynced
+//!   write-ahead log ([`wal`]); an ingest worker then puts them through the same operators as
+//!   `curec ingest` (the replay's dataflow from its newest snapshot, which writes a new
+//!   snapshot) and swaps in a recommender that serves the new users and items;
+//! - `GET /healthz`, `GET /metrics` (Prometheus text), and the run's report at `/`.
+//!
+//! Bad requests get a 4xx JSON body naming the field and what was expected; bodies over
+//! [`MAX_BODY`] get 413. SIGTERM or Ctrl-C stops accepting, finishes the requests in flight,
+//! ingests what the log still holds (a new snapshot), and exits. A restart, also after
+//! `kill -9`, ingests every acknowledged entry the last run had not applied.
+
+pub mod bench;
+pub mod metrics;
+pub mod wal;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::jobs::Recommender;
+use metrics::Metrics;
+use wal::{Entry, Row, Wal};
+
+/// Largest request body, bytes.
+pub const MAX_BODY: usize = 1 << 20;
+/// Largest `k` a recommendation request may ask for.
+pub const MAX_K: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub run: PathBuf,
+    pub addr: SocketAddr,
+    /// How long the ingest worker waits for more rows after the first pending one.
+    pub ingest_delay: Duration,
+}
+
+/// What the handlers share.
+pub struct App {
+    run: PathBuf,
+    recommender: RwLock<Arc<Mutex<Recommender>>>,
+    wal: Mutex<Option<Wal>>,
+    /// Acknowledged entries not yet ingested, and whether the service is stopping.
+    queue: Mutex<(Vec<Entry>, bool)>,
+    wake: Condvar,
+    metrics: Metrics,
+    report: Mutex<Option<String>>,
+    /// Why this run cannot ingest (no replay snapshot), if it cannot.
+    no_ingest: Option<String>,
+}
+
+/// An error reply: status and a JSON body `{"error", "field"?, "expected"?}`.
+struct ApiError(StatusCode, Value);
+
+impl ApiError {
+    fn field(status: StatusCode, field: &str, expected: &str, error: impl Into<String>) -> Self {
+        Self(status, json!({"error": error.into(), "field": field, "expected": expected}))
+    }
+    fn plain(status: StatusCode, error: impl Into<String>) -> Self {
+        Self(status, json!({"error": error.into()}))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(self.1)).into_response()
+    }
+}
+
+impl App {
+    /// Load the run, open its log and queue what the log holds beyond the last ingest.
+    pub fn open(run: &Path) -> Result<Arc<Self>> {
+        let recommender = Recommender::open(run)?;
+        let no_ingest = match crate::replay::snapshot::newest(&run.join("snapshots")) {
+            Some(_) => None,
+            None => Some(format!(
+                "{}: not a replay run (no snapshot), so it cannot ingest; serve a `curec replay` run to ingest",
+                run.display()
+            )),
+        };
+        let (wal, pending) = match no_ingest {
+            None => {
+                let (w, p) = Wal::open(run)?;
+                (Some(w), p)
+            }
+            Some(_) => (None, Vec::new()),
+        };
+        let metrics = Metrics::default();
+        let (u, i) = recommender.sizes();
+        metrics.sizes(u, i);
+        let rows: u64 = pending.iter().map(|e| e.rows.len() as u64).sum();
+        metrics.restore_pending(rows);
+        if rows > 0 {
+            tracing::info!("{} acknowledged rows in the log are not ingested yet: ingesting them", rows);
+        }
+        Ok(Arc::new(Self {
+            run: run.to_path_buf(),
+            recommender: RwLock::new(Arc::new(Mutex::new(recommender))),
+            wal: Mutex::new(wal),
+            queue: Mutex::new((pending, false)),
+            wake: Condvar::new(),
+            metrics,
+            report: Mutex::new(None),
+            no_ingest,
+        }))
+    }
+
+    fn recommender(&self) -> Arc<Mutex<Recommender>> {
+        self.recommender.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The ingest worker: waits for acknowledged entries, ingests them in one batch, records
+    /// them as applied and swaps in a fresh recommender. Returns when the service stops and
+    /// the queue is empty.
+    pub fn ingest_worker(self: &Arc<Self>, delay: Duration) {
+        loop {
+            let batch: Vec<Entry> = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                while q.0.is_empty() && !q.1 {
+                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                if q.0.is_empty() {
+                    return; // stopping, nothing left
+                }
+                if !q.1 {
+                    // Let a burst of requests gather into one ingest.
+                    let (g, _) = self.wake.wait_timeout(q, delay).unwrap_or_else(|p| p.into_inner());
+                    q = g;
+                }
+                std::mem::take(&mut q.0)
+            };
+            let rows: u64 = batch.iter().map(|e| e.rows.len() as u64).sum();
+            let t0 = Instant::now();
+            match self.ingest(&batch) {
+                Ok(v) => {
+                    let n = v["interactions"].as_u64().unwrap_or(0);
+                    self.metrics.ingest(rows, n, t0.elapsed().as_secs_f64(), true);
+                    tracing::info!(
+                        "ingested {rows} rows ({n} new interactions) in {:.1} s",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => {
+                    // The entries stay in the log (not applied): a restart retries them.
+                    self.metrics.ingest(rows, 0, t0.elapsed().as_secs_f64(), false);
+                    tracing::error!("ingest failed, the rows stay in the log for the next start: {e:#}");
+                }
+            }
+        }
+    }
+
+    fn ingest(&self, batch: &[Entry]) -> Result<Value> {
+        let last = batch.last().map(|e| e.seq).unwrap_or(0);
+        let file = wal::dir(&self.run).join(format!("ingest-{last}.csv"));
+        {
+            let mut w = csv::Writer::from_path(&file).with_context(|| format!("{}: cannot write", file.display()))?;
+            w.write_record(["user", "item", "timestamp", "rating", "title", "text"])?;
+            for r in batch.iter().flat_map(|e| &e.rows) {
+                w.write_record([
+                    r.user.as_str(),
+                    r.item.as_str(),
+                    &r.timestamp.to_string(),
+                    &r.rating.to_string(),
+                    r.title.as_deref().unwrap_or(""),
+                    r.text.as_deref().unwrap_or(""),
+                ])?;
+            }
+            w.flush()?;
+        }
+        let v = crate::replay::jobs::ingest(&self.run, &file, None, false);
+        let _ = std::fs::remove_file(&file);
+        let v = v?;
+        wal::set_applied(&self.run, last)?;
+        let fresh = Recommender::open(&self.run)?;
+        let (u, i) = fresh.sizes();
+        self.metrics.sizes(u, i);
+        *self.recommender.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Mutex::new(fresh));
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(v)
+    }
+
+    /// Stop: the worker ingests what is queued, then returns.
+    pub fn stop(&self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.wake.notify_all();
+    }
+}
+
+/// The router over a loaded app (also used by the benchmark).
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(report))
+        .route("/healthz", get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/users/{id}/recommendations", get(recommendations))
+        .route("/v1/interactions", post(interactions))
+        .fallback(|| async { ApiError::plain(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), observe))
+        .with_state(app)
+}
+
+/// Count every request and time it, by route.
+async fn observe(State(app): State<Arc<App>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    let route: &'static str = match path {
+        "/" => "/",
+        "/healthz" => "/healthz",
+        "/metrics" => "/metrics",
+        "/v1/interactions" => "/v1/interactions",
+        p if p.starts_with("/v1/users/") && p.ends_with("/recommendations") => "/v1/users/{id}/recommendations",
+        _ => "other",
+    };
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    app.metrics.request(route, resp.status().as_u16(), t0.elapsed().as_secs_f64());
+    resp
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+async fn report(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let cached = app.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let page = match cached {
+        Some(p) => p,
+        None => {
+            let run = app.run.clone();
+            let page = tokio::task::spawn_blocking(move || crate::report::render(&[run], 3))
+                .await
+                .map_err(|e| ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, format!("report: {e}")))?
+                .map_err(|e| ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, format!("report: {e:#}")))?;
+            *app.report.lock().unwrap_or_else(|p| p.into_inner()) = Some(page.clone());
+            page
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response())
+}
+
+fn int_param(q: &HashMap<String, String>, name: &str, default: usize, lo: usize, hi: usize) -> Result<usize, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+            _ => Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                name,
+                &format!("an integer from {lo} to {hi}"),
+                format!("bad {name}: {s:?}"),
+            )),
+        },
+    }
+}
+
+async fn recommendations(
+    State(app): State<Arc<App>>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let k = int_param(&q, "k", 10, 1, MAX_K)?;
+    let n_reasons = int_param(&q, "reasons", 3, 0, 50)?;
+    let rec = app.recommender();
+    let id2 = id.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let r = rec.lock().unwrap_or_else(|p| p.into_inner());
+        if !r.knows(&id2) {
+            return Ok(None);
+        }
+        r.recommend(&id2, k, n_reasons).map(Some)
+    })
+    .await
+    .map_err(|e| ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, format!("recommendation task failed: {e}")))?;
+    match out {
+        Ok(Some(items)) => Ok(axum::Json(json!({"user": id, "items": items})).into_response()),
+        Ok(None) => Err(ApiError::field(
+            StatusCode::NOT_FOUND,
+            "id",
+            "a user id of the run's log or of an ingested interaction",
+            format!("no such user: {id:?}"),
+        )),
+        Err(e) => Err(ApiError::plain(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))),
+    }
+}
+
+/// A raw-log id: a JSON string or an integer.
+fn id_of(v: &Value, at: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::field(StatusCode::BAD_REQUEST, at, "a non-empty string or an integer", format!("bad {at}"));
+    match v {
+        Value::String(s) if !s.trim().is_empty() && !s.contains(['\n', '\r']) => Ok(s.trim().to_string()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        _ => Err(bad()),
+    }
+}
+
+/// Parse and check a request body into rows.
+pub fn parse_rows(body: &[u8]) -> Result<Vec<Row>, (String, String, String)> {
+    let err = |f: &str, e: &str, m: String| (f.to_string(), e.to_string(), m);
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| err("body", "a JSON array of interactions", format!("not JSON: {e}")))?;
+    let arr = v.as_array().ok_or_else(|| err("body", "a JSON array of interactions", "not an array".into()))?;
+    if arr.is_empty() {
+        return Err(err("body", "at least one interaction", "empty array".into()));
+    }
+    let mut rows = Vec::with_capacity(arr.len());
+    for (n, x) in arr.iter().enumerate() {
+        let o = x.as_object().ok_or_else(|| {
+            err(&format!("[{n}]"), "an object {user, item, timestamp, rating[, title, text]}", "not an object".into())
+        })?;
+        for k in o.keys() {
+            if !["user", "item", "timestamp", "rating", "title", "text"].contains(&k.as_str()) {
+                return Err(err(
+                    &format!("[{n}].{k}"),
+                    "only user, item, timestamp, rating, title, text",
+                    format!("unknown field {k:?}"),
+                ));
+            }
+        }
+        let get =
+            |k: &str| o.get(k).ok_or_else(|| err(&format!("[{n}].{k}"), "present", format!("[{n}]: missing {k}")));
+        let id = |k: &str| -> Result<String, (String, String, String)> {
+            id_of(get(k)?, &format!("[{n}].{k}")).map_err(|e| {
+                let f = e.1["field"].as_str().unwrap_or_default().to_string();
+                (f, "a non-empty string or an integer".into(), format!("[{n}]: bad {k}"))
+            })
+        };
+        let (user, item) = (id("user")?, id("item")?);
+        let timestamp = get("timestamp")?.as_i64().ok_or_else(|| {
+            err(&format!("[{n}].timestamp"), "an integer (seconds since the epoch)", format!("[{n}]: bad timestamp"))
+        })?;
+        let rating = get("rating")?
+            .as_f64()
+            .filter(|r| r.is_finite())
+            .ok_or_else(|| err(&format!("[{n}].rating"), "a finite number", format!("[{n}]: bad rating")))?;
+        let text_of = |k: &str| -> Result<Option<String>, (String, String, String)> {
+            match o.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(err(&format!("[{n}].{k}"), "a string", format!("[{n}]: bad {k}"))),
+            }
+        };
+        rows.push(Row {
+            user,
+            item,
+            timestamp,
+            rating: rating as f32,
+            title: text_of("title")?,
+            text: text_of("text")?,
+        });
+    }
+    Ok(rows)
+}
+
+async fn interactions(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError::field(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body",
+            &format!("at most {MAX_BODY} bytes"),
+            "request body too large",
+        )
+    })?;
+    if let Some(why) = &app.no_ingest {
+        return Err(ApiError::plain(StatusCode::CONFLICT, why.clone()));
+    }
+    let rows = parse_rows(&bytes).map_err(|(f, e, m)| ApiError::field(StatusCode::BAD_REQUEST, &f, &e, m))?;
+    let n = rows.len();
+    let app2 = app.clone();
+    // The fsync blocks: off the async threads.
+    let entry = tokio::task::spawn_blocking(move || -> Result<Entry> {
+        let mut w = app2.wal.lock().unwrap_or_else(|p| p.into_inner());
+        let w = w.as_mut().context("no write-ahead log")?;
+        let e = w.append(rows)?;
+        // Queued under the log's lock, so entries reach the worker in sequence order.
+        app2.queue.lock().unwrap_or_else(|p| p.into_inner()).0.push(e.clone());
+        Ok(e)
+    })
+    .await
+    .map_err(|e| ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, format!("log task failed: {e}")))?
+    .map_err(|e| ApiError::plain(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+    app.metrics.accepted(n as u64);
+    app.wake.notify_all();
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": n, "seq": entry.seq, "durable": true}))).into_response())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("stopping: no new connections; finishing requests in flight");
+}
+
+/// Run the service until SIGTERM or Ctrl-C.
+pub fn serve(opts: &ServeOptions) -> Result<()> {
+    let app = App::open(&opts.run)?;
+    let worker = {
+        let app = app.clone();
+        let delay = opts.ingest_delay;
+        std::thread::Builder::new().name("curec-ingest".into()).spawn(move || app.ingest_worker(delay))?
+    };
+    app.wake.notify_all();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let served = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(opts.addr)
+            .await
+            .with_context(|| format!("--addr {}: cannot listen", opts.addr))?;
+        let addr = listener.local_addr()?;
+        // One line a script can wait for.
+        println!("{}", json!({"listening": format!("http://{addr}"), "run": opts.run.display().to_string()}));
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+        anyhow::Ok(())
+    });
+    app.stop();
+    tracing::info!("ingesting what the log still holds ({} rows), then exiting", app.metrics.pending());
+    worker.join().map_err(|_| anyhow::anyhow!("the ingest worker panicked"))?;
+    served
+}
