@@ -4,7 +4,7 @@
 //! recommendations only, ingestion only (one interaction per POST), and a mix (one POST in ten).
 //! Prints one JSON line with requests/s and p50/p99 latency per phase. The ingest worker runs
 //! during the load as it would in service, so the ingestion and mix phases include its work on
-//! the same cores.
+//! the same cores. What is still queued at the end is not ingested (the copy is removed).
 
 use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
@@ -155,7 +155,8 @@ pub fn run(b: &ServeBench) -> Result<Value> {
         let mix = phase(&base, &users, &items, b, 10, ts0 + 200_000_000);
         let _ = tx.send(());
         let _ = rt.block_on(server);
-        app.stop();
+        // The copy is thrown away: no need to ingest what is still queued.
+        app.halt();
         let _ = worker.join();
         Ok(json!({
             "bench": "serve", "clients": b.clients, "seconds_per_phase": b.seconds, "k": b.k,

@@ -58,6 +58,8 @@ pub struct App {
     wal: Mutex<Option<Wal>>,
     /// Acknowledged entries not yet ingested, and whether the service is stopping.
     queue: Mutex<(Vec<Entry>, bool)>,
+    /// Stop without ingesting what is queued (the benchmark's throwaway copy).
+    halted: std::sync::atomic::AtomicBool,
     wake: Condvar,
     metrics: Metrics,
     report: Mutex<Option<String>>,
@@ -114,6 +116,7 @@ impl App {
             recommender: RwLock::new(Arc::new(Mutex::new(recommender))),
             wal: Mutex::new(wal),
             queue: Mutex::new((pending, false)),
+            halted: std::sync::atomic::AtomicBool::new(false),
             wake: Condvar::new(),
             metrics,
             report: Mutex::new(None),
@@ -135,8 +138,8 @@ impl App {
                 while q.0.is_empty() && !q.1 {
                     q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
                 }
-                if q.0.is_empty() {
-                    return; // stopping, nothing left
+                if q.0.is_empty() || self.halted.load(std::sync::atomic::Ordering::Relaxed) {
+                    return; // stopping, nothing left (or halted)
                 }
                 if !q.1 {
                     // Let a burst of requests gather into one ingest.
@@ -193,6 +196,12 @@ impl App {
         *self.recommender.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Mutex::new(fresh));
         *self.report.lock().unwrap_or_else(|p| p.into_inner()) = None;
         Ok(v)
+    }
+
+    /// Stop the worker after its current ingest, leaving the queue in the log (for a restart).
+    pub fn halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop();
     }
 
     /// Stop: the worker ingests what is queued, then returns.
