@@ -61,9 +61,27 @@ fn quantized_model_follows_the_f32_model_for_both_families() {
 
 #[test]
 fn incremental_decoding_equals_one_pass_and_prefix_chunks_change_nothing() {
-    let q = QModel::from_causal(&tiny(Family::Qwen2), Quantize::Q8).unwrap();
-    let ids: Vec<u32> = (0..24).map(|i| (i * 5 + 1) % 97).collect();
-    let all = q_logits(&q, &ids);
+    // The tiny shape, and the pinned models' attention shapes (SmolLM2: 3 query heads per KV
+    // head, Qwen2.5: 7; head_dim 64), which take the grouped-head decoding kernels.
+    let shapes = [(4, 2, 8, 32), (9, 3, 64, 64), (14, 2, 64, 64)];
+    for (num_heads, num_kv_heads, head_dim, hidden_size) in shapes {
+        let cfg = LlmConfig {
+            max_position: 4096,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            hidden_size,
+            ..LlmConfig::tiny(Family::Qwen2)
+        };
+        let m = CausalLm::random(cfg, 7, DType::F32, &Device::Cpu).unwrap();
+        let q = QModel::from_causal(&m, Quantize::Q8).unwrap();
+        incremental_equals_one_pass(&q);
+    }
+}
+
+fn incremental_equals_one_pass(q: &QModel) {
+    let ids: Vec<u32> = (0..90).map(|i| (i * 5 + 1) % 97).collect();
+    let all = q_logits(q, &ids);
     let v = q.cfg.vocab_size;
     // 10 tokens, then 1 at a time: every row bit-identical to the one-pass rows.
     let mut cache = q.new_cache(ids.len());
