@@ -310,6 +310,9 @@ enum BenchWhat {
         seconds: f64,
         #[arg(short = 'k', long, default_value_t = 10, value_parser = positive)]
         k: usize,
+        /// Interactions per POST in the ingestion and mix phases.
+        #[arg(long, default_value_t = 100, value_parser = positive)]
+        rows_per_post: usize,
     },
     /// Aggregate generation tokens/s for a batch.
     Generate {
@@ -699,8 +702,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ingest_delay: std::time::Duration::from_millis(ingest_delay_ms),
             })?;
         }
-        Command::Bench { what: BenchWhat::Serve { run, clients, seconds, k } } => {
-            let v = curec::serve::bench::run(&curec::serve::bench::ServeBench { run, clients, seconds, k })?;
+        Command::Bench { what: BenchWhat::Serve { run, clients, seconds, k, rows_per_post } } => {
+            let v =
+                curec::serve::bench::run(&curec::serve::bench::ServeBench { run, clients, seconds, k, rows_per_post })?;
             println!("{v}");
         }
         Command::Run { job, force, sets } => {

@@ -227,6 +227,22 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The load benchmark: one JSON line with the contract's keys; the run itself is untouched.
+    let applied = std::fs::read_to_string(run.join("serve/applied")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_curec"))
+        .args(["bench", "serve", "--run", run.to_str().unwrap(), "--clients", "2", "--seconds", "0.5"])
+        .env("CUREC_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["recommend_rps", "recommend_p99_ms", "ingest_per_s"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+    assert_eq!(v["recommendations"]["errors"], 0, "{v}");
+    assert_eq!(v["ingestion"]["errors"], 0, "{v}");
+    assert_eq!(std::fs::read_to_string(run.join("serve/applied")).unwrap(), applied, "the bench wrote to the run");
 }
 
 #[test]

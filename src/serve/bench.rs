@@ -1,8 +1,9 @@
 //! `curec bench serve`: a bounded loopback load against the service. The run directory is
 //! copied to a temporary folder (ingestion writes to it), served on an ephemeral port in this
 //! process, and `clients` threads send requests for `seconds` each in three phases:
-//! recommendations only, ingestion only (one interaction per POST), and a mix (one POST in ten).
-//! Prints one JSON line with requests/s and p50/p99 latency per phase. The ingest worker runs
+//! recommendations only, ingestion only (`rows_per_post` interactions per POST), and a mix (one
+//! POST in ten). Prints one JSON line: `recommend_rps`, `recommend_p99_ms`, `ingest_per_s`
+//! (interactions acknowledged per second), and requests/s and p50/p99 latency per phase. The ingest worker runs
 //! during the load as it would in service, so the ingestion and mix phases include its work on
 //! the same cores. What is still queued at the end is not ingested (the copy is removed).
 
@@ -23,6 +24,8 @@ pub struct ServeBench {
     pub clients: usize,
     pub seconds: f64,
     pub k: usize,
+    /// Interactions per POST in the ingestion and mix phases.
+    pub rows_per_post: usize,
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -53,7 +56,7 @@ fn phase(base: &str, users: &[String], items: &[String], b: &ServeBench, post_ev
     let handles: Vec<_> = (0..b.clients)
         .map(|c| {
             let (base, users, items, stop) = (base.to_string(), users.to_vec(), items.to_vec(), stop.clone());
-            let k = b.k;
+            let (k, per_post) = (b.k, b.rows_per_post.max(1));
             std::thread::spawn(move || {
                 let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
                 let mut lat: Vec<(bool, f64)> = Vec::new();
@@ -64,9 +67,14 @@ fn phase(base: &str, users: &[String], items: &[String], b: &ServeBench, post_ev
                     let post = post_every > 0 && n % post_every == 0;
                     let t = Instant::now();
                     let ok = if post {
-                        let i = &items[(c * 31 + n * 17) % items.len()];
-                        let ts = ts0 + (c * 1_000_000 + n) as i64;
-                        let body = json!([{"user": u, "item": i, "timestamp": ts, "rating": 5}]).to_string();
+                        let rows: Vec<Value> = (0..per_post)
+                            .map(|r| {
+                                let i = &items[(c * 31 + n * 17 + r * 13) % items.len()];
+                                let ts = ts0 + ((c * 1_000_000 + n) * per_post + r) as i64;
+                                json!({"user": u, "item": i, "timestamp": ts, "rating": 5})
+                            })
+                            .collect();
+                        let body = Value::Array(rows).to_string();
                         agent
                             .post(format!("{base}/v1/interactions"))
                             .header("content-type", "application/json")
@@ -113,6 +121,8 @@ fn phase(base: &str, users: &[String], items: &[String], b: &ServeBench, post_ev
     };
     let mut out = summary(&|_| true);
     out["errors"] = json!(errors);
+    let posts = all.iter().filter(|(p, _)| *p).count();
+    out["interactions_per_s"] = json!((posts * b.rows_per_post.max(1)) as f64 / secs);
     if post_every > 1 {
         out["recommendations"] = summary(&|p| !p);
         out["ingestion"] = summary(&|p| p);
@@ -161,6 +171,8 @@ pub fn run(b: &ServeBench) -> Result<Value> {
         Ok(json!({
             "bench": "serve", "clients": b.clients, "seconds_per_phase": b.seconds, "k": b.k,
             "users": users.len(), "items": items.len(),
+            "recommend_rps": rec["requests_per_s"], "recommend_p99_ms": rec["p99_ms"],
+            "ingest_per_s": ing["interactions_per_s"], "rows_per_post": b.rows_per_post,
             "recommendations": rec, "ingestion": ing, "mix": mix,
             "ingested_during_bench": app.metrics.render().lines()
                 .find(|l| l.starts_with("curec_interactions_ingested_total "))
