@@ -102,6 +102,17 @@ fn req(prompt: Vec<u32>, key: u64, n: usize, temperature: f32) -> Request {
     }
 }
 
+/// Each request run by itself (batch 1, no prefix cache): the reference every batching must match.
+fn each_alone(q: &QModel, tok: &curec::llm::Tokenizer, requests: &[Request]) -> Vec<curec::llm::Generation> {
+    requests
+        .iter()
+        .map(|r| {
+            let cfg = EngineConfig { max_batch: 1, prefix_cache_mib: 0 };
+            Engine::new(q, tok, cfg).run(std::slice::from_ref(r)).unwrap().pop().unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn a_request_gives_the_same_tokens_alone_in_any_batch_and_with_cache_hits() {
     let q = QModel::from_causal(&tiny(Family::Llama), Quantize::Q8).unwrap();
@@ -114,13 +125,7 @@ fn a_request_gives_the_same_tokens_alone_in_any_batch_and_with_cache_hits() {
         requests.push(req(p, i as u64, 5 + 3 * (i as usize % 3), 1.0));
     }
     requests.push(req(vec![3, 1, 4], 99, 12, 0.0)); // greedy, short prompt
-    let alone: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let cfg = EngineConfig { max_batch: 1, prefix_cache_mib: 0 };
-            Engine::new(&q, &tok, cfg).run(std::slice::from_ref(r)).unwrap().pop().unwrap()
-        })
-        .collect();
+    let alone = each_alone(&q, &tok, &requests);
     for (max_batch, mib) in [(3, 0), (8, 0), (3, 64), (8, 64)] {
         let mut e = Engine::new(&q, &tok, EngineConfig { max_batch, prefix_cache_mib: mib });
         let got = e.run(&requests).unwrap();
@@ -184,13 +189,7 @@ fn prompts_that_extend_each_other_share_one_chain_of_cached_keys_and_give_the_sa
     }
     let requests: Vec<Request> =
         prompts.iter().enumerate().map(|(i, p)| req(p.clone(), i as u64, 4 + i % 3, 1.0)).collect();
-    let alone: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let cfg = EngineConfig { max_batch: 1, prefix_cache_mib: 0 };
-            Engine::new(&q, &tok, cfg).run(std::slice::from_ref(r)).unwrap().pop().unwrap()
-        })
-        .collect();
+    let alone = each_alone(&q, &tok, &requests);
     for max_batch in [1, 3, 12] {
         let mut e = Engine::new(&q, &tok, EngineConfig { max_batch, prefix_cache_mib: 16 });
         // Twice: the second pass hits entries built from chains.
