@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
 use crate::config::JobConfig;
@@ -348,6 +348,11 @@ pub struct Recommender {
     ingested: std::collections::HashMap<u32, Vec<u32>>,
     user_index: std::collections::HashMap<String, u32>,
     model: Loaded,
+    /// Tower states (`1 × d`) of the users served so far (see [`Self::user_states`]).
+    states: std::sync::Mutex<std::collections::HashMap<u32, Tensor>>,
+    /// SHA-256 of `model.safetensors`: states carry over to a new recommender only under the
+    /// same weights.
+    weights_digest: [u8; 32],
 }
 
 impl Recommender {
@@ -366,7 +371,58 @@ impl Recommender {
             Loaded::Other(m)
         };
         let user_index = ds.users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
-        Ok(Self { kind, ds, trained_users, ingested, user_index, model })
+        let weights_digest = {
+            use sha2::Digest as _;
+            let path = run.join("model.safetensors");
+            let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+            sha2::Sha256::digest(&bytes).into()
+        };
+        Ok(Self { kind, ds, trained_users, ingested, user_index, model, states: Default::default(), weights_digest })
+    }
+
+    /// The user states computed so far, with what they were computed from, for
+    /// [`Self::warm`] of the recommender that replaces this one.
+    pub fn states(&self) -> UserStates {
+        let cache = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let by_user = self
+            .ds
+            .users
+            .iter()
+            .filter_map(|raw| {
+                let (u, seen) = self.seen(raw).ok()?;
+                Some((raw.clone(), (seen, cache.get(&u)?.clone())))
+            })
+            .collect();
+        UserStates { weights_digest: self.weights_digest, by_user }
+    }
+
+    /// Compute the tower state of every user now (each alone, as a request would), taking them
+    /// from `previous` where the weights and the user's history are the same, so that the first
+    /// request of each user costs no more than the others. Returns (computed, carried over).
+    /// A no-op for models without a separate user tower.
+    pub fn warm(&self, previous: Option<&UserStates>) -> anyhow::Result<(usize, usize)> {
+        let Loaded::Curec(m) = &self.model else { return Ok((0, 0)) };
+        let previous = previous.filter(|p| p.weights_digest == self.weights_digest);
+        let (mut computed, mut carried) = (0, 0);
+        for raw in &self.ds.users {
+            let Ok((u, seen)) = self.seen(raw) else { continue };
+            if self.states.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&u) {
+                continue;
+            }
+            let old = previous.and_then(|p| p.by_user.get(raw)).filter(|(s, _)| *s == seen);
+            let state = match old {
+                Some((_, t)) => {
+                    carried += 1;
+                    t.clone()
+                }
+                None => {
+                    computed += 1;
+                    m.user_states(std::slice::from_ref(&seen))?
+                }
+            };
+            self.states.lock().unwrap_or_else(|p| p.into_inner()).insert(u, state);
+        }
+        Ok((computed, carried))
     }
 
     /// Whether the raw user id is known (trained or ingested).
@@ -391,6 +447,12 @@ impl Recommender {
 
     /// Top `k` unseen items for a user, each with its top `n_reasons` matched reasons.
     pub fn recommend(&self, raw_user: &str, k: usize, n_reasons: usize) -> anyhow::Result<Vec<Recommendation>> {
+        self.recommend_many(&[Query { user: raw_user.to_string(), k, n_reasons }]).pop().expect("one answer per query")
+    }
+
+    /// The items a user has seen (train, valid, test and ingested), or why the user cannot be
+    /// served.
+    fn seen(&self, raw_user: &str) -> anyhow::Result<(u32, Vec<u32>)> {
         let ds = &self.ds;
         let user = *self.user_index.get(raw_user).with_context(|| {
             format!(
@@ -414,25 +476,122 @@ impl Recommender {
             !seen.is_empty(),
             "--user '{raw_user}': no interaction with an item the model knows yet (ingested items are new to it)"
         );
-        let (scores, weights): (Vec<f32>, Option<(&Curec, Vec<f32>)>) = match &self.model {
-            Loaded::Curec(m) => {
-                let (s, w) = m.score_with_weights(&[user], std::slice::from_ref(&seen))?;
-                (s.flatten_all()?.to_vec1()?, Some((m, w.flatten_all()?.to_vec1()?)))
+        Ok((user, seen))
+    }
+
+    /// [`Self::recommend`] for several queries in one ranking pass (`curec serve` batches the
+    /// requests that arrive together). Answers come in query order; a query that cannot be
+    /// served (unknown user, …) gets its error without failing the others. Each answer is the
+    /// one the query would get alone.
+    pub fn recommend_many(&self, queries: &[Query]) -> Vec<anyhow::Result<Vec<Recommendation>>> {
+        let ds = &self.ds;
+        let mut out: Vec<Option<anyhow::Result<Vec<Recommendation>>>> = Vec::with_capacity(queries.len());
+        let mut users = Vec::new();
+        let mut seens = Vec::new();
+        let mut rows = Vec::new(); // query index of each scored row
+        for (q, query) in queries.iter().enumerate() {
+            match self.seen(&query.user) {
+                Ok((u, s)) => {
+                    users.push(u);
+                    seens.push(s);
+                    rows.push(q);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
             }
-            Loaded::Other(m) => {
-                let mut tmp = ds.clone();
-                tmp.train[user as usize] = seen.clone();
-                (m.score(&tmp, &[user], Split::Valid)?, None)
+        }
+        if !users.is_empty() {
+            let n = ds.n_items;
+            let scored = (|| -> anyhow::Result<Scored> {
+                Ok(match &self.model {
+                    Loaded::Curec(m) => {
+                        // One user at a time: a batched matmul may round differently with other
+                        // rows beside it, and an answer must not depend on the traffic around it.
+                        let eu = self.user_states(m, &users, &seens)?;
+                        let (mut scores, mut weights) = (Vec::new(), Vec::new());
+                        for (r, (&u, seen)) in users.iter().zip(&seens).enumerate() {
+                            let (s, w) =
+                                m.score_states(&[u], &eu.narrow(0, r, 1)?, std::slice::from_ref(seen), true)?;
+                            scores.extend(s.flatten_all()?.to_vec1::<f32>()?);
+                            weights.extend(w.expect("weights were asked for").flatten_all()?.to_vec1::<f32>()?);
+                        }
+                        (scores, Some((m.as_ref(), weights)))
+                    }
+                    Loaded::Other(m) => {
+                        let mut tmp = ds.clone();
+                        for (&u, s) in users.iter().zip(&seens) {
+                            tmp.train[u as usize] = s.clone();
+                        }
+                        (m.score(&tmp, &users, Split::Valid)?, None)
+                    }
+                })
+            })();
+            match scored {
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    for &q in &rows {
+                        out[q] = Some(Err(anyhow::anyhow!("{msg}")));
+                    }
+                }
+                Ok((scores, weights)) => {
+                    for (r, (&q, seen)) in rows.iter().zip(&seens).enumerate() {
+                        let scores = &scores[r * n..(r + 1) * n];
+                        let w = weights.as_ref().map(|(m, w)| {
+                            let l = m.bank().max_list();
+                            (*m, &w[r * n * l..(r + 1) * n * l])
+                        });
+                        out[q] = Some(Ok(self.top(scores, w, seen, queries[q].k, queries[q].n_reasons)));
+                    }
+                }
             }
-        };
-        let seen: std::collections::HashSet<u32> = seen.into_iter().collect();
+        }
+        out.into_iter().map(|a| a.expect("every query answered")).collect()
+    }
+
+    /// The tower states of `users` after `seens` (`U × d`): kept per user, since they change
+    /// only when the user's history does (and a history changes only by an ingest, which opens
+    /// a new recommender). A state is always computed for its user alone, so an answer does
+    /// not depend on which requests shared its ranking pass or came before it.
+    fn user_states(&self, m: &Curec, users: &[u32], seens: &[Vec<u32>]) -> anyhow::Result<Tensor> {
+        let mut cache = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows = Vec::with_capacity(users.len());
+        for (&u, seen) in users.iter().zip(seens) {
+            let row = match cache.get(&u) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = m.user_states(std::slice::from_ref(seen))?;
+                    cache.insert(u, r.clone());
+                    r
+                }
+            };
+            rows.push(row);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// The top `k` unseen items of one user's `scores`, each with its `n_reasons` heaviest
+    /// reasons under `weights` (`N × L`).
+    fn top(
+        &self,
+        scores: &[f32],
+        weights: Option<(&Curec, &[f32])>,
+        seen: &[u32],
+        k: usize,
+        n_reasons: usize,
+    ) -> Vec<Recommendation> {
+        let ds = &self.ds;
+        let seen: std::collections::HashSet<u32> = seen.iter().copied().collect();
         let mut order: Vec<u32> = (0..ds.n_items as u32).filter(|i| !seen.contains(i)).collect();
-        order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
-        order.truncate(k);
-        Ok(order
+        let cmp = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+        if k < order.len() {
+            order.select_nth_unstable_by(k, cmp);
+            order.truncate(k);
+        }
+        order.sort_by(cmp);
+        order
             .into_iter()
             .map(|i| {
-                let reasons = match &weights {
+                let reasons = match weights {
                     Some((m, w)) => {
                         let bank = m.bank();
                         let l = bank.max_list();
@@ -457,8 +616,26 @@ impl Recommender {
                     reasons,
                 }
             })
-            .collect())
+            .collect()
     }
+}
+
+/// Tower states by raw user id, with the history each was computed after, and the digest of
+/// the weights that computed them (see [`Recommender::warm`]).
+pub struct UserStates {
+    weights_digest: [u8; 32],
+    by_user: std::collections::HashMap<String, (Vec<u32>, Tensor)>,
+}
+
+/// Scores `U × N` of one ranking pass, and for a CUREC model its reason weights `U × N × L`.
+type Scored<'a> = (Vec<f32>, Option<(&'a Curec, Vec<f32>)>);
+
+/// One recommendation query: a raw user id, how many items, how many reasons per item.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub user: String,
+    pub k: usize,
+    pub n_reasons: usize,
 }
 
 /// Markdown table header matching [`table_row`].

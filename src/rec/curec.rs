@@ -210,7 +210,7 @@ pub struct Curec {
     patterns_t: Tensor,
     opt: AdamW,
     /// Reason keys/values for scoring, cleared whenever the weights or the bank change.
-    inference: std::sync::Mutex<Option<std::sync::Arc<(Slots, ReasonSide)>>>,
+    inference: std::sync::Mutex<Option<std::sync::Arc<(Slots, ReasonSide, Tensor)>>>,
 }
 
 /// Set every variable of `varmap` that `path` holds under the same name and shape; at least the
@@ -244,6 +244,10 @@ fn load_matching(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> 
 struct ReasonSide {
     k: Option<Tensor>,
     v: Tensor,
+    /// The values through `W_o` (per head) and `C`: `N × L × hidden` per head (attention) or
+    /// one (pooling). User-independent, so scoring computes them once per set of weights;
+    /// training leaves them `None` and [`Curec::matching_for`] projects per batch.
+    z: Option<Vec<Tensor>>,
 }
 
 /// Per-batch reason slots: which reason row fills slot l of item n, and who wrote it.
@@ -405,7 +409,7 @@ impl Curec {
             }
             _ => (None, base),
         };
-        Ok(ReasonSide { k, v: x.reshape((n, l, d))?.contiguous()? })
+        Ok(ReasonSide { k, v: x.reshape((n, l, d))?.contiguous()?, z: None })
     }
 
     /// C·s_ui + b_c for `users` × all items (`U × N × hidden`: the DIN head's first layer applied
@@ -463,16 +467,20 @@ impl Curec {
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
                 let mut ws = Vec::with_capacity(if want_weights { h } else { 0 });
                 let mut total: Option<Tensor> = None;
-                for head in 0..h {
+                let computed;
+                let zs = match &side.z {
+                    Some(z) => z,
+                    None => {
+                        computed = self.projected_values(side, n, l)?;
+                        &computed
+                    }
+                };
+                for (head, zh) in zs.iter().enumerate() {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
                     let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
-                                                                        // This head's values through W_o's slice and C: N × L × hid.
-                    let mh = o.weight().narrow(1, head * dh, dh)?.t()?.matmul(&cw.t()?)?; // dh × hid
-                    let zh =
-                        side.v.narrow(2, head * dh, dh)?.reshape((n * l, dh))?.matmul(&mh)?.reshape((n, l, hid))?;
                     let logits = (qh.matmul(&kh.t()?)? / (dh as f64).sqrt())?.reshape((u, n, l))?;
                     let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
-                    let out = w.transpose(0, 1)?.contiguous()?.matmul(&zh)?; // N × U × hid
+                    let out = w.transpose(0, 1)?.contiguous()?.matmul(zh)?; // N × U × hid
                     total = Some(match total {
                         Some(t) => (t + out)?,
                         None => out,
@@ -490,8 +498,15 @@ impl Curec {
                 // Uniform weights over the allowed reasons.
                 let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
                 let w = allowed.broadcast_div(&count)?;
-                let z = side.v.reshape((n * l, d))?.matmul(&cw.t()?)?.reshape((n, l, hid))?;
-                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&z)?.transpose(0, 1)?; // U × N × hid
+                let computed;
+                let z = match &side.z {
+                    Some(z) => &z[0],
+                    None => {
+                        computed = self.projected_values(side, n, l)?;
+                        &computed[0]
+                    }
+                };
+                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(z)?.transpose(0, 1)?; // U × N × hid
                 (want_weights.then_some(w), pooled)
             }
         };
@@ -508,15 +523,43 @@ impl Curec {
         Ok((c, weights))
     }
 
-    /// Slots and reason side for scoring, computed once per set of weights and bank.
-    fn inference_side(&self) -> candle_core::Result<std::sync::Arc<(Slots, ReasonSide)>> {
+    /// The reason values through the output projection and the DIN head's matching weights
+    /// `C`: per head `N × L × hidden` (`W_o`'s slice of the head, then `C`) with attention,
+    /// one `N × L × hidden` (`C` alone) with pooling.
+    fn projected_values(&self, side: &ReasonSide, n: usize, l: usize) -> candle_core::Result<Vec<Tensor>> {
+        let d = self.tower.cfg.dim;
+        let hid = self.cfg.hidden;
+        let cw = self.c.weight(); // hid × d
+        match &side.k {
+            Some(_) => {
+                let h = self.cfg.heads;
+                let dh = d / h;
+                let o = self.matcher.o.as_ref().expect("attention has an output projection");
+                (0..h)
+                    .map(|head| {
+                        let mh = o.weight().narrow(1, head * dh, dh)?.t()?.matmul(&cw.t()?)?; // dh × hid
+                        side.v.narrow(2, head * dh, dh)?.reshape((n * l, dh))?.matmul(&mh)?.reshape((n, l, hid))
+                    })
+                    .collect()
+            }
+            None => Ok(vec![side.v.reshape((n * l, d))?.matmul(&cw.t()?)?.reshape((n, l, hid))?]),
+        }
+    }
+
+    /// Slots, reason side and the DIN head's item part (`1 × N × hidden`) for scoring, computed once
+    /// per set of weights and bank.
+    fn inference_side(&self) -> candle_core::Result<std::sync::Arc<(Slots, ReasonSide, Tensor)>> {
         let mut cache = self.inference.lock().expect("inference cache lock");
         if let Some(c) = cache.as_ref() {
             return Ok(c.clone());
         }
         let slots = self.slots(self.reasons_t.device(), None)?;
         let side = self.reason_side(&slots)?;
-        let c = std::sync::Arc::new((slots, ReasonSide { k: side.k.map(|k| k.detach()), v: side.v.detach() }));
+        let v = side.v.detach();
+        let mut side = ReasonSide { k: side.k.map(|k| k.detach()), v, z: None };
+        side.z = Some(self.projected_values(&side, slots.n, slots.l)?.iter().map(Tensor::detach).collect());
+        let b_items = self.b.forward(&self.tower.item_table()?)?.unsqueeze(0)?.detach(); // 1 × N × hid
+        let c = std::sync::Arc::new((slots, side, b_items));
         *cache = Some(c.clone());
         Ok(c)
     }
@@ -531,6 +574,7 @@ impl Curec {
         slot: &[u32],
         s: &Tensor,
         subset: Option<&[u32]>,
+        fixed_items: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let dev = eu.device();
         let (p, d) = eu.dims2()?;
@@ -539,6 +583,11 @@ impl Curec {
             Some(ids) => table.index_select(&Tensor::new(ids, dev)?, 0)?,
             None => table.clone(),
         }; // N × d (N = the subset's size)
+           // The item side's part of the DIN head (user-independent): kept with the inference side.
+        let b_part = match (subset, fixed_items) {
+            (None, Some(b)) => b.clone(),
+            _ => self.b.forward(&items)?.unsqueeze(0)?, // 1 × N × hid
+        };
         let n = items.dim(0)?;
         let hh = hist.iter().map(Vec::len).max().unwrap_or(1).max(1);
         let mut ids = vec![0u32; p * hh];
@@ -557,7 +606,6 @@ impl Curec {
         let v_part = att.matmul(&g)?; // P × N × hid
         let c_part = s.contiguous()?.index_select(&Tensor::new(slot, dev)?, 0)?; // P × N × hid
         let a_part = self.a.forward(eu)?.unsqueeze(1)?; // P × 1 × hid
-        let b_part = self.b.forward(&items)?.unsqueeze(0)?; // 1 × N × hid
         let pre = (v_part + c_part)?.broadcast_add(&a_part)?.broadcast_add(&b_part)?.relu()?;
         let mlp = self.w2.forward(&pre)?.squeeze(2)?; // P × N
         mlp + eu.matmul(&items.t()?)?
@@ -579,14 +627,33 @@ impl Curec {
         histories: &[Vec<u32>],
         want_weights: bool,
     ) -> anyhow::Result<(Tensor, Option<Tensor>)> {
+        let eu = self.user_states(histories)?;
+        self.score_states(users, &eu, histories, want_weights)
+    }
+
+    /// The user tower's state after each history (`B × d`, its last `max_len` items): the part
+    /// of scoring that depends on the history alone, so a service can keep it per user.
+    pub fn user_states(&self, histories: &[Vec<u32>]) -> anyhow::Result<Tensor> {
         let max_len = self.tower.cfg.max_len;
         let refs: Vec<&[u32]> = histories.iter().map(|h| &h[h.len().saturating_sub(max_len)..]).collect();
-        let eu = self.tower.last_hidden(&refs)?;
+        Ok(self.tower.last_hidden(&refs)?)
+    }
+
+    /// Scores of all items (`U × N`) for `users` whose tower states are `eu` (from
+    /// [`Self::user_states`] of the same `histories`), with the per-item reason weights
+    /// (`U × N × L`) when `want_weights`.
+    pub fn score_states(
+        &self,
+        users: &[u32],
+        eu: &Tensor,
+        histories: &[Vec<u32>],
+        want_weights: bool,
+    ) -> anyhow::Result<(Tensor, Option<Tensor>)> {
         let side = self.inference_side()?;
         let (s, w) = self.matching(users, &side.0, &side.1, want_weights)?;
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
-        Ok((self.head(&eu, &hist, &slot, &s, None)?, w))
+        Ok((self.head(eu, &hist, &slot, &s, None, Some(&side.2))?, w))
     }
 
     /// Scores ŷ_ui of one (user, item) under each of several candidate reason lists (paper Eq.
@@ -640,7 +707,7 @@ impl Curec {
         let window = &history[history.len().saturating_sub(max_len)..];
         let eu = self.tower.last_hidden(&[window])?;
         let hist = vec![self.din_history(history)];
-        let scores = self.head(&eu, &hist, &[0], &s, Some(&vec![item; n]))?;
+        let scores = self.head(&eu, &hist, &[0], &s, Some(&vec![item; n]), None)?;
         Ok(scores.flatten_all()?.to_vec1()?)
     }
 
@@ -738,7 +805,7 @@ impl Model for Curec {
             };
             let side = self.reason_side(slots)?;
             let (s, _) = self.matching(&users, slots, &side, false)?;
-            let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref())?;
+            let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref(), None)?;
             epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
         Ok(epoch_loss.mean())

@@ -176,9 +176,7 @@ pub fn run(b: &ServeBench) -> Result<Value> {
             "recommend_rps": rec["requests_per_s"], "recommend_p99_ms": rec["p99_ms"],
             "ingest_per_s": ing["interactions_per_s"], "rows_per_post": b.rows_per_post,
             "recommendations": rec, "ingestion": ing, "mix": mix,
-            "ingested_during_bench": app.metrics.render().lines()
-                .find(|l| l.starts_with("curec_interactions_ingested_total "))
-                .and_then(|l| l.split(' ').nth(1)?.parse::<u64>().ok()),
+            "ingested_during_bench": app.metrics.ingested(),
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         }))
     })();

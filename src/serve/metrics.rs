@@ -28,6 +28,8 @@ struct Inner {
     pending: u64,
     users: u64,
     items: u64,
+    rank_passes: u64,
+    ranked_queries: u64,
 }
 
 #[derive(Default)]
@@ -79,6 +81,19 @@ impl Metrics {
 
     pub fn pending(&self) -> u64 {
         self.with(|m| m.pending)
+    }
+
+    /// One ranking pass that answered `queries` recommendation requests together.
+    pub fn ranked(&self, queries: usize) {
+        self.with(|m| {
+            m.rank_passes += 1;
+            m.ranked_queries += queries as u64;
+        })
+    }
+
+    /// Interactions the ingest operators added so far.
+    pub fn ingested(&self) -> u64 {
+        self.with(|m| m.ingested)
     }
 
     pub fn sizes(&self, users: usize, items: usize) {
@@ -145,6 +160,20 @@ impl Metrics {
                 "counter",
                 "Time spent ingesting.",
                 m.ingest_seconds.to_string(),
+            );
+            scalar(
+                &mut s,
+                "curec_rank_passes_total",
+                "counter",
+                "Ranking passes (requests that arrive together share one).",
+                m.rank_passes.to_string(),
+            );
+            scalar(
+                &mut s,
+                "curec_ranked_requests_total",
+                "counter",
+                "Recommendation requests answered by ranking passes.",
+                m.ranked_queries.to_string(),
             );
             scalar(&mut s, "curec_users", "gauge", "Users served (ingested ones included).", m.users.to_string());
             scalar(&mut s, "curec_items", "gauge", "Items served (ingested ones included).", m.items.to_string());

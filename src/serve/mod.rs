@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
-use crate::jobs::Recommender;
+use crate::jobs::{Query as RecQuery, Recommendation, Recommender};
 use metrics::Metrics;
 use wal::{Entry, Row, Wal};
 
@@ -42,6 +42,12 @@ use wal::{Entry, Row, Wal};
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest `k` a recommendation request may ask for.
 pub const MAX_K: usize = 1000;
+/// Most recommendation requests ranked in one pass.
+pub const MAX_RANK_BATCH: usize = 64;
+
+/// A recommendation request waiting for the ranker, and where its answer goes.
+/// The answer is `None` for a user the recommender does not know.
+type RankJob = (RecQuery, tokio::sync::oneshot::Sender<anyhow::Result<Option<Vec<Recommendation>>>>);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -65,6 +71,8 @@ pub struct App {
     report: Mutex<Option<String>>,
     /// Why this run cannot ingest (no replay snapshot), if it cannot.
     no_ingest: Option<String>,
+    /// Requests to the ranker thread; `None` once stopping.
+    rank_tx: Mutex<Option<std::sync::mpsc::Sender<RankJob>>>,
 }
 
 /// An error reply: status and a JSON body `{"error", "field"?, "expected"?}`.
@@ -89,6 +97,11 @@ impl App {
     /// Load the run, open its log and queue what the log holds beyond the last ingest.
     pub fn open(run: &Path) -> Result<Arc<Self>> {
         let recommender = Recommender::open(run)?;
+        let t0 = Instant::now();
+        let (computed, _) = recommender.warm(None)?;
+        if computed > 0 {
+            tracing::info!("user states ready: {computed} users in {:.1} s", t0.elapsed().as_secs_f64());
+        }
         let no_ingest = match crate::replay::snapshot::newest(&run.join("snapshots")) {
             Some(_) => None,
             None => Some(format!(
@@ -111,7 +124,8 @@ impl App {
         if rows > 0 {
             tracing::info!("{} acknowledged rows in the log are not ingested yet: ingesting them", rows);
         }
-        Ok(Arc::new(Self {
+        let (rank_tx, rank_rx) = std::sync::mpsc::channel::<RankJob>();
+        let app = Arc::new(Self {
             run: run.to_path_buf(),
             recommender: RwLock::new(Arc::new(Mutex::new(recommender))),
             wal: Mutex::new(wal),
@@ -121,7 +135,27 @@ impl App {
             metrics,
             report: Mutex::new(None),
             no_ingest,
-        }))
+            rank_tx: Mutex::new(Some(rank_tx)),
+        });
+        let weak = Arc::downgrade(&app);
+        std::thread::Builder::new()
+            .name("curec-rank".into())
+            .spawn(move || ranker(weak, rank_rx))
+            .context("cannot start the ranking thread")?;
+        Ok(app)
+    }
+
+    /// Rank for one request: queued with the others that arrive meanwhile, answered by one pass.
+    async fn rank(&self, query: RecQuery) -> Result<Option<Vec<Recommendation>>, ApiError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let unavailable = || ApiError::plain(StatusCode::SERVICE_UNAVAILABLE, "the service is stopping");
+        {
+            let guard = self.rank_tx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().ok_or_else(unavailable)?.send((query, tx)).map_err(|_| unavailable())?;
+        }
+        rx.await
+            .map_err(|_| unavailable())?
+            .map_err(|e| ApiError::plain(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))
     }
 
     fn recommender(&self) -> Arc<Mutex<Recommender>> {
@@ -191,6 +225,9 @@ impl App {
         let v = v?;
         wal::set_applied(&self.run, last)?;
         let fresh = Recommender::open(&self.run)?;
+        let old = self.recommender().lock().unwrap_or_else(|p| p.into_inner()).states();
+        let (computed, carried) = fresh.warm(Some(&old))?;
+        tracing::debug!("user states: {computed} computed, {carried} carried over");
         let (u, i) = fresh.sizes();
         self.metrics.sizes(u, i);
         *self.recommender.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Mutex::new(fresh));
@@ -204,10 +241,53 @@ impl App {
         self.stop();
     }
 
-    /// Stop: the worker ingests what is queued, then returns.
+    /// Stop: the ranker answers what is queued, the worker ingests what is queued, then both
+    /// return.
     pub fn stop(&self) {
+        self.rank_tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
         self.wake.notify_all();
+    }
+}
+
+/// The ranking thread: takes the first waiting request, then every request queued behind it (up
+/// to [`MAX_RANK_BATCH`]), and answers them all with one pass of the current recommender. Under
+/// load, the requests that arrive during a pass make up the next one. Returns once the
+/// service stops and the queue is empty.
+fn ranker(app: std::sync::Weak<App>, rx: std::sync::mpsc::Receiver<RankJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_RANK_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let Some(app) = app.upgrade() else { return };
+        let rec = app.recommender();
+        let (queries, replies): (Vec<RecQuery>, Vec<_>) = jobs.into_iter().unzip();
+        let t0 = Instant::now();
+        let answers: Vec<anyhow::Result<Option<Vec<Recommendation>>>> =
+            {
+                let r = rec.lock().unwrap_or_else(|p| p.into_inner());
+                let known: Vec<RecQuery> = queries.iter().filter(|q| r.knows(&q.user)).cloned().collect();
+                let mut ranked = r.recommend_many(&known).into_iter();
+                queries
+                    .iter()
+                    .map(|q| {
+                        if r.knows(&q.user) {
+                            ranked.next().expect("one answer per query").map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                    .collect()
+            };
+        app.metrics.ranked(queries.len());
+        tracing::debug!("ranked {} requests in one pass ({:.1} ms)", queries.len(), t0.elapsed().as_secs_f64() * 1e3);
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            let _ = reply.send(answer); // a client that left does not wait for its answer
+        }
     }
 }
 
@@ -284,26 +364,14 @@ async fn recommendations(
 ) -> Result<Response, ApiError> {
     let k = int_param(&q, "k", 10, 1, MAX_K)?;
     let n_reasons = int_param(&q, "reasons", 3, 0, 50)?;
-    let rec = app.recommender();
-    let id2 = id.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        let r = rec.lock().unwrap_or_else(|p| p.into_inner());
-        if !r.knows(&id2) {
-            return Ok(None);
-        }
-        r.recommend(&id2, k, n_reasons).map(Some)
-    })
-    .await
-    .map_err(|e| ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, format!("recommendation task failed: {e}")))?;
-    match out {
-        Ok(Some(items)) => Ok(axum::Json(json!({"user": id, "items": items})).into_response()),
-        Ok(None) => Err(ApiError::field(
+    match app.rank(RecQuery { user: id.clone(), k, n_reasons }).await? {
+        Some(items) => Ok(axum::Json(json!({"user": id, "items": items})).into_response()),
+        None => Err(ApiError::field(
             StatusCode::NOT_FOUND,
             "id",
             "a user id of the run's log or of an ingested interaction",
             format!("no such user: {id:?}"),
         )),
-        Err(e) => Err(ApiError::plain(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))),
     }
 }
 
@@ -375,15 +443,26 @@ pub fn parse_rows(body: &[u8]) -> Result<Vec<Row>, (String, String, String)> {
     Ok(rows)
 }
 
-async fn interactions(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+async fn interactions(
+    State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let too_large = || {
         ApiError::field(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body",
             &format!("at most {MAX_BODY} bytes"),
             "request body too large",
         )
-    })?;
+    };
+    // A body announced too large is refused before it is read (a client that waits for the
+    // reply before sending, as with `Expect: 100-continue`, sends none of it).
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| too_large())?;
     if let Some(why) = &app.no_ingest {
         return Err(ApiError::plain(StatusCode::CONFLICT, why.clone()));
     }
