@@ -255,6 +255,8 @@ pub struct TrainedRun {
     pub kind: ModelKind,
     pub ds: Dataset,
     pub cfg: JobConfig,
+    /// The prepared directory `ds` was read from.
+    pub data_dir: PathBuf,
 }
 
 impl TrainedRun {
@@ -289,13 +291,13 @@ impl TrainedRun {
             }
         }
         let ds = prepared::read_dataset(&data_dir)?;
-        Ok(Self { metrics, kind, ds, cfg })
+        Ok(Self { metrics, kind, ds, cfg, data_dir })
     }
 }
 
 /// `curec eval`: reload a run's checkpoint and evaluate it on a split; writes `eval-<split>.json`.
 pub fn eval_run(run: &Path, data_dir: Option<&Path>, split: Split) -> anyhow::Result<Value> {
-    let TrainedRun { metrics, kind, ds, cfg } = TrainedRun::open(run, data_dir)?;
+    let TrainedRun { metrics, kind, ds, cfg, .. } = TrainedRun::open(run, data_dir)?;
     let mut model = build_model(kind, &ds, &cfg, &Device::Cpu)?;
     model.load(&run.join("model.safetensors"))?;
     let ev = eval::evaluate(model.as_ref(), &ds, split, cfg.train.eval_batch)?;
@@ -345,6 +347,7 @@ pub struct Recommender {
     kind: ModelKind,
     ds: Dataset,
     trained_users: usize,
+    /// Users with completed ingests: their whole history, ingested items in event time.
     ingested: std::collections::HashMap<u32, Vec<u32>>,
     user_index: std::collections::HashMap<String, u32>,
     model: Loaded,
@@ -358,9 +361,34 @@ pub struct Recommender {
 impl Recommender {
     /// The run's model, dataset and the interactions ingested since training (new users included).
     pub fn open(run: &Path) -> anyhow::Result<Self> {
-        let TrainedRun { kind, mut ds, cfg, .. } = TrainedRun::open(run, None)?;
+        let TrainedRun { kind, mut ds, cfg, data_dir, .. } = TrainedRun::open(run, None)?;
         let trained_users = ds.n_users;
         let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
+        // Users with ingests: their whole history in event time (late interactions in place).
+        let ingested = if ingested.keys().any(|&u| (u as usize) < trained_users) {
+            let path = data_dir.join(prepared::INTERACTIONS);
+            let mut by_user: std::collections::HashMap<u32, [Vec<(i64, u32)>; 3]> =
+                ingested.keys().filter(|&&u| (u as usize) < trained_users).map(|&u| (u, Default::default())).collect();
+            for x in prepared::read_interactions(&path)? {
+                if let Some(parts) = by_user.get_mut(&x.user) {
+                    let k = match x.split {
+                        Split::Train => 0,
+                        Split::Valid => 1,
+                        Split::Test => 2,
+                    };
+                    parts[k].push((x.timestamp, x.item));
+                }
+            }
+            ingested
+                .into_iter()
+                .map(|(u, late)| {
+                    let prepared: Vec<(i64, u32)> = by_user.remove(&u).map(|p| p.concat()).unwrap_or_default();
+                    (u, crate::replay::ingest_log::merge_event_time(&prepared, &late))
+                })
+                .collect()
+        } else {
+            ingested.into_iter().map(|(u, v)| (u, v.into_iter().map(|(_, i)| i).collect())).collect()
+        };
         let model = if kind == ModelKind::Curec {
             let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;
             m.load(&run.join("model.safetensors"))?;
@@ -440,6 +468,13 @@ impl Recommender {
         self.ds.items[..self.ds.n_items].iter().map(|i| i.raw_id.clone()).collect()
     }
 
+    /// A user's whole history as the model reads it (raw item ids, oldest first): the prepared
+    /// log with the ingested interactions in event time (items new to the model left out).
+    pub fn history(&self, raw_user: &str) -> anyhow::Result<Vec<String>> {
+        let (_, seen) = self.seen(raw_user)?;
+        Ok(seen.into_iter().map(|i| self.ds.items[i as usize].raw_id.clone()).collect())
+    }
+
     /// Users and items the model serves (ingested ones included).
     pub fn sizes(&self) -> (usize, usize) {
         (self.ds.users.len(), self.ds.n_items)
@@ -461,17 +496,20 @@ impl Recommender {
             )
         })?;
         let mut seen = Vec::new();
-        if (user as usize) < self.trained_users {
+        if let Some(merged) = self.ingested.get(&user) {
+            // The user's whole history with the ingests in event time (see `open`).
+            seen = merged.clone();
+        } else if (user as usize) < self.trained_users {
             seen = ds.history(user, Split::Test);
             seen.push(ds.test[user as usize]);
-        } else {
+        }
+        if (user as usize) >= self.trained_users {
             anyhow::ensure!(
                 self.kind != ModelKind::Ncf,
                 "--user '{raw_user}': added by ingestion after training, and {} learns an embedding per user; use a sequential model",
                 self.kind.name()
             );
         }
-        seen.extend(self.ingested.get(&user).into_iter().flatten());
         anyhow::ensure!(
             !seen.is_empty(),
             "--user '{raw_user}': no interaction with an item the model knows yet (ingested items are new to it)"

@@ -198,6 +198,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
         assert_eq!(ok, alone.iter().map(|a| json!(a)).collect::<Vec<_>>());
     }
     let first_pick = items[0]["item"].clone();
+    let late_pick = items[1]["item"].clone();
 
     // Bad requests: 4xx with a JSON body naming the field.
     let field = |status: u16, body: &str| -> Value {
@@ -230,17 +231,22 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     // Ingestion: acknowledged once durable; the new user is served afterwards.
     let body = json!([
         {"user": "newbie", "item": i0, "timestamp": 2_000_000_001i64, "rating": 5},
-        {"user": u0.parse::<u64>().map(|n| json!(n)).unwrap_or(json!(u0)), "item": first_pick, "timestamp": 2_000_000_002i64, "rating": 4.5}
+        {"user": u0.parse::<u64>().map(|n| json!(n)).unwrap_or(json!(u0)), "item": first_pick, "timestamp": 2_000_000_002i64, "rating": 4.5},
+        {"user": u0.clone(), "item": late_pick, "timestamp": 1, "rating": 5}
     ]);
     let (st, v) = post(&s, &body.to_string());
-    assert_eq!((st, v["accepted"].clone(), v["seq"].clone()), (202, json!(2), json!(1)), "{v}");
-    wait_ingested(&s, 2.0);
+    assert_eq!((st, v["accepted"].clone(), v["seq"].clone()), (202, json!(3), json!(1)), "{v}");
+    wait_ingested(&s, 3.0);
+    // Event time: the late interaction (1970) opens u0's history, the new one closes it.
+    let h = curec::jobs::Recommender::open(&run).unwrap().history(&u0).unwrap();
+    assert_eq!(h.len(), ds.history(0, curec::data::Split::Test).len() + 3, "{h:?}");
+    assert_eq!((json!(h[0]), json!(h[h.len() - 1])), (late_pick.clone(), first_pick.clone()), "{h:?}");
     let newbie = recs(&s, "newbie");
     assert_eq!(newbie.len(), 3);
     assert!(newbie.iter().all(|r| r["item"] != json!(i0)), "an item the user has seen is recommended");
     // u0's history changed: the service ranks from the new one (as the CLI, which loads afresh).
     let after = recs(&s, &u0);
-    assert!(after.iter().all(|r| r["item"] != first_pick), "the item u0 just took is recommended again");
+    assert!(after.iter().all(|r| r["item"] != first_pick && r["item"] != late_pick), "u0's new items are recommended");
     let cli = Command::new(env!("CARGO_BIN_EXE_curec"))
         .args(["recommend", "--model-dir", run.to_str().unwrap(), "--user", &u0, "-k", "3", "--json"])
         .env("CUREC_LOG", "warn")

@@ -185,11 +185,32 @@ fn read_log(path: &Path) -> Result<Vec<NewRow>> {
         .collect())
 }
 
+/// A user's prepared history (`(timestamp, item)` in the prepared order, which is time order)
+/// with ingested interactions (any order) merged in by event time: an ingested interaction goes
+/// after every prepared one at or before its timestamp, and ingested ones at the same time keep
+/// their order. A late interaction thus takes its place in the history instead of its end.
+pub fn merge_event_time(prepared: &[(i64, u32)], ingested: &[(i64, u32)]) -> Vec<u32> {
+    let mut late: Vec<(i64, u32)> = ingested.to_vec();
+    late.sort_by_key(|&(t, _)| t); // stable
+    let mut out = Vec::with_capacity(prepared.len() + late.len());
+    let mut j = 0;
+    for &(t, item) in prepared {
+        while j < late.len() && late[j].0 < t {
+            out.push(late[j].1);
+            j += 1;
+        }
+        out.push(item);
+    }
+    out.extend(late[j..].iter().map(|&(_, i)| i));
+    out
+}
+
 /// What a run's completed ingests add to its dataset for recommendation: users new to the
 /// model are appended to `ds` (ids after the dataset's, in order of first appearance, with empty
-/// train sequences), and each user's ingested items known to the model are returned in event
-/// time (items added by ingestion have no ID embedding and are left out).
-pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, Vec<u32>>> {
+/// train sequences), and each user's ingested items known to the model are returned with their
+/// timestamps, in event time (items added by ingestion have no ID embedding and are left out).
+/// [`merge_event_time`] puts them into the prepared history.
+pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, Vec<(i64, u32)>>> {
     let mut out: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
     // Read-only: a reader must not remove the snapshot an ingest is writing right now.
     let Some((upto, _)) = super::snapshot::complete(&run.join("snapshots")).pop() else { return Ok(HashMap::new()) };
@@ -221,7 +242,7 @@ pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, V
         .into_iter()
         .map(|(u, mut v)| {
             v.sort_by_key(|&(t, _)| t);
-            (u, v.into_iter().map(|(_, i)| i).collect())
+            (u, v)
         })
         .collect())
 }
@@ -232,6 +253,17 @@ mod tests {
 
     fn row(user: &str, item: &str, timestamp: i64, rating: f32) -> NewRow {
         NewRow { user: user.into(), item: item.into(), timestamp, rating }
+    }
+
+    #[test]
+    fn late_interactions_take_their_place_in_event_time() {
+        let prepared = [(10, 1), (20, 2), (20, 3), (30, 4)];
+        // Late (5, 15), tied with prepared ones (20: after them), after the end (40), and two at
+        // the same time in arrival order.
+        let ingested = [(40, 9), (20, 7), (5, 5), (15, 6), (20, 8)];
+        assert_eq!(merge_event_time(&prepared, &ingested), vec![5, 1, 6, 2, 3, 7, 8, 4, 9]);
+        assert_eq!(merge_event_time(&prepared, &[]), vec![1, 2, 3, 4]);
+        assert_eq!(merge_event_time(&[], &ingested), vec![5, 6, 7, 8, 9]);
     }
 
     #[test]
