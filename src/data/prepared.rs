@@ -224,6 +224,12 @@ fn read_users(path: &Path) -> Result<Vec<String>, DataError> {
 
 /// Load a prepared directory written by `curec prepare`.
 pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
+    Ok(read_dataset_and_log(dir)?.0)
+}
+
+/// [`read_dataset`] and the interactions it was built from (with timestamps and ratings), from
+/// one read of `interactions.parquet`.
+pub fn read_dataset_and_log(dir: &Path) -> Result<(Dataset, Vec<Interaction>), DataError> {
     if !dir.join(STATS).is_file() {
         return Err(DataError::file(dir, "not a prepared dataset (no stats.json): run `curec prepare` first"));
     }
@@ -270,5 +276,6 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
             format!("user '{}' has no {missing} row (each user needs train, valid and test rows: run `curec prepare` again)", users[u]),
         ));
     }
-    Ok(Dataset::from_interactions(&name, users, items, &xs))
+    let ds = Dataset::from_interactions(&name, users, items, &xs);
+    Ok((ds, xs))
 }

@@ -20,7 +20,7 @@ use arrow_array::types::{Float32Type, Int64Type};
 use arrow_array::{Float32Array, Int64Array, StringArray};
 use arrow_schema::DataType;
 
-use crate::data::prepared::{self, batch, column, read_parquet, write_parquet};
+use crate::data::prepared::{batch, column, read_parquet, write_parquet};
 use crate::data::{Dataset, ItemInfo};
 
 /// One row of an ingest file, ids as in the raw log.
@@ -64,12 +64,18 @@ impl Known {
         *n = (*n).max(ts);
     }
 
-    /// What the prepared log of `data` (every split) and the run's ingests completed by snapshot
-    /// epoch `upto` hold for `users` (the users of the file being ingested: the rest cannot
-    /// collide with it, so a small ingest into a large log stays cheap).
-    pub fn load(data: &Path, ds: &Dataset, run: &Path, upto: u64, users: &HashSet<&str>) -> Result<Known> {
+    /// What the prepared log `log` of `ds` (every split) and the run's ingests completed by
+    /// snapshot epoch `upto` hold for `users` (the users of the file being ingested: the rest
+    /// cannot collide with it, so a small ingest into a large log stays cheap).
+    pub fn load(
+        log: &[crate::data::preprocess::Interaction],
+        ds: &Dataset,
+        run: &Path,
+        upto: u64,
+        users: &HashSet<&str>,
+    ) -> Result<Known> {
         let mut k = Known::default();
-        for x in prepared::read_interactions(&data.join(prepared::INTERACTIONS))? {
+        for x in log {
             let u = ds.users[x.user as usize].as_str();
             if users.contains(u) {
                 k.add(u, &ds.items[x.item as usize].raw_id, x.timestamp);

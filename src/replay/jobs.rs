@@ -390,7 +390,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     let rm = PathBuf::from(identity["config"]["reward_model"].as_str().context("snapshot manifest: no reward model")?);
     let model = identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string();
     let adapter: Option<PathBuf> = identity["config"]["adapter"].as_str().map(PathBuf::from);
-    let ds = prepared::read_dataset(&data)?;
+    // One read of the prepared log: the dataset and the interactions dedup and lateness check.
+    let (ds, log) = prepared::read_dataset_and_log(&data)?;
     let (rows, file_info) = ingest_log::read_file(file)?;
     if rows.is_empty() {
         bail!("{}: no interactions to ingest", file.display());
@@ -402,7 +403,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         .map(|r| r as f32)
         .unwrap_or(crate::data::preprocess::PrepareConfig::default().rating_above);
     let file_users: std::collections::HashSet<&str> = rows.iter().map(|r| r.user.as_str()).collect();
-    let mut known = ingest_log::Known::load(&data, &ds, run, last, &file_users)?;
+    let mut known = ingest_log::Known::load(&log, &ds, run, last, &file_users)?;
+    drop(log);
     let admitted = ingest_log::admit(rows, &mut known, rating_above);
     let counts = json!({
         "duplicates": admitted.duplicates,
