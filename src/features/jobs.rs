@@ -228,15 +228,11 @@ fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
     json!({"features": c, "model": model, "data": data.display().to_string()})
 }
 
-/// On a terminal the bar draws itself; otherwise one log line per batch.
+/// The generation rate in the bar's message (a terminal draws it; logs get it every few seconds).
 fn log_progress(progress: &ProgressBar, tokens: usize, t0: &Instant) {
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
     let tps = tokens as f64 / secs;
     progress.set_message(format!("{tps:.0} tok/s"));
-    if progress.is_hidden() {
-        let (pos, len) = (progress.position(), progress.length().unwrap_or(0));
-        tracing::info!("{} {pos}/{len} jobs, {tps:.0} tok/s, {secs:.0} s", progress.prefix());
-    }
 }
 
 /// `curec features`: generate (or finish generating) patterns and reasons into `out`; returns the

@@ -56,19 +56,10 @@ pub fn fit(model: &mut dyn Model, ds: &Dataset, cfg: &FitConfig, best_path: &Pat
             best = (valid, epoch);
             model.save(best_path)?;
         }
-        bar.inc(1);
         // A model fitted without a loss (Pop counts) logs none.
         let loss_text = loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default();
         bar.set_message(format!("{loss_text}valid ndcg@10 {valid:.4} (best {:.4} @ {})", best.0, best.1));
-        if bar.is_hidden() && epoch % 10 == 0 {
-            // No terminal (CI, logs): a line every 10 epochs instead of the bar.
-            tracing::info!(
-                "{} epoch {epoch}: {loss_text}valid ndcg@10 {valid:.4} (best {:.4} @ {})",
-                cfg.label,
-                best.0,
-                best.1
-            );
-        }
+        bar.inc(1);
         if loss.is_none() || epoch - best.1 >= cfg.patience {
             break;
         }
