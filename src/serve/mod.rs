@@ -42,6 +42,8 @@ use wal::{Entry, Row, Wal};
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest `k` a recommendation request may ask for.
 pub const MAX_K: usize = 1000;
+/// The error of the requests of a ranking pass that panicked (answered with 500).
+const PASS_FAILED: &str = "the ranking pass failed (an internal error, logged)";
 /// Most recommendation requests ranked in one pass.
 pub const MAX_RANK_BATCH: usize = 64;
 
@@ -153,9 +155,14 @@ impl App {
             let guard = self.rank_tx.lock().unwrap_or_else(|p| p.into_inner());
             guard.as_ref().ok_or_else(unavailable)?.send((query, tx)).map_err(|_| unavailable())?;
         }
-        rx.await
-            .map_err(|_| unavailable())?
-            .map_err(|e| ApiError::plain(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))
+        rx.await.map_err(|_| unavailable())?.map_err(|e| {
+            let status = if e.to_string() == PASS_FAILED {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            ApiError::plain(status, format!("{e:#}"))
+        })
     }
 
     fn recommender(&self) -> Arc<Mutex<Recommender>> {
@@ -267,8 +274,9 @@ fn ranker(app: std::sync::Weak<App>, rx: std::sync::mpsc::Receiver<RankJob>) {
         let rec = app.recommender();
         let (queries, replies): (Vec<RecQuery>, Vec<_>) = jobs.into_iter().unzip();
         let t0 = Instant::now();
-        let answers: Vec<anyhow::Result<Option<Vec<Recommendation>>>> =
-            {
+        // A panic in a pass fails that pass's requests (500), not the service.
+        let pass =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let r = rec.lock().unwrap_or_else(|p| p.into_inner());
                 let known: Vec<RecQuery> = queries.iter().filter(|q| r.knows(&q.user)).cloned().collect();
                 let mut ranked = r.recommend_many(&known).into_iter();
@@ -281,8 +289,18 @@ fn ranker(app: std::sync::Weak<App>, rx: std::sync::mpsc::Receiver<RankJob>) {
                             Ok(None)
                         }
                     })
-                    .collect()
-            };
+                    .collect::<Vec<anyhow::Result<Option<Vec<Recommendation>>>>>()
+            }));
+        let answers = match pass {
+            Ok(a) => a,
+            Err(_) => {
+                tracing::error!("a ranking pass panicked; its {} requests get 500", queries.len());
+                for reply in replies {
+                    let _ = reply.send(Err(anyhow::anyhow!(PASS_FAILED)));
+                }
+                continue;
+            }
+        };
         app.metrics.ranked(queries.len());
         tracing::debug!("ranked {} requests in one pass ({:.1} ms)", queries.len(), t0.elapsed().as_secs_f64() * 1e3);
         for (reply, answer) in replies.into_iter().zip(answers) {
