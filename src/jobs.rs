@@ -255,8 +255,8 @@ pub struct TrainedRun {
     pub kind: ModelKind,
     pub ds: Dataset,
     pub cfg: JobConfig,
-    /// The prepared directory `ds` was read from.
-    pub data_dir: PathBuf,
+    /// The prepared interactions `ds` was built from (timestamps included), from the same read.
+    pub log: Vec<crate::data::preprocess::Interaction>,
 }
 
 impl TrainedRun {
@@ -290,8 +290,8 @@ impl TrainedRun {
                 }
             }
         }
-        let ds = prepared::read_dataset(&data_dir)?;
-        Ok(Self { metrics, kind, ds, cfg, data_dir })
+        let (ds, log) = prepared::read_dataset_and_log(&data_dir)?;
+        Ok(Self { metrics, kind, ds, cfg, log })
     }
 }
 
@@ -361,15 +361,14 @@ pub struct Recommender {
 impl Recommender {
     /// The run's model, dataset and the interactions ingested since training (new users included).
     pub fn open(run: &Path) -> anyhow::Result<Self> {
-        let TrainedRun { kind, mut ds, cfg, data_dir, .. } = TrainedRun::open(run, None)?;
+        let TrainedRun { kind, mut ds, cfg, log, .. } = TrainedRun::open(run, None)?;
         let trained_users = ds.n_users;
         let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
         // Users with ingests: their whole history in event time (late interactions in place).
         let ingested = if ingested.keys().any(|&u| (u as usize) < trained_users) {
-            let path = data_dir.join(prepared::INTERACTIONS);
             let mut by_user: std::collections::HashMap<u32, [Vec<(i64, u32)>; 3]> =
                 ingested.keys().filter(|&&u| (u as usize) < trained_users).map(|&u| (u, Default::default())).collect();
-            for x in prepared::read_interactions(&path)? {
+            for x in &log {
                 if let Some(parts) = by_user.get_mut(&x.user) {
                     let k = match x.split {
                         Split::Train => 0,

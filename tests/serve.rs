@@ -106,6 +106,17 @@ fn recs(s: &Server, user: &str) -> Vec<Value> {
     v["items"].as_array().unwrap().clone()
 }
 
+/// `curec recommend --json` for a user of the run (it must succeed).
+fn cli_recs(run: &Path, user: &str, k: usize) -> Vec<Value> {
+    let o = Command::new(env!("CARGO_BIN_EXE_curec"))
+        .args(["recommend", "--model-dir", run.to_str().unwrap(), "--user", user, "-k", &k.to_string(), "--json"])
+        .env("CUREC_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 fn terminate(mut s: Server) {
     // SIGTERM, then wait for a clean exit.
     let pid = s.child.id().to_string();
@@ -156,12 +167,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
         );
     }
     // The same answer as the CLI.
-    let cli = Command::new(env!("CARGO_BIN_EXE_curec"))
-        .args(["recommend", "--model-dir", run.to_str().unwrap(), "--user", &u0, "-k", "3", "--json"])
-        .env("CUREC_LOG", "warn")
-        .output()
-        .unwrap();
-    let cli: Vec<Value> = serde_json::from_slice(&cli.stdout).unwrap();
+    let cli = cli_recs(&run, &u0, 3);
     assert_eq!(
         cli.iter().map(|r| &r["item"]).collect::<Vec<_>>(),
         items.iter().map(|r| &r["item"]).collect::<Vec<_>>()
@@ -247,12 +253,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     // u0's history changed: the service ranks from the new one (as the CLI, which loads afresh).
     let after = recs(&s, &u0);
     assert!(after.iter().all(|r| r["item"] != first_pick && r["item"] != late_pick), "u0's new items are recommended");
-    let cli = Command::new(env!("CARGO_BIN_EXE_curec"))
-        .args(["recommend", "--model-dir", run.to_str().unwrap(), "--user", &u0, "-k", "3", "--json"])
-        .env("CUREC_LOG", "warn")
-        .output()
-        .unwrap();
-    let cli: Vec<Value> = serde_json::from_slice(&cli.stdout).unwrap();
+    let cli = cli_recs(&run, &u0, 3);
     // The CLI prints f32 scores shortest, the service as f64: equal as f32.
     let key = |r: &Value| (r["item"].clone(), r["score"].as_f64().unwrap() as f32, r["reasons"].clone());
     assert_eq!(cli.iter().map(key).collect::<Vec<_>>(), after.iter().map(key).collect::<Vec<_>>());
@@ -292,12 +293,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     terminate(s);
     assert_eq!(std::fs::read_to_string(run.join("serve/applied")).unwrap().trim(), "3");
     assert!(snapshots(&run) > before, "no snapshot written at SIGTERM");
-    let o = Command::new(env!("CARGO_BIN_EXE_curec"))
-        .args(["recommend", "--model-dir", run.to_str().unwrap(), "--user", "term-user", "-k", "2", "--json"])
-        .env("CUREC_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(cli_recs(&run, "term-user", 2).len(), 2);
 
     // The load benchmark: one JSON line with the contract's keys; the run itself is untouched.
     let applied = std::fs::read_to_string(run.join("serve/applied")).unwrap();

@@ -459,6 +459,15 @@ impl Curec {
         let allowed = Tensor::from_vec(allowed, (u, n, l), dev)?;
         let any = Tensor::from_vec(any, (u, n, 1), dev)?;
         let cw = self.c.weight(); // hid × d
+                                  // The values through W_o and C: kept with the inference side, else projected here.
+        let computed;
+        let zs: &[Tensor] = match &side.z {
+            Some(z) => z,
+            None => {
+                computed = self.projected_values(side, n, l)?;
+                &computed
+            }
+        };
         let (weights, values) = match &side.k {
             Some(k) => {
                 let h = self.cfg.heads;
@@ -467,14 +476,6 @@ impl Curec {
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
                 let mut ws = Vec::with_capacity(if want_weights { h } else { 0 });
                 let mut total: Option<Tensor> = None;
-                let computed;
-                let zs = match &side.z {
-                    Some(z) => z,
-                    None => {
-                        computed = self.projected_values(side, n, l)?;
-                        &computed
-                    }
-                };
                 for (head, zh) in zs.iter().enumerate() {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
                     let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
@@ -498,15 +499,7 @@ impl Curec {
                 // Uniform weights over the allowed reasons.
                 let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
                 let w = allowed.broadcast_div(&count)?;
-                let computed;
-                let z = match &side.z {
-                    Some(z) => &z[0],
-                    None => {
-                        computed = self.projected_values(side, n, l)?;
-                        &computed[0]
-                    }
-                };
-                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(z)?.transpose(0, 1)?; // U × N × hid
+                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&zs[0])?.transpose(0, 1)?; // U × N × hid
                 (want_weights.then_some(w), pooled)
             }
         };

@@ -42,14 +42,12 @@ use wal::{Entry, Row, Wal};
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest `k` a recommendation request may ask for.
 pub const MAX_K: usize = 1000;
-/// The error of the requests of a ranking pass that panicked (answered with 500).
-const PASS_FAILED: &str = "the ranking pass failed (an internal error, logged)";
 /// Most recommendation requests ranked in one pass.
 pub const MAX_RANK_BATCH: usize = 64;
 
 /// A recommendation request waiting for the ranker, and where its answer goes.
 /// The answer is `None` for a user the recommender does not know.
-type RankJob = (RecQuery, tokio::sync::oneshot::Sender<anyhow::Result<Option<Vec<Recommendation>>>>);
+type RankJob = (RecQuery, tokio::sync::oneshot::Sender<Result<Option<Vec<Recommendation>>, ApiError>>);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -155,14 +153,7 @@ impl App {
             let guard = self.rank_tx.lock().unwrap_or_else(|p| p.into_inner());
             guard.as_ref().ok_or_else(unavailable)?.send((query, tx)).map_err(|_| unavailable())?;
         }
-        rx.await.map_err(|_| unavailable())?.map_err(|e| {
-            let status = if e.to_string() == PASS_FAILED {
-                StatusCode::INTERNAL_SERVER_ERROR
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
-            };
-            ApiError::plain(status, format!("{e:#}"))
-        })
+        rx.await.map_err(|_| unavailable())?
     }
 
     fn recommender(&self) -> Arc<Mutex<Recommender>> {
@@ -275,32 +266,24 @@ fn ranker(app: std::sync::Weak<App>, rx: std::sync::mpsc::Receiver<RankJob>) {
         let (queries, replies): (Vec<RecQuery>, Vec<_>) = jobs.into_iter().unzip();
         let t0 = Instant::now();
         // A panic in a pass fails that pass's requests (500), not the service.
-        let pass =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let r = rec.lock().unwrap_or_else(|p| p.into_inner());
-                let known: Vec<RecQuery> = queries.iter().filter(|q| r.knows(&q.user)).cloned().collect();
-                let mut ranked = r.recommend_many(&known).into_iter();
-                queries
-                    .iter()
-                    .map(|q| {
-                        if r.knows(&q.user) {
-                            ranked.next().expect("one answer per query").map(Some)
-                        } else {
-                            Ok(None)
-                        }
-                    })
-                    .collect::<Vec<anyhow::Result<Option<Vec<Recommendation>>>>>()
-            }));
-        let answers = match pass {
-            Ok(a) => a,
-            Err(_) => {
-                tracing::error!("a ranking pass panicked; its {} requests get 500", queries.len());
-                for reply in replies {
-                    let _ = reply.send(Err(anyhow::anyhow!(PASS_FAILED)));
-                }
-                continue;
-            }
-        };
+        let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = rec.lock().unwrap_or_else(|p| p.into_inner());
+            let answers = r.recommend_many(&queries);
+            queries
+                .iter()
+                .zip(answers)
+                .map(|(q, a)| match a {
+                    _ if !r.knows(&q.user) => Ok(None),
+                    Ok(items) => Ok(Some(items)),
+                    Err(e) => Err(ApiError::plain(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"))),
+                })
+                .collect::<Vec<_>>()
+        }));
+        let answers = pass.unwrap_or_else(|_| {
+            tracing::error!("a ranking pass panicked; its {} requests get 500", queries.len());
+            let failed = || ApiError::plain(StatusCode::INTERNAL_SERVER_ERROR, "the ranking pass failed (logged)");
+            queries.iter().map(|_| Err(failed())).collect()
+        });
         app.metrics.ranked(queries.len());
         tracing::debug!("ranked {} requests in one pass ({:.1} ms)", queries.len(), t0.elapsed().as_secs_f64() * 1e3);
         for (reply, answer) in replies.into_iter().zip(answers) {
