@@ -20,6 +20,9 @@
 //!   ŷ_ui = ⟨e_u, e_i⟩ + w₂ᵀ ReLU(A e_u + B e_i + C s_ui + D v_ui + b₁) + b₂.
 //!   (The first layer is applied term by term, so scoring every item costs O(N·(L + H)·d) per
 //!   user instead of an MLP over N concatenations.)
+//! - With `bilinear` (an extension, off by default): ŷ_ui also gets ⟨G e_u + R e_{p_u}, s_ui⟩, so
+//!   the user's state and pattern meet the item's matched text directly in the score instead of
+//!   only through DIN's ReLU layer (s_ui is then built per user, `U × N × d`).
 //! - Loss (Eq. 11): softmax cross-entropy over all items, at every position of the train sequence.
 
 use std::path::Path;
@@ -106,6 +109,9 @@ pub struct CurecConfig {
     /// fixed text vector, the mean of its bank list (its description for `text`, its pooled
     /// reasons otherwise; zero without any), so the text channel alone must tell items apart.
     pub ids: bool,
+    /// Add the bilinear term ⟨G e_u + R e_{p_u}, s_ui⟩ to the score (not in the paper: a fusion in
+    /// which the text meets the user's state and pattern directly, for the with-IDs controls).
+    pub bilinear: bool,
     /// Variants `curec run` trains, each into `<train.out>/curec-<variant>`.
     pub variants: Vec<Variant>,
     pub max_epochs: usize,
@@ -130,6 +136,7 @@ impl Default for CurecConfig {
             init_tower: None,
             freeze_tower: true,
             ids: true,
+            bilinear: false,
             variants: vec![Variant::Attention],
             max_epochs: 100,
             patience: 5,
@@ -204,6 +211,8 @@ pub struct Curec {
     c: Linear,
     dd: Linear,
     w2: Linear,
+    /// `bilinear`: G (`d × d`, applied to e_u) and R (`e × d`, applied to the pattern vector).
+    bil: Option<(Tensor, Tensor)>,
     bank: FeatureBank,
     /// `(n_reasons + 1) × enc_dim`, last row zero (padding).
     reasons_t: Tensor,
@@ -248,6 +257,16 @@ struct ReasonSide {
     /// one (pooling). User-independent, so scoring computes them once per set of weights;
     /// training leaves them `None` and [`Curec::matching_for`] projects per batch.
     z: Option<Vec<Tensor>>,
+}
+
+/// What [`Curec::matching`] gives the head.
+struct Matched {
+    /// C·s_ui + b_c, `U × N × hidden`.
+    c: Tensor,
+    /// Matching weights `U × N × L` (asked for only).
+    weights: Option<Tensor>,
+    /// `bilinear`: s_ui (`U × N × d`) and R e_{p_u} (`U × d`).
+    bilinear: Option<(Tensor, Tensor)>,
 }
 
 /// Per-batch reason slots: which reason row fills slot l of item n, and who wrote it.
@@ -317,6 +336,12 @@ impl Curec {
         let c = p.linear("din.c", d, h)?;
         let dd = p.linear("din.d", d, h)?;
         let w2 = p.linear("din.out", h, 1)?;
+        // Created last so that every other weight starts as without it.
+        let bil = if cfg.bilinear {
+            Some((p.normal("din.bil_u", &[d, d], INIT_STD)?, p.normal("din.bil_p", &[e, d], INIT_STD)?))
+        } else {
+            None
+        };
         let mut rt = bank.reasons.clone();
         rt.extend(std::iter::repeat_n(0f32, e));
         let reasons_t = Tensor::from_vec(rt, (bank.n_reasons() + 1, e), device)?;
@@ -346,6 +371,7 @@ impl Curec {
             c,
             dd,
             w2,
+            bil,
             bank,
             reasons_t,
             patterns_t,
@@ -414,15 +440,16 @@ impl Curec {
 
     /// C·s_ui + b_c for `users` × all items (`U × N × hidden`: the DIN head's first layer applied
     /// to the matching representation, folded into the reason values so that s_ui itself is never
-    /// built), and, when `want_weights`, the attention (or pooling) weights `U × N × L` averaged
-    /// over heads (the explanation; training and plain scoring skip them).
+    /// built unless `bilinear` needs it), and, when `want_weights`, the attention (or pooling)
+    /// weights `U × N × L` averaged over heads (the explanation; training and plain scoring skip
+    /// them).
     fn matching(
         &self,
         users: &[u32],
         slots: &Slots,
         side: &ReasonSide,
         want_weights: bool,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    ) -> candle_core::Result<Matched> {
         let uid = Tensor::new(users, self.reasons_t.device())?;
         let pat = self.patterns_t.index_select(&uid, 0)?; // U × e
         self.matching_for(&pat, users, slots, side, want_weights)
@@ -437,7 +464,7 @@ impl Curec {
         slots: &Slots,
         side: &ReasonSide,
         want_weights: bool,
-    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    ) -> candle_core::Result<Matched> {
         let dev = self.reasons_t.device();
         let (n, l, d) = (slots.n, slots.l, self.tower.cfg.dim);
         let hid = self.cfg.hidden;
@@ -468,20 +495,26 @@ impl Curec {
                 &computed
             }
         };
-        let (weights, values) = match &side.k {
+        let (weights, values, full) = match &side.k {
             Some(k) => {
                 let h = self.cfg.heads;
                 let dh = d / h;
                 let o = m.o.as_ref().expect("attention has an output projection");
                 let bias = ((&allowed - 1.0)? * (-NEG as f64))?; // 0 allowed, −1e9 not
                 let mut ws = Vec::with_capacity(if want_weights { h } else { 0 });
+                let mut heads_out = Vec::with_capacity(if self.bil.is_some() { h } else { 0 });
                 let mut total: Option<Tensor> = None;
                 for (head, zh) in zs.iter().enumerate() {
                     let qh = q.narrow(1, head * dh, dh)?.contiguous()?; // U × dh
                     let kh = k.narrow(1, head * dh, dh)?.contiguous()?; // (N·L) × dh
                     let logits = (qh.matmul(&kh.t()?)? / (dh as f64).sqrt())?.reshape((u, n, l))?;
                     let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
-                    let out = w.transpose(0, 1)?.contiguous()?.matmul(zh)?; // N × U × hid
+                    let wt = w.transpose(0, 1)?.contiguous()?; // N × U × L
+                    if self.bil.is_some() {
+                        heads_out.push(wt.matmul(&side.v.narrow(2, head * dh, dh)?.contiguous()?)?);
+                        // N × U × dh
+                    }
+                    let out = wt.matmul(zh)?; // N × U × hid
                     total = Some(match total {
                         Some(t) => (t + out)?,
                         None => out,
@@ -493,14 +526,27 @@ impl Curec {
                 let ob = o.bias().expect("linear with bias").unsqueeze(0)?.matmul(&cw.t()?)?; // 1 × hid
                 let vals = total.expect("at least one head").transpose(0, 1)?.broadcast_add(&ob.unsqueeze(0)?)?;
                 let w = if want_weights { Some((Tensor::stack(&ws, 0)?.sum(0)? / h as f64)?) } else { None };
-                (w, vals)
+                // s_ui itself (`U × N × d`) for the bilinear term: the heads through W_o.
+                let full = if self.bil.is_some() {
+                    let x = Tensor::cat(&heads_out, 2)?.reshape((n * u, d))?;
+                    Some(o.forward(&x)?.reshape((n, u, d))?.transpose(0, 1)?.contiguous()?)
+                } else {
+                    None
+                };
+                (w, vals, full)
             }
             None => {
                 // Uniform weights over the allowed reasons.
                 let count = allowed.sum_keepdim(2)?.clamp(1.0, f64::MAX)?;
                 let w = allowed.broadcast_div(&count)?;
-                let pooled = w.transpose(0, 1)?.contiguous()?.matmul(&zs[0])?.transpose(0, 1)?; // U × N × hid
-                (want_weights.then_some(w), pooled)
+                let wt = w.transpose(0, 1)?.contiguous()?; // N × U × L
+                let pooled = wt.matmul(&zs[0])?.transpose(0, 1)?; // U × N × hid
+                                                                  // The pooled values themselves (`U × N × d`) for the bilinear term.
+                let full = match self.bil {
+                    Some(_) => Some(wt.matmul(&side.v)?.transpose(0, 1)?.contiguous()?),
+                    None => None,
+                };
+                (want_weights.then_some(w), pooled, full)
             }
         };
         // Items with no allowed reason: s_∅.
@@ -513,7 +559,17 @@ impl Curec {
             c.broadcast_add(&q.matmul(&cw.t()?)?.unsqueeze(1)?)?
         };
         let c = c.broadcast_add(&self.c.bias().expect("linear with bias").reshape((1, 1, hid))?)?;
-        Ok((c, weights))
+        let bilinear = match (full, &self.bil) {
+            (Some(full), Some((_, r))) => {
+                let empty = m.empty.reshape((1, 1, d))?;
+                let s = (full.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&empty)?)?;
+                // The fusion variants' s_ui: [fused reasons; pattern] through a linear layer.
+                let s = if self.cfg.variant == Variant::Attention { s } else { s.broadcast_add(&q.unsqueeze(1)?)? };
+                Some((s, pat.matmul(r)?))
+            }
+            _ => None,
+        };
+        Ok(Matched { c, weights, bilinear })
     }
 
     /// The reason values through the output projection and the DIN head's matching weights
@@ -558,17 +614,18 @@ impl Curec {
     }
 
     /// Scores `P × N` for positions with hidden states `eu` (`P × d`), DIN histories `hist`
-    /// (item ids, oldest first, non-empty), `slot[p]` = the row of the position's user in `s`, and
-    /// `s` = C·s_ui + b_c from [`Self::matching`].
+    /// (item ids, oldest first, non-empty), `slot[p]` = the row of the position's user in the
+    /// matching `m` from [`Self::matching`].
     fn head(
         &self,
         eu: &Tensor,
         hist: &[Vec<u32>],
         slot: &[u32],
-        s: &Tensor,
+        m: &Matched,
         subset: Option<&[u32]>,
         fixed_items: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        let s = &m.c;
         let dev = eu.device();
         let (p, d) = eu.dims2()?;
         let table = self.tower.item_table()?;
@@ -601,7 +658,15 @@ impl Curec {
         let a_part = self.a.forward(eu)?.unsqueeze(1)?; // P × 1 × hid
         let pre = (v_part + c_part)?.broadcast_add(&a_part)?.broadcast_add(&b_part)?.relu()?;
         let mlp = self.w2.forward(&pre)?.squeeze(2)?; // P × N
-        mlp + eu.matmul(&items.t()?)?
+        let scores = (mlp + eu.matmul(&items.t()?)?)?;
+        match (&m.bilinear, &self.bil) {
+            (Some((full, rp)), Some((g, _))) => {
+                // ⟨G e_u + R e_{p_u}, s_ui⟩ per position.
+                let gu = (eu.matmul(g)? + rp.index_select(&Tensor::new(slot, dev)?, 0)?)?; // P × d
+                scores + per_user_dot(full, &gu, slot)?
+            }
+            _ => Ok(scores),
+        }
     }
 
     fn din_history(&self, seq: &[u32]) -> Vec<u32> {
@@ -643,10 +708,10 @@ impl Curec {
         want_weights: bool,
     ) -> anyhow::Result<(Tensor, Option<Tensor>)> {
         let side = self.inference_side()?;
-        let (s, w) = self.matching(users, &side.0, &side.1, want_weights)?;
+        let m = self.matching(users, &side.0, &side.1, want_weights)?;
         let hist: Vec<Vec<u32>> = histories.iter().map(|h| self.din_history(h)).collect();
         let slot: Vec<u32> = (0..users.len() as u32).collect();
-        Ok((self.head(eu, &hist, &slot, &s, None, Some(&side.2))?, w))
+        Ok((self.head(eu, &hist, &slot, &m, None, Some(&side.2))?, m.weights))
     }
 
     /// Scores ŷ_ui of one (user, item) under each of several candidate reason lists (paper Eq.
@@ -695,12 +760,12 @@ impl Curec {
         };
         let side = self.reason_side_of(&table, &slots)?;
         let pat = Tensor::from_vec(pattern.to_vec(), (1, e), &dev)?;
-        let (s, _) = self.matching_for(&pat, &[u32::MAX], &slots, &side, false)?;
+        let m = self.matching_for(&pat, &[u32::MAX], &slots, &side, false)?;
         let max_len = self.tower.cfg.max_len;
         let window = &history[history.len().saturating_sub(max_len)..];
         let eu = self.tower.last_hidden(&[window])?;
         let hist = vec![self.din_history(history)];
-        let scores = self.head(&eu, &hist, &[0], &s, Some(&vec![item; n]), None)?;
+        let scores = self.head(&eu, &hist, &[0], &m, Some(&vec![item; n]), None)?;
         Ok(scores.flatten_all()?.to_vec1()?)
     }
 
@@ -745,6 +810,34 @@ impl Curec {
         }
         out
     }
+}
+
+/// `out[p, n] = ⟨s[slot[p], n, :], g[p, :]⟩` for `s`: `U × N × d`, `g`: `P × d`: the positions
+/// are gathered into one `d × m` matrix per user (m = that user's most positions), one batched
+/// matmul, then scattered back, so `s` is never repeated per position.
+fn per_user_dot(s: &Tensor, g: &Tensor, slot: &[u32]) -> candle_core::Result<Tensor> {
+    let dev = g.device();
+    let (u, n, d) = s.dims3()?;
+    let p = g.dim(0)?;
+    let mut count = vec![0usize; u];
+    let cols: Vec<usize> = slot
+        .iter()
+        .map(|&sl| {
+            count[sl as usize] += 1;
+            count[sl as usize] - 1
+        })
+        .collect();
+    let m = count.iter().copied().max().unwrap_or(1).max(1);
+    let mut gather = vec![p as u32; u * m]; // row p: zeros
+    let mut back = Vec::with_capacity(p);
+    for (pi, (&sl, &c)) in slot.iter().zip(&cols).enumerate() {
+        gather[sl as usize * m + c] = pi as u32;
+        back.push((sl as usize * m + c) as u32);
+    }
+    let gpad = Tensor::cat(&[g, &Tensor::zeros((1, d), g.dtype(), dev)?], 0)?;
+    let gm = gpad.index_select(&Tensor::from_vec(gather, u * m, dev)?, 0)?.reshape((u, m, d))?;
+    let out = s.matmul(&gm.transpose(1, 2)?.contiguous()?)?; // U × N × m
+    out.transpose(1, 2)?.contiguous()?.reshape((u * m, n))?.index_select(&Tensor::from_vec(back, p, dev)?, 0)
 }
 
 impl Scorer for Curec {
@@ -797,8 +890,8 @@ impl Model for Curec {
                 }
             };
             let side = self.reason_side(slots)?;
-            let (s, _) = self.matching(&users, slots, &side, false)?;
-            let logits = self.head(&eu, &hist, &slot, &s, slots.items.as_deref(), None)?;
+            let m = self.matching(&users, slots, &side, false)?;
+            let logits = self.head(&eu, &hist, &slot, &m, slots.items.as_deref(), None)?;
             epoch_loss.step(&mut self.opt, &logits, &targets)?;
         }
         Ok(epoch_loss.mean())
@@ -915,9 +1008,17 @@ mod tests {
         // own lists (and no own-reason masking) it must agree with the full ranking.
         let ds = toy();
         let counts = [2usize, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1];
-        for variant in [Variant::Attention, Variant::Ap, Variant::Mlp, Variant::Sa] {
+        let cases = [Variant::Attention, Variant::Ap, Variant::Mlp, Variant::Sa].map(|v| (v, false));
+        for (variant, bilinear) in cases.into_iter().chain([(Variant::Attention, true), (Variant::Ap, true)]) {
             let b = bank(&counts);
-            let cfg = CurecConfig { variant, hidden: 8, din_history: 3, mask_own_reasons: false, ..Default::default() };
+            let cfg = CurecConfig {
+                variant,
+                hidden: 8,
+                din_history: 3,
+                mask_own_reasons: false,
+                bilinear,
+                ..Default::default()
+            };
             let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
             let m = Curec::new(&cfg, &tcfg, N, b.clone(), 5, &Device::Cpu).unwrap();
             for u in 0..4u32 {
@@ -935,7 +1036,7 @@ mod tests {
                     for g in got {
                         assert!(
                             (g - all[i as usize]).abs() < 1e-4,
-                            "{variant:?} user {u} item {i}: {g} vs {}",
+                            "{variant:?} (bilinear {bilinear}) user {u} item {i}: {g} vs {}",
                             all[i as usize]
                         );
                     }
@@ -947,13 +1048,53 @@ mod tests {
     #[test]
     fn batched_full_ranking_equals_one_user_at_a_time() {
         let ds = toy();
-        let m = model(bank(&[2, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1]), Variant::Attention);
-        let (all, wall) = scores(&m, &ds, &[0, 1, 2, 3]);
-        let per = N * m.bank().max_list();
-        for u in 0..4u32 {
-            let (one, w) = scores(&m, &ds, &[u]);
-            close(&one, &all[u as usize * N..(u as usize + 1) * N]);
-            close(&w, &wall[u as usize * per..(u as usize + 1) * per]);
+        for bilinear in [false, true] {
+            let b = bank(&[2, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1]);
+            let cfg = CurecConfig { hidden: 8, din_history: 3, bilinear, ..Default::default() };
+            let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+            let m = Curec::new(&cfg, &tcfg, N, b, 5, &Device::Cpu).unwrap();
+            let (all, wall) = scores(&m, &ds, &[0, 1, 2, 3]);
+            let per = N * m.bank().max_list();
+            for u in 0..4u32 {
+                let (one, w) = scores(&m, &ds, &[u]);
+                close(&one, &all[u as usize * N..(u as usize + 1) * N]);
+                close(&w, &wall[u as usize * per..(u as usize + 1) * per]);
+            }
+        }
+    }
+
+    #[test]
+    fn per_user_dot_is_the_plain_dot_per_position() {
+        let (u, n, d) = (3usize, 5usize, 4usize);
+        let s = Tensor::from_vec(vec_for(1, u * n * d), (u, n, d), &Device::Cpu).unwrap();
+        // Positions of users 2, 0, 2, 2 (user 1 has none), in no particular order.
+        let slot = [2u32, 0, 2, 2];
+        let g = Tensor::from_vec(vec_for(2, slot.len() * d), (slot.len(), d), &Device::Cpu).unwrap();
+        let got: Vec<Vec<f32>> = per_user_dot(&s, &g, &slot).unwrap().to_vec2().unwrap();
+        let (sv, gv): (Vec<f32>, Vec<f32>) =
+            (s.flatten_all().unwrap().to_vec1().unwrap(), g.flatten_all().unwrap().to_vec1().unwrap());
+        for (p, &sl) in slot.iter().enumerate() {
+            for i in 0..n {
+                let want: f32 = (0..d).map(|k| sv[(sl as usize * n + i) * d + k] * gv[p * d + k]).sum();
+                assert!((got[p][i] - want).abs() < 1e-5, "position {p} item {i}: {} vs {want}", got[p][i]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_bilinear_term_leaves_the_other_weights_as_they_were() {
+        // Its weights are created last: the rest of the model starts exactly as without it.
+        let b = bank(&[2, 0, 3, 1, 4, 2, 0, 1, 1, 2, 3, 1]);
+        let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
+        let plain =
+            Curec::new(&CurecConfig { hidden: 8, ..Default::default() }, &tcfg, N, b.clone(), 5, &Device::Cpu).unwrap();
+        let cfg = CurecConfig { hidden: 8, bilinear: true, ..Default::default() };
+        let bil = Curec::new(&cfg, &tcfg, N, b, 5, &Device::Cpu).unwrap();
+        let a = super::super::nn::named_values(&plain.params.varmap);
+        let c = super::super::nn::named_values(&bil.params.varmap);
+        assert_eq!(c.len(), a.len() + 2);
+        for (name, v) in &a {
+            assert_eq!(Some(v), c.iter().find(|(n, _)| n == name).map(|(_, v)| v), "{name}");
         }
     }
 
@@ -1022,10 +1163,15 @@ mod tests {
     #[test]
     fn training_lowers_the_loss_and_every_weight_learns() {
         let ds = toy();
-        for (variant, ids) in
-            [(Variant::Attention, true), (Variant::Text, true), (Variant::Sa, true), (Variant::Attention, false)]
-        {
-            let cfg = CurecConfig { variant, hidden: 8, din_history: 3, ids, ..Default::default() };
+        for (variant, ids, bilinear) in [
+            (Variant::Attention, true, false),
+            (Variant::Text, true, false),
+            (Variant::Sa, true, false),
+            (Variant::Attention, false, false),
+            (Variant::Attention, true, true),
+            (Variant::Mlp, true, true),
+        ] {
+            let cfg = CurecConfig { variant, hidden: 8, din_history: 3, ids, bilinear, ..Default::default() };
             let tcfg = SasRecConfig { max_len: 8, dim: 8, heads: 2, inner: 16, ..Default::default() };
             let mut m =
                 Curec::new(&cfg, &tcfg, N, bank(&[2, 0, 2, 1, 0, 3, 2, 2, 1, 0, 2, 2]), 5, &Device::Cpu).unwrap();
