@@ -17,22 +17,53 @@ pub fn bar(len: usize, prefix: &str, unit: &str) -> ProgressBar {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         b.set_style(
             ProgressStyle::with_template(&format!(
-                "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}<{{eta}} {{msg}}"
+                "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{elapsed}}<{{mean_eta}} {{msg}}"
             ))
             .expect("valid template")
+            .with_key("mean_eta", mean_eta)
             .progress_chars("=> "),
         );
     } else {
         b.set_draw_target(ProgressDrawTarget::term_like(Box::new(PlainLines::new(PLAIN_EVERY))));
         b.set_style(
             ProgressStyle::with_template(&format!(
-                "{{prefix}} {{pos}}/{{len}} {unit}, {{per_sec}}, {{elapsed}} elapsed, ETA {{eta}} {{msg}}"
+                "{{prefix}} {{pos}}/{{len}} {unit}, {{mean_rate}}, {{elapsed}} elapsed, ETA {{mean_eta}} {{msg}}"
             ))
-            .expect("valid template"),
+            .expect("valid template")
+            .with_key("mean_rate", mean_rate)
+            .with_key("mean_eta", mean_eta),
         );
     }
     b.set_prefix(prefix.to_string());
     b
+}
+
+/// Steps per second since the start (indicatif's own estimate weighs the last seconds, which for
+/// steps of half a minute, like epochs, reads as a rate 20× too low and an ETA of hours).
+fn mean_rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = w.write_str(&rate_text(state.pos(), state.elapsed().as_secs_f64()));
+}
+
+fn rate_text(pos: u64, secs: f64) -> String {
+    let rate = if secs > 0.0 { pos as f64 / secs } else { 0.0 };
+    if rate >= 1.0 || rate == 0.0 {
+        format!("{rate:.1}/s")
+    } else {
+        format!("{:.1}s each", 1.0 / rate)
+    }
+}
+
+/// The time left at the mean rate since the start (`?` before the first step).
+fn mean_eta(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = w.write_str(&eta_text(state.pos(), state.len(), state.elapsed().as_secs_f64()));
+}
+
+fn eta_text(pos: u64, len: Option<u64>, secs: f64) -> String {
+    if pos == 0 {
+        return "?".into();
+    }
+    let left = len.unwrap_or(pos).saturating_sub(pos) as f64 * secs / pos as f64;
+    indicatif::HumanDuration(Duration::from_secs_f64(left)).to_string()
 }
 
 /// A draw target that writes the bar's line to the log when `every` has passed since the last
@@ -120,6 +151,16 @@ impl Drop for PlainLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_and_eta_are_the_means_since_the_start() {
+        // Two 30-second epochs of 30: 30 s each, 14 minutes left.
+        assert_eq!(rate_text(2, 60.0), "30.0s each");
+        assert_eq!(eta_text(2, Some(30), 60.0), "14 minutes");
+        assert_eq!(rate_text(500, 10.0), "50.0/s");
+        assert_eq!(eta_text(500, Some(1000), 10.0), "10 seconds");
+        assert_eq!(eta_text(0, Some(10), 5.0), "?");
+    }
 
     #[test]
     fn plain_lines_are_throttled_and_the_last_state_is_written_at_the_end() {
