@@ -23,6 +23,15 @@ use crate::rec::{bert4rec::Bert4Rec, ncf::Ncf, pop::Pop, sasrec::SasRec, Model, 
 pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyhow::Result<Value> {
     let format = if format == "auto" { Format::detect(input)? } else { Format::parse(format)? };
     let log = data::read_raw(input, format)?;
+    if let Some(&(_, line)) = log.deletes.first() {
+        let path = data::generic::find_file(input).unwrap_or_else(|_| input.to_path_buf());
+        return Err(data::DataError::row(
+            &path,
+            line,
+            "op 'delete' is a retraction, which `curec ingest` applies to a run; `curec prepare` reads additions only",
+        )
+        .into());
+    }
     let p = preprocess::preprocess(&log, &cfg.preprocess)?;
     let name = cfg.prepare.dataset.clone().unwrap_or_else(|| {
         let base = if input.is_file() { input.file_stem() } else { input.file_name() };
@@ -363,12 +372,27 @@ impl Recommender {
     pub fn open(run: &Path) -> anyhow::Result<Self> {
         let TrainedRun { kind, mut ds, cfg, log, .. } = TrainedRun::open(run, None)?;
         let trained_users = ds.n_users;
-        let ingested = crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
-        // Users with ingests: their whole history in event time (late interactions in place).
-        let ingested = if ingested.keys().any(|&u| (u as usize) < trained_users) {
+        let crate::replay::ingest_log::Ingested { added, retracted } =
+            crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
+        // Users with ingests: their whole history in event time (late interactions in place,
+        // retracted ones out).
+        let touched: Vec<u32> = added
+            .keys()
+            .copied()
+            .chain(retracted.iter().map(|&(u, _)| u))
+            .filter(|&u| (u as usize) < trained_users)
+            .collect();
+        let ingested = if !touched.is_empty() {
             let mut by_user: std::collections::HashMap<u32, [Vec<(i64, u32)>; 3]> =
-                ingested.keys().filter(|&&u| (u as usize) < trained_users).map(|&u| (u, Default::default())).collect();
+                touched.iter().map(|&u| (u, Default::default())).collect();
+            let mut added = added;
+            for &u in &touched {
+                added.entry(u).or_default();
+            }
             for x in &log {
+                if retracted.contains(&(x.user, x.item)) {
+                    continue;
+                }
                 if let Some(parts) = by_user.get_mut(&x.user) {
                     let k = match x.split {
                         Split::Train => 0,
@@ -378,7 +402,7 @@ impl Recommender {
                     parts[k].push((x.timestamp, x.item));
                 }
             }
-            ingested
+            added
                 .into_iter()
                 .map(|(u, late)| {
                     let prepared: Vec<(i64, u32)> = by_user.remove(&u).map(|p| p.concat()).unwrap_or_default();
@@ -386,7 +410,7 @@ impl Recommender {
                 })
                 .collect()
         } else {
-            ingested.into_iter().map(|(u, v)| (u, v.into_iter().map(|(_, i)| i).collect())).collect()
+            added.into_iter().map(|(u, v)| (u, v.into_iter().map(|(_, i)| i).collect())).collect()
         };
         let model = if kind == ModelKind::Curec {
             let mut m = build_curec(&ds, &cfg, &Device::Cpu)?;

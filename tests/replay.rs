@@ -198,7 +198,18 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     // Ingest: a known user, a new user and a new item.
     let data = c.base.join("data");
     let ds = curec::data::prepared::read_dataset(&data).unwrap();
-    let (u0, i0) = (&ds.users[0], &ds.items[0].raw_id);
+    // Items neither of the first two users holds (a positive the log already holds would be a
+    // re-rating, not a new interaction).
+    let held = |u: u32| {
+        let mut h = ds.history(u, curec::data::Split::Test);
+        h.push(ds.test[u as usize]);
+        h
+    };
+    let fresh: Vec<u32> =
+        (0..ds.n_items as u32).filter(|i| !held(0).contains(i) && !held(1).contains(i)).take(3).collect();
+    assert_eq!(fresh.len(), 3, "the chain fixture leaves items unseen by users 0 and 1");
+    let [f0, f1, f2] = [fresh[0], fresh[1], fresh[2]];
+    let (u0, i0) = (&ds.users[0], &ds.items[f0 as usize].raw_id);
     let new = c.base.join("new.csv");
     std::fs::write(
         &new,
@@ -233,7 +244,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     std::fs::write(
         &more,
         format!("user,item,timestamp,rating\n{u0},{i1},2000000100,5\n{u1},{i1},2000000101,5\n{u1},{i0},2000000102,4\n{u0},{i2},2000000103,4\n",
-            u1 = ds.users[1], i1 = ds.items[1].raw_id, i2 = ds.items[2].raw_id),
+            u1 = ds.users[1], i1 = ds.items[f1 as usize].raw_id, i2 = ds.items[f2 as usize].raw_id),
     )
     .unwrap();
     let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), more.to_str().unwrap(), "--grpo"]);
@@ -254,8 +265,8 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     std::fs::write(
         &third,
         format!(
-            "user,item,timestamp,rating,title,text\n{u0},{i0},2000000200,2,,\n{u1},{i2},1000,5,,\n{u1},shiny,2000000300,5,Shiny Movie (2031),A film about shine.\n",
-            u1 = ds.users[1], i2 = ds.items[2].raw_id
+            "user,item,timestamp,rating,title,text\nnewbie,{i2},2000000200,2,,\n{u1},{i2},1000,5,,\n{u1},shiny,2000000300,5,Shiny Movie (2031),A film about shine.\n",
+            u1 = ds.users[1], i2 = ds.items[f2 as usize].raw_id
         ),
     )
     .unwrap();
@@ -290,6 +301,51 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let recs: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(recs.len(), 3);
     assert!(recs.iter().all(|r| r["item"] != json!(i0)), "an item the user has seen is not recommended");
+
+    // Retractions (the newest complete snapshot is the second ingest's now): an `op = delete` of a
+    // pair the log holds, a delete of a pair it never held, and a re-rating of a held pair.
+    let (u1, i1) = (&ds.users[1], &ds.items[f1 as usize].raw_id);
+    let (u1_id, i1_id) = (1u32, f1);
+    let before = curec::jobs::Recommender::open(&a).unwrap().history(u1).unwrap();
+    assert!(before.contains(i1), "the second ingest gave {u1} item {i1}");
+    let had_reason = |d: &Path| {
+        curec::features::store::read_reasons_in(d).unwrap().iter().any(|r| r.item == i1_id && r.user == u1_id)
+    };
+    assert!(had_reason(&dir2), "the second ingest wrote a reason for ({u1}, {i1})");
+    let fourth = c.base.join("fourth.csv");
+    std::fs::write(
+        &fourth,
+        format!("user,item,timestamp,rating,op\n{u1},{i1},2000000400,5,delete\n{u1},brand-new-item,2000000401,5,delete\n{u0},{i1},2000000402,5,\n{u0},{i1},2000000403,4,add\n"),
+    )
+    .unwrap();
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), fourth.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let counts: Vec<Option<u64>> =
+        ["interactions", "retracted", "unmatched", "rerated"].iter().map(|k| line[*k].as_u64()).collect();
+    assert_eq!(counts, [Some(0), Some(1), Some(1), Some(2)], "{line}");
+    let (_, dir4) = snapshot::newest(&a.join("snapshots")).unwrap();
+    assert!(!had_reason(&dir4), "the retracted interaction's reason left the item's list");
+    let state = snapshot::State::load(&dir4, 100).unwrap();
+    assert!(!state.users[&u1_id].history.contains(&i1_id), "the retracted item left the history in the state");
+    let after = curec::jobs::Recommender::open(&a).unwrap().history(u1).unwrap();
+    let mut expect = before.clone();
+    expect.retain(|x| x != i1);
+    assert_eq!(after, expect, "the retracted item left the served history, nothing else did");
+    // The same file again: the delete is now unmatched, nothing changes.
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), fourth.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((line["interactions"].as_u64(), line["retracted"].as_u64()), (Some(0), Some(0)), "{line}");
+    // `curec prepare` refuses deletes, naming the line; a bad op names its line too.
+    let o = curec_cli(&["prepare", "--input", fourth.to_str().unwrap(), "--out", c.base.join("p4").to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("fourth.csv:2:") && e.contains("curec ingest"), "{e}");
+    let bad = c.base.join("bad-op.csv");
+    std::fs::write(&bad, format!("user,item,timestamp,rating,op\n{u1},{i1},2000000500,5,remove\n")).unwrap();
+    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), bad.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("bad-op.csv:2:") && e.contains("'remove'"), "{e}");
 }
 
 #[test]

@@ -204,6 +204,8 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
         assert_eq!(ok, alone.iter().map(|a| json!(a)).collect::<Vec<_>>());
     }
     let first_pick = items[0]["item"].clone();
+    // u0's oldest item, retracted by the POST below.
+    let retracted = ds.items[ds.train[0][0] as usize].raw_id.clone();
     let late_pick = items[1]["item"].clone();
 
     // Bad requests: 4xx with a JSON body naming the field.
@@ -227,6 +229,9 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     assert_eq!((st, v["field"].clone()), (400, json!("[0].timestamp")), "{v}");
     let (st, v) = post(&s, &json!([{"user": "x", "item": "y", "timestamp": 5, "rating": 4, "colour": 1}]).to_string());
     assert_eq!((st, v["field"].clone()), (400, json!("[0].colour")), "{v}");
+    let (st, v) =
+        post(&s, &json!([{"user": "x", "item": "y", "timestamp": 5, "rating": 4, "op": "remove"}]).to_string());
+    assert_eq!((st, v["field"].clone()), (400, json!("[0].op")), "{v}");
     let (st, v) = post_oversized(&s, 2 << 20);
     assert_eq!((st, v["field"].clone()), (413, json!("body")), "{v}");
     let (st, b) = get(&s, "/no/such/route");
@@ -238,14 +243,17 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     let body = json!([
         {"user": "newbie", "item": i0, "timestamp": 2_000_000_001i64, "rating": 5},
         {"user": u0.parse::<u64>().map(|n| json!(n)).unwrap_or(json!(u0)), "item": first_pick, "timestamp": 2_000_000_002i64, "rating": 4.5},
-        {"user": u0.clone(), "item": late_pick, "timestamp": 1, "rating": 5}
+        {"user": u0.clone(), "item": late_pick, "timestamp": 1, "rating": 5},
+        {"user": u0.clone(), "item": retracted.clone(), "timestamp": 2_000_000_003i64, "rating": 5, "op": "delete"}
     ]);
     let (st, v) = post(&s, &body.to_string());
-    assert_eq!((st, v["accepted"].clone(), v["seq"].clone()), (202, json!(3), json!(1)), "{v}");
+    assert_eq!((st, v["accepted"].clone(), v["seq"].clone()), (202, json!(4), json!(1)), "{v}");
     wait_ingested(&s, 3.0);
-    // Event time: the late interaction (1970) opens u0's history, the new one closes it.
+    // Event time: the late interaction (1970) opens u0's history, the new one closes it; the
+    // retracted item is gone.
     let h = curec::jobs::Recommender::open(&run).unwrap().history(&u0).unwrap();
-    assert_eq!(h.len(), ds.history(0, curec::data::Split::Test).len() + 3, "{h:?}");
+    assert_eq!(h.len(), ds.history(0, curec::data::Split::Test).len() + 3 - 1, "{h:?}");
+    assert!(!h.contains(&retracted), "{h:?}");
     assert_eq!((json!(h[0]), json!(h[h.len() - 1])), (late_pick.clone(), first_pick.clone()), "{h:?}");
     let newbie = recs(&s, "newbie");
     assert_eq!(newbie.len(), 3);

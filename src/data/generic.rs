@@ -1,5 +1,6 @@
 //! The generic log: one CSV (comma-separated, with header) or Parquet file with columns
-//! `user, item, timestamp, rating` and optionally `title` and `text` (item side information).
+//! `user, item, timestamp, rating` and optionally `title` and `text` (item side information) and
+//! `op` (`add`, the default, or `delete`: a retraction, which only `curec ingest` accepts).
 //! Also home of [`CsvRows`], the checked CSV reader the MovieLens CSV reader shares.
 
 use std::fs::File;
@@ -13,7 +14,16 @@ use super::lines::{rating_field, timestamp_field};
 use super::{DataError, ItemInfo, RawLog};
 
 const REQUIRED: [&str; 4] = ["user", "item", "timestamp", "rating"];
-const OPTIONAL: [&str; 2] = ["title", "text"];
+const OPTIONAL: [&str; 3] = ["title", "text", "op"];
+
+/// Whether an `op` field is a retraction (`delete`) or an addition (`add` or empty).
+fn is_delete(path: &Path, line: usize, op: &str) -> Result<bool, DataError> {
+    match op.trim() {
+        "" | "add" => Ok(false),
+        "delete" => Ok(true),
+        other => Err(DataError::row(path, line, format!("column op: expected 'add' or 'delete', found '{other}'"))),
+    }
+}
 
 /// Locate the log: the path itself if it is a file, else the single `.csv`/`.parquet` file in the directory.
 pub fn find_file(input: &Path) -> Result<PathBuf, DataError> {
@@ -49,6 +59,9 @@ fn read_csv(path: &Path) -> Result<RawLog, DataError> {
         let rating = rating_field(path, line, "rating", r[3])?;
         if r[0].trim().is_empty() || r[1].trim().is_empty() {
             return Err(DataError::row(path, line, "columns user and item must not be empty"));
+        }
+        if is_delete(path, line, r[6])? {
+            log.deletes.push((log.interactions.len(), line));
         }
         log.push(r[0].trim(), r[1].trim(), ts, rating);
         add_info(&mut log, r[1].trim(), r[4], r[5]);
@@ -91,6 +104,7 @@ fn read_parquet(path: &Path) -> Result<RawLog, DataError> {
             REQUIRED.iter().map(|n| col(n, true).map(Option::unwrap)).collect::<Result<_, _>>()?;
         let title = col("title", false)?;
         let text = col("text", false)?;
+        let op = col("op", false)?;
         for r in 0..batch.num_rows() {
             let line = row + r + 1;
             let get = |c: usize| -> Result<&str, DataError> {
@@ -100,6 +114,9 @@ fn read_parquet(path: &Path) -> Result<RawLog, DataError> {
             };
             let ts = timestamp_field(path, line, "timestamp", get(2)?)?;
             let rating = rating_field(path, line, "rating", get(3)?)?;
+            if is_delete(path, line, op.as_ref().and_then(|v| v[r].as_deref()).unwrap_or(""))? {
+                log.deletes.push((log.interactions.len(), line));
+            }
             log.push(get(0)?, get(1)?, ts, rating);
             let opt = |c: &Option<Vec<Option<String>>>| c.as_ref().and_then(|v| v[r].clone()).unwrap_or_default();
             add_info(&mut log, get(1)?, &opt(&title), &opt(&text));

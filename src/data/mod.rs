@@ -76,6 +76,9 @@ pub struct RawLog {
     pub interactions: Vec<RawInteraction>,
     /// Metadata by interned item index (items without metadata are absent).
     pub info: HashMap<u32, ItemInfo>,
+    /// Rows whose optional `op` column says `delete` (generic format): (row index into
+    /// `interactions`, 1-based line). Only `curec ingest` accepts them.
+    pub deletes: Vec<(usize, usize)>,
 }
 
 impl RawLog {

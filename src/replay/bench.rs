@@ -38,7 +38,7 @@ pub fn synthetic(spec: &BenchSpec) -> Vec<(u64, Vec<Event>)> {
         let item = rng.random_range(0..spec.items as u32);
         let p = &mut pos[user as usize];
         *p += 1;
-        let e = Event { key: key(user, *p), user, item, timestamp: n as i64 };
+        let e = Event { key: key(user, *p), user, item, timestamp: n as i64, retract: false };
         let epoch = (n / spec.slice) as u64;
         match out.last_mut() {
             Some((t, v)) if *t == epoch => v.push(e),

@@ -4,7 +4,13 @@
 //!   positives and are dropped, counted as `filtered`);
 //! - deduplication by (user, item, timestamp) against the prepared log and every earlier ingest
 //!   of the run, and within the file, so ingesting a file twice is a reported no-op;
-//! - lateness: a row older than the newest interaction already known for its user is `late`.
+//! - lateness: a row older than the newest interaction already known for its user is `late`;
+//! - retractions: a row with `op = delete`, or a rating at or below the filter for a (user, item)
+//!   the log holds as a positive, retracts that interaction (`retracted`): it leaves the user's
+//!   history and the reasons written for it leave the item's list. A `delete` of a pair the log
+//!   does not hold is `unmatched` (a no-op, so a file with deletes can be ingested twice);
+//! - re-ratings: a positive rating for a (user, item) the log already holds as a positive, at
+//!   another time, is `rerated` and adds nothing (`curec prepare` keeps one interaction per pair).
 //!
 //! Each ingest records its admitted rows in `<run>/ingested/ingest-<first>-<last>.parquet`
 //! (`first`..`last`: the epochs it runs as) before its dataflow starts; a record counts only once
@@ -30,38 +36,59 @@ pub struct NewRow {
     pub item: String,
     pub timestamp: i64,
     pub rating: f32,
+    /// A retraction of the user's interaction with the item (not a new interaction).
+    pub retract: bool,
 }
 
 /// The rows of an ingest file in file order, and the item metadata it carries (by raw item id).
 pub fn read_file(path: &Path) -> Result<(Vec<NewRow>, HashMap<String, ItemInfo>)> {
     let raw = crate::data::read_raw(path, crate::data::Format::Generic)?;
+    let deletes: HashSet<usize> = raw.deletes.iter().map(|&(row, _)| row).collect();
     let rows = raw
         .interactions
         .iter()
-        .map(|x| NewRow {
+        .enumerate()
+        .map(|(n, x)| NewRow {
             user: raw.users.name(x.user).to_string(),
             item: raw.items.name(x.item).to_string(),
             timestamp: x.timestamp,
             rating: x.rating,
+            retract: deletes.contains(&n),
         })
         .collect();
     let info = raw.info.iter().map(|(&i, info)| (raw.items.name(i).to_string(), info.clone())).collect();
     Ok((rows, info))
 }
 
-/// Which interactions the run already holds: (user, item, timestamp) by raw id, and the newest
-/// timestamp per user.
+/// Which interactions the run already holds: (user, item, timestamp) by raw id, the (user, item)
+/// pairs that are positives now (not retracted), and the newest timestamp per user.
 #[derive(Default)]
 pub struct Known {
     seen: HashSet<(String, String, i64)>,
+    /// Retractions already applied, by (user, item, timestamp of the retraction).
+    retractions: HashSet<(String, String, i64)>,
+    positive: HashSet<(String, String)>,
     newest: HashMap<String, i64>,
 }
 
 impl Known {
     fn add(&mut self, user: &str, item: &str, ts: i64) {
         self.seen.insert((user.to_string(), item.to_string(), ts));
+        self.positive.insert((user.to_string(), item.to_string()));
         let n = self.newest.entry(user.to_string()).or_insert(ts);
         *n = (*n).max(ts);
+    }
+
+    fn retract(&mut self, user: &str, item: &str, ts: i64) -> bool {
+        let held = self.positive.remove(&(user.to_string(), item.to_string()));
+        if held {
+            self.retractions.insert((user.to_string(), item.to_string(), ts));
+        }
+        held
+    }
+
+    fn holds(&self, user: &str, item: &str) -> bool {
+        self.positive.contains(&(user.to_string(), item.to_string()))
     }
 
     /// What the prepared log `log` of `ds` (every split) and the run's ingests completed by
@@ -84,7 +111,12 @@ impl Known {
         for (_, last, path) in logs(run)? {
             if last <= upto {
                 for r in read_log(&path)? {
-                    if users.contains(r.user.as_str()) {
+                    if !users.contains(r.user.as_str()) {
+                        continue;
+                    }
+                    if r.retract {
+                        k.retract(&r.user, &r.item, r.timestamp);
+                    } else {
                         k.add(&r.user, &r.item, r.timestamp);
                     }
                 }
@@ -102,19 +134,41 @@ pub struct Admitted {
     pub filtered: usize,
     pub duplicates: usize,
     pub late: usize,
+    /// Retractions admitted (rows of `rows` with `retract`).
+    pub retracted: usize,
+    /// Deletes of pairs the log does not hold.
+    pub unmatched: usize,
+    pub rerated: usize,
 }
 
 pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitted {
     let mut a = Admitted::default();
     let mut rows: Vec<(usize, NewRow)> = rows.into_iter().enumerate().collect();
     rows.sort_by_key(|(pos, r)| (r.timestamp, *pos));
-    for (_, r) in rows {
+    for (_, mut r) in rows {
+        // A delete, or a rating below the filter for a pair the log holds: a retraction.
+        if r.retract || (r.rating <= rating_above && known.holds(&r.user, &r.item)) {
+            if known.retractions.contains(&(r.user.clone(), r.item.clone(), r.timestamp)) {
+                a.duplicates += 1;
+            } else if known.retract(&r.user, &r.item, r.timestamp) {
+                r.retract = true;
+                a.retracted += 1;
+                a.rows.push(r);
+            } else {
+                a.unmatched += 1;
+            }
+            continue;
+        }
         if r.rating <= rating_above {
             a.filtered += 1;
             continue;
         }
         if known.seen.contains(&(r.user.clone(), r.item.clone(), r.timestamp)) {
             a.duplicates += 1;
+            continue;
+        }
+        if known.holds(&r.user, &r.item) {
+            a.rerated += 1;
             continue;
         }
         if known.newest.get(&r.user).is_some_and(|&n| r.timestamp < n) {
@@ -163,12 +217,14 @@ pub fn write_log(run: &Path, upto: u64, first: u64, last: u64, rows: &[NewRow]) 
             ("item", DataType::Utf8),
             ("timestamp", DataType::Int64),
             ("rating", DataType::Float32),
+            ("op", DataType::Utf8),
         ],
         vec![
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.user.as_str()))),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.item.as_str()))),
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.timestamp))),
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.rating))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| if r.retract { "delete" } else { "add" }))),
         ],
     );
     write_parquet(&d.join(format!("ingest-{first:08}-{last:08}.parquet")), &b)?;
@@ -181,12 +237,18 @@ fn read_log(path: &Path) -> Result<Vec<NewRow>> {
     let item = column(path, &b, "item", DataType::Utf8)?.as_string::<i32>();
     let ts = column(path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>();
     let rating = column(path, &b, "rating", DataType::Float32)?.as_primitive::<Float32Type>();
+    // Records written before retractions existed have no `op` column: additions.
+    let op = match b.schema().index_of("op") {
+        Ok(_) => Some(column(path, &b, "op", DataType::Utf8)?.as_string::<i32>()),
+        Err(_) => None,
+    };
     Ok((0..b.num_rows())
         .map(|r| NewRow {
             user: user.value(r).to_string(),
             item: item.value(r).to_string(),
             timestamp: ts.value(r),
             rating: rating.value(r),
+            retract: op.is_some_and(|o| o.value(r) == "delete"),
         })
         .collect())
 }
@@ -211,15 +273,28 @@ pub fn merge_event_time(prepared: &[(i64, u32)], ingested: &[(i64, u32)]) -> Vec
     out
 }
 
+/// What a run's completed ingests change in its users' histories (ids of the model's dataset).
+#[derive(Debug, Default)]
+pub struct Ingested {
+    /// Each user's ingested items, with their timestamps, in event time (retracted ones removed).
+    pub added: HashMap<u32, Vec<(i64, u32)>>,
+    /// (user, item) pairs whose interaction in the prepared log was retracted.
+    pub retracted: HashSet<(u32, u32)>,
+}
+
 /// What a run's completed ingests add to its dataset for recommendation: users new to the
 /// model are appended to `ds` (ids after the dataset's, in order of first appearance, with empty
 /// train sequences), and each user's ingested items known to the model are returned with their
-/// timestamps, in event time (items added by ingestion have no ID embedding and are left out).
-/// [`merge_event_time`] puts them into the prepared history.
-pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, Vec<(i64, u32)>>> {
+/// timestamps, in event time (items added by ingestion have no ID embedding and are left out),
+/// with the retractions of prepared interactions. [`merge_event_time`] puts the added items into
+/// the prepared history.
+pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<Ingested> {
     let mut out: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
+    let mut retracted: HashSet<(u32, u32)> = HashSet::new();
     // Read-only: a reader must not remove the snapshot an ingest is writing right now.
-    let Some((upto, _)) = super::snapshot::complete(&run.join("snapshots")).pop() else { return Ok(HashMap::new()) };
+    let Some((upto, _)) = super::snapshot::complete(&run.join("snapshots")).pop() else {
+        return Ok(Ingested::default());
+    };
     let mut uid: HashMap<String, u32> = ds.users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
     let iid: HashMap<&str, u32> = ds.items.iter().enumerate().map(|(i, r)| (r.raw_id.as_str(), i as u32)).collect();
     let mut new_users = Vec::new();
@@ -232,7 +307,16 @@ pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, V
                 new_users.push(r.user.clone());
                 (ds.users.len() + new_users.len() - 1) as u32
             });
-            if let Some(&i) = iid.get(r.item.as_str()) {
+            let Some(&i) = iid.get(r.item.as_str()) else { continue };
+            if r.retract {
+                // Whichever holds the pair: an earlier ingest, else the prepared log.
+                let v = out.entry(u).or_default();
+                let before = v.len();
+                v.retain(|&(_, x)| x != i);
+                if v.len() == before {
+                    retracted.insert((u, i));
+                }
+            } else {
                 out.entry(u).or_default().push((r.timestamp, i));
             }
         }
@@ -244,13 +328,14 @@ pub fn ingested_sequences(run: &Path, ds: &mut Dataset) -> Result<HashMap<u32, V
         ds.test.push(u32::MAX);
         ds.n_users += 1;
     }
-    Ok(out
+    let added = out
         .into_iter()
         .map(|(u, mut v)| {
             v.sort_by_key(|&(t, _)| t);
             (u, v)
         })
-        .collect())
+        .collect();
+    Ok(Ingested { added, retracted })
 }
 
 #[cfg(test)]
@@ -258,7 +343,7 @@ mod tests {
     use super::*;
 
     fn row(user: &str, item: &str, timestamp: i64, rating: f32) -> NewRow {
-        NewRow { user: user.into(), item: item.into(), timestamp, rating }
+        NewRow { user: user.into(), item: item.into(), timestamp, rating, retract: false }
     }
 
     #[test]
@@ -270,6 +355,29 @@ mod tests {
         assert_eq!(merge_event_time(&prepared, &ingested), vec![5, 1, 6, 2, 3, 7, 8, 4, 9]);
         assert_eq!(merge_event_time(&prepared, &[]), vec![1, 2, 3, 4]);
         assert_eq!(merge_event_time(&[], &ingested), vec![5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn retractions_re_ratings_and_unmatched_deletes() {
+        let mut known = Known::default();
+        known.add("a", "x", 100);
+        known.add("a", "y", 110);
+        let del = |u: &str, i: &str, t: i64| NewRow { retract: true, ..row(u, i, t, 5.0) };
+        let rows = vec![
+            del("a", "x", 200),      // held: retracted
+            row("a", "y", 210, 2.0), // a held pair rated under the filter: retracted
+            del("a", "z", 220),      // never held: unmatched
+            row("a", "x", 230, 5.0), // after its retraction: a new interaction again
+            row("a", "x", 240, 4.0), // held again: a re-rating, nothing new
+        ];
+        let a = admit(rows.clone(), &mut known, 3.0);
+        assert_eq!((a.retracted, a.unmatched, a.rerated, a.filtered), (2, 1, 1, 0));
+        let kinds: Vec<(&str, bool)> = a.rows.iter().map(|r| (r.item.as_str(), r.retract)).collect();
+        assert_eq!(kinds, [("x", true), ("y", true), ("x", false)]);
+        // The same file again changes nothing.
+        let again = admit(rows, &mut known, 3.0);
+        assert!(again.rows.is_empty(), "{:?}", again.rows);
+        assert_eq!((again.retracted, again.duplicates, again.unmatched), (0, 2, 1));
     }
 
     #[test]

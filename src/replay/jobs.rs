@@ -410,7 +410,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         "duplicates": admitted.duplicates,
         "filtered": admitted.filtered,
         "late": admitted.late,
-        "retracted": 0,
+        "retracted": admitted.retracted,
+        "unmatched": admitted.unmatched,
+        "rerated": admitted.rerated,
     });
     if admitted.rows.is_empty() {
         // Nothing new (e.g. the same file again): no epoch, no snapshot.
@@ -450,7 +452,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     let (mut new_users, mut new_items) = (Vec::new(), Vec::new());
     let done_before = manifest["interactions"].as_u64().unwrap_or(0);
     let mut events = Vec::with_capacity(admitted.rows.len());
-    for (n, ingest_log::NewRow { user: u, item: i, timestamp: ts, .. }) in admitted.rows.iter().cloned().enumerate() {
+    for (n, ingest_log::NewRow { user: u, item: i, timestamp: ts, retract, .. }) in
+        admitted.rows.iter().cloned().enumerate()
+    {
         let user = *uid.entry(u.clone()).or_insert_with(|| {
             users.push(u.clone());
             new_users.push(u.clone());
@@ -466,7 +470,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         });
         // Keys of ingested records: above every position a train sequence can have.
         let key = ((user as u64) << 32) | (0x8000_0000 | ((done_before + n as u64) & 0x7fff_ffff));
-        events.push(Event { key, user, item, timestamp: ts });
+        events.push(Event { key, user, item, timestamp: ts, retract });
     }
     let n_events = events.len();
     let ep = source::epochs(&events, &cfg.replay, last + 1)?;
@@ -527,7 +531,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     }
     let seconds = t0.elapsed().as_secs_f64();
     let mut v = json!({
-        "interactions": n_events,
+        "interactions": n_events - admitted.retracted,
         "new_users": new_users.len(),
         "new_items": new_items.len(),
         "seconds": seconds,

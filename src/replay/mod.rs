@@ -140,6 +140,11 @@ pub struct Event {
     pub user: u32,
     pub item: u32,
     pub timestamp: i64,
+    /// A retraction (`curec ingest`, `op = delete` or a rating under the filter): the user's
+    /// interaction with the item leaves the history, the reasons written for it leave the item's
+    /// list, and the corrector does not see it.
+    #[serde(default)]
+    pub retract: bool,
 }
 
 /// An item's reason list, oldest first (a ring: the newest joins at the back, the oldest leaves

@@ -103,6 +103,8 @@ pub fn policy_operator<'s>(
                     None => (None, Vec::new()),
                 };
                 recs.sort_by_key(|a| a.event.key);
+                // Retractions changed the state on their way here; there is nothing to write.
+                recs.retain(|a| !a.event.retract);
                 let mut metrics = EpochMetrics { epoch: t, ..Default::default() };
                 let started = std::time::Instant::now();
                 if let Some(c) = corrector.as_mut().filter(|_| !board.failed() && !recs.is_empty()) {

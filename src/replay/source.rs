@@ -36,7 +36,7 @@ pub fn replay_events(ds: &Dataset, xs: &[Interaction], cfg: &ReplayConfig, seed:
         let first = if cfg.per_user == 0 { 1 } else { seq.len().saturating_sub(cfg.per_user).max(1) };
         for (pos, &item) in seq.iter().enumerate().skip(first) {
             if ts[u as usize][pos] >= from {
-                events.push(Event { key: key(u, pos), user: u, item, timestamp: ts[u as usize][pos] });
+                events.push(Event { key: key(u, pos), user: u, item, timestamp: ts[u as usize][pos], retract: false });
             }
         }
     }
@@ -99,7 +99,7 @@ mod tests {
     }
 
     fn ev(ts: i64, k: u64) -> Event {
-        Event { key: k, user: 0, item: 0, timestamp: ts }
+        Event { key: k, user: 0, item: 0, timestamp: ts, retract: false }
     }
 
     #[test]

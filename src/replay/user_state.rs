@@ -4,7 +4,8 @@
 //! item then takes its place by timestamp (ties: arrival order). Pattern updates of epoch t − 1
 //! replace p_u before epoch t's events. Patterns and reasons written after a late interaction
 //! are not rewritten: a late row changes the history that later prompts and the reward model
-//! read, not the texts already derived.
+//! read, not the texts already derived. A retraction takes the item out of the history (every
+//! occurrence); the user's pattern stays until the user's next rewrite.
 
 use std::sync::Arc;
 
@@ -37,6 +38,15 @@ impl UserEntry {
             self.history.drain(..cut);
             self.times.drain(..cut);
         }
+    }
+
+    /// Take every occurrence of `item` out of the history.
+    pub fn retract(&mut self, item: u32) {
+        let keep: Vec<bool> = self.history.iter().map(|&i| i != item).collect();
+        let mut k = keep.iter();
+        self.history.retain(|_| *k.next().expect("one flag per item"));
+        let mut k = keep.iter();
+        self.times.retain(|_| *k.next().expect("one flag per item"));
     }
 
     /// Insert `item` at its place in event time; returns that position.
@@ -103,6 +113,11 @@ impl KeyedState for UserState {
                 Some(f) => f.get(&e.user).cloned(),
                 None => entry.pattern.as_ref().map(|(_, p)| p.clone()),
             };
+            if e.retract {
+                entry.retract(e.item);
+                out.push(Annotated { event: e, pattern: None, history: Vec::new(), reasons: None });
+                continue;
+            }
             let at = entry.place(e.timestamp);
             let history = if self.attach { entry.history[..at].to_vec() } else { Vec::new() };
             entry.insert_at(at, e.item, e.timestamp, self.history_kept);

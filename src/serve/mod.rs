@@ -3,7 +3,7 @@
 //! - `GET /v1/users/{id}/recommendations?k=10&reasons=3`: the top-k unseen items with scores and
 //!   their matched reasons with attention weights (the same [`Recommender`] as `curec recommend`,
 //!   loaded once);
-//! - `POST /v1/interactions`: a JSON array of `{user, item, timestamp, rating[, title, text]}`
+//! - `POST /v1/interactions`: a JSON array of `{user, item, timestamp, rating[, title, text, op]}`
 //!   (ids as JSON numbers or strings). The reply comes once the rows are in the fsynced
 //!   write-ahead log ([`wal`]); an ingest worker then puts them through the same operators as
 //!   `curec ingest` (the replay's dataflow from its newest snapshot, which writes a new
@@ -205,7 +205,7 @@ impl App {
         let file = wal::dir(&self.run).join(format!("ingest-{last}.csv"));
         {
             let mut w = csv::Writer::from_path(&file).with_context(|| format!("{}: cannot write", file.display()))?;
-            w.write_record(["user", "item", "timestamp", "rating", "title", "text"])?;
+            w.write_record(["user", "item", "timestamp", "rating", "title", "text", "op"])?;
             for r in batch.iter().flat_map(|e| &e.rows) {
                 w.write_record([
                     r.user.as_str(),
@@ -214,6 +214,7 @@ impl App {
                     &r.rating.to_string(),
                     r.title.as_deref().unwrap_or(""),
                     r.text.as_deref().unwrap_or(""),
+                    if r.delete { "delete" } else { "add" },
                 ])?;
             }
             w.flush()?;
@@ -398,13 +399,17 @@ pub fn parse_rows(body: &[u8]) -> Result<Vec<Row>, (String, String, String)> {
     let mut rows = Vec::with_capacity(arr.len());
     for (n, x) in arr.iter().enumerate() {
         let o = x.as_object().ok_or_else(|| {
-            err(&format!("[{n}]"), "an object {user, item, timestamp, rating[, title, text]}", "not an object".into())
+            err(
+                &format!("[{n}]"),
+                "an object {user, item, timestamp, rating[, title, text, op]}",
+                "not an object".into(),
+            )
         })?;
         for k in o.keys() {
-            if !["user", "item", "timestamp", "rating", "title", "text"].contains(&k.as_str()) {
+            if !["user", "item", "timestamp", "rating", "title", "text", "op"].contains(&k.as_str()) {
                 return Err(err(
                     &format!("[{n}].{k}"),
-                    "only user, item, timestamp, rating, title, text",
+                    "only user, item, timestamp, rating, title, text, op",
                     format!("unknown field {k:?}"),
                 ));
             }
@@ -432,6 +437,12 @@ pub fn parse_rows(body: &[u8]) -> Result<Vec<Row>, (String, String, String)> {
                 Some(_) => Err(err(&format!("[{n}].{k}"), "a string", format!("[{n}]: bad {k}"))),
             }
         };
+        let delete = match o.get("op") {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) if s == "add" => false,
+            Some(Value::String(s)) if s == "delete" => true,
+            Some(_) => return Err(err(&format!("[{n}].op"), "\"add\" or \"delete\"", format!("[{n}]: bad op"))),
+        };
         rows.push(Row {
             user,
             item,
@@ -439,6 +450,7 @@ pub fn parse_rows(body: &[u8]) -> Result<Vec<Row>, (String, String, String)> {
             rating: rating as f32,
             title: text_of("title")?,
             text: text_of("text")?,
+            delete,
         });
     }
     Ok(rows)

@@ -23,6 +23,9 @@ pub struct Row {
     pub title: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// A retraction (`"op": "delete"`) rather than an addition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,7 +147,7 @@ mod tests {
     use super::*;
 
     fn row(u: &str) -> Row {
-        Row { user: u.into(), item: "i".into(), timestamp: 5, rating: 4.0, title: None, text: None }
+        Row { user: u.into(), item: "i".into(), timestamp: 5, rating: 4.0, title: None, text: None, delete: false }
     }
 
     #[test]
