@@ -95,13 +95,19 @@ fn reason_history_start(first: usize, pos: usize, cfg: &FeaturesConfig) -> usize
 pub fn pattern_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesConfig) -> Vec<FeatureJob> {
     users
         .iter()
-        .map(|&u| FeatureJob {
-            // Position 0 never gets a reason, so pattern and reason keys never collide.
-            key: (u as u64) << 32,
-            user: u,
-            item: None,
-            history: recent(&ds.train[u as usize], cfg.pattern_history),
-            timestamp: ts[u as usize].last().copied().unwrap_or(0),
+        .map(|&u| {
+            let mut seen = ds.train[u as usize].clone();
+            if cfg.patterns_through == "valid" && (ds.valid[u as usize] as usize) < ds.n_items {
+                seen.push(ds.valid[u as usize]);
+            }
+            FeatureJob {
+                // Position 0 never gets a reason, so pattern and reason keys never collide.
+                key: (u as u64) << 32,
+                user: u,
+                item: None,
+                history: recent(&seen, cfg.pattern_history),
+                timestamp: ts[u as usize].last().copied().unwrap_or(0),
+            }
         })
         .collect()
 }
@@ -363,6 +369,7 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
         "limits": {
             "users_sampled": cfg.users,
             "pattern_history": cfg.pattern_history,
+            "patterns_through": cfg.patterns_through,
             "reason_history": cfg.reason_history,
             "reasons_per_user": cfg.reasons_per_user,
             "max_new_tokens_pattern": cfg.max_new_tokens_pattern,
@@ -376,4 +383,29 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
     });
     crate::jobs::write_json(&manifest_path, &manifest)?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::preprocess::ItemRow;
+
+    #[test]
+    fn patterns_through_valid_add_the_validation_item_and_nothing_else() {
+        let items = (0..6).map(|i| ItemRow { raw_id: i.to_string(), info: Default::default() }).collect();
+        let mut ds = Dataset::from_interactions("toy", vec!["a".into(), "b".into()], items, &[]);
+        ds.train = vec![vec![0, 1, 2], vec![3, 4]];
+        ds.valid = vec![5, 0];
+        ds.test = vec![3, 1];
+        let ts = vec![vec![10, 20, 30], vec![5, 6]];
+        let mut cfg = FeaturesConfig { pattern_history: 3, ..Default::default() };
+        let train: Vec<Vec<u32>> = pattern_jobs(&ds, &ts, &[0, 1], &cfg).into_iter().map(|j| j.history).collect();
+        assert_eq!(train, vec![vec![0, 1, 2], vec![3, 4]]);
+        cfg.patterns_through = "valid".into();
+        let valid: Vec<Vec<u32>> = pattern_jobs(&ds, &ts, &[0, 1], &cfg).into_iter().map(|j| j.history).collect();
+        assert_eq!(valid, vec![vec![1, 2, 5], vec![3, 4, 0]], "the validation item, never the test item");
+        cfg.patterns_through = "test".into();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("features.patterns_through") && e.contains("'test'"), "{e}");
+    }
 }

@@ -58,6 +58,12 @@ pub struct FeaturesConfig {
     pub aligned: bool,
     /// Most recent train items shown in the pattern prompt.
     pub pattern_history: usize,
+    /// `train` (default): patterns describe the train history, as the paper writes them;
+    /// `valid`: the train history and the validation item, i.e. the pattern as a replay would have
+    /// rewritten it after the validation interaction, for scoring the test target with texts that
+    /// are not one interaction stale (not for training or model selection: it names the
+    /// validation item).
+    pub patterns_through: String,
     /// Train items before a user's first reasoned interaction shown in the reason prompt; later
     /// reasons of the user also show the items since (so a user's prompts extend one another and
     /// share a cached prefix). With `reasons_per_user = 0`: the items just before each interaction.
@@ -96,6 +102,7 @@ impl Default for FeaturesConfig {
             adapter: None,
             aligned: true,
             pattern_history: 20,
+            patterns_through: "train".into(),
             reason_history: 10,
             reasons_per_user: 4,
             users: 0,
@@ -119,6 +126,9 @@ impl FeaturesConfig {
     pub fn validate(&self) -> Result<()> {
         if self.pattern_history == 0 || self.reason_history == 0 {
             bail!("features.pattern_history and features.reason_history: expected at least 1");
+        }
+        if self.patterns_through != "train" && self.patterns_through != "valid" {
+            bail!("features.patterns_through: expected 'train' or 'valid', found '{}'", self.patterns_through);
         }
         if self.batch == 0 || self.workers == 0 {
             bail!("features.batch and features.workers: expected at least 1");
