@@ -96,7 +96,8 @@ pub fn pattern_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &Features
     users
         .iter()
         .map(|&u| {
-            let mut seen = ds.train[u as usize].clone();
+            let train = &ds.train[u as usize];
+            let mut seen = train[..train.len().saturating_sub(cfg.pattern_holdout)].to_vec();
             if cfg.patterns_through == "valid" && (ds.valid[u as usize] as usize) < ds.n_items {
                 seen.push(ds.valid[u as usize]);
             }
@@ -370,6 +371,7 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
             "users_sampled": cfg.users,
             "pattern_history": cfg.pattern_history,
             "patterns_through": cfg.patterns_through,
+            "pattern_holdout": cfg.pattern_holdout,
             "reason_history": cfg.reason_history,
             "reasons_per_user": cfg.reasons_per_user,
             "max_new_tokens_pattern": cfg.max_new_tokens_pattern,
@@ -404,6 +406,9 @@ mod tests {
         cfg.patterns_through = "valid".into();
         let valid: Vec<Vec<u32>> = pattern_jobs(&ds, &ts, &[0, 1], &cfg).into_iter().map(|j| j.history).collect();
         assert_eq!(valid, vec![vec![1, 2, 5], vec![3, 4, 0]], "the validation item, never the test item");
+        cfg.pattern_holdout = 1;
+        let held: Vec<Vec<u32>> = pattern_jobs(&ds, &ts, &[0, 1], &cfg).into_iter().map(|j| j.history).collect();
+        assert_eq!(held, vec![vec![0, 1, 5], vec![3, 0]], "the newest train item left out");
         cfg.patterns_through = "test".into();
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("features.patterns_through") && e.contains("'test'"), "{e}");

@@ -64,6 +64,10 @@ pub struct FeaturesConfig {
     /// are not one interaction stale (not for training or model selection: it names the
     /// validation item).
     pub patterns_through: String,
+    /// Leave each user's N most recent train items out of the pattern (default 0): a pattern that
+    /// ends before the targets the reward model trains on (`curec.positions_per_user`), so it
+    /// cannot describe them (a control for the pattern leak, `docs/results.md`).
+    pub pattern_holdout: usize,
     /// Train items before a user's first reasoned interaction shown in the reason prompt; later
     /// reasons of the user also show the items since (so a user's prompts extend one another and
     /// share a cached prefix). With `reasons_per_user = 0`: the items just before each interaction.
@@ -103,6 +107,7 @@ impl Default for FeaturesConfig {
             aligned: true,
             pattern_history: 20,
             patterns_through: "train".into(),
+            pattern_holdout: 0,
             reason_history: 10,
             reasons_per_user: 4,
             users: 0,
