@@ -231,6 +231,13 @@ fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
         if cfg.writer == Writer::Llm {
             o.remove("writer");
         }
+        // Likewise for settings added later, at their defaults.
+        if cfg.patterns_through == "train" {
+            o.remove("patterns_through");
+        }
+        if cfg.pattern_holdout == 0 {
+            o.remove("pattern_holdout");
+        }
     }
     json!({"features": c, "model": model, "data": data.display().to_string()})
 }
@@ -391,6 +398,23 @@ pub fn generate_features(data: &Path, model_spec: &str, out: &Path, cfg: &Featur
 mod tests {
     use super::*;
     use crate::data::preprocess::ItemRow;
+
+    #[test]
+    fn settings_added_later_leave_older_identities_unchanged() {
+        // A features folder written before `patterns_through`/`pattern_holdout` existed must stay
+        // resumable: at their defaults they are not part of the identity.
+        let cfg = FeaturesConfig::default();
+        let id = identity(&cfg, "m", Path::new("d"));
+        for k in ["patterns_through", "pattern_holdout", "writer", "batch", "workers"] {
+            assert!(id["features"].get(k).is_none(), "{k} in {id}");
+        }
+        let cfg = FeaturesConfig { pattern_holdout: 32, patterns_through: "valid".into(), ..Default::default() };
+        let id = identity(&cfg, "m", Path::new("d"));
+        assert_eq!(
+            (id["features"]["pattern_holdout"].as_u64(), id["features"]["patterns_through"].as_str()),
+            (Some(32), Some("valid"))
+        );
+    }
 
     #[test]
     fn patterns_through_valid_add_the_validation_item_and_nothing_else() {
