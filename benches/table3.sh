@@ -28,8 +28,7 @@ rows=()
 for v in $VARIANTS; do
   case $v in
     attention) run="$OUT/b-$NAME" ;;          # the coverage run's with-IDs row
-    text) run="$CONTROLS/b-text" ;;           # item descriptions: no LLM involved
-    *) run="$OUT/b-$NAME-$v" ;;
+    *) run="$OUT/b-$NAME-$v" ;;               # text: item descriptions with the LLM's patterns
   esac
   $CUREC train curec --data "$DATA" --features "$FEATURES" --variant "$v" \
     --out "$run" --seeds "$SEEDS" --config "$SASREC_CONFIG" "${common[@]}" \
