@@ -372,23 +372,16 @@ impl Recommender {
     pub fn open(run: &Path) -> anyhow::Result<Self> {
         let TrainedRun { kind, mut ds, cfg, log, .. } = TrainedRun::open(run, None)?;
         let trained_users = ds.n_users;
-        let crate::replay::ingest_log::Ingested { added, retracted } =
+        let crate::replay::ingest_log::Ingested { mut added, retracted } =
             crate::replay::ingest_log::ingested_sequences(run, &mut ds)?;
         // Users with ingests: their whole history in event time (late interactions in place,
         // retracted ones out).
-        let touched: Vec<u32> = added
-            .keys()
-            .copied()
-            .chain(retracted.iter().map(|&(u, _)| u))
-            .filter(|&u| (u as usize) < trained_users)
-            .collect();
-        let ingested = if !touched.is_empty() {
+        for &(u, _) in &retracted {
+            added.entry(u).or_default();
+        }
+        let ingested = if added.keys().any(|&u| (u as usize) < trained_users) {
             let mut by_user: std::collections::HashMap<u32, [Vec<(i64, u32)>; 3]> =
-                touched.iter().map(|&u| (u, Default::default())).collect();
-            let mut added = added;
-            for &u in &touched {
-                added.entry(u).or_default();
-            }
+                added.keys().filter(|&&u| (u as usize) < trained_users).map(|&u| (u, Default::default())).collect();
             for x in &log {
                 if retracted.contains(&(x.user, x.item)) {
                     continue;

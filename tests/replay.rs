@@ -21,6 +21,15 @@ fn curec_cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_curec")).args(args).env("CUREC_LOG", "warn").output().unwrap()
 }
 
+/// `curec ingest --from run file [extra]`, which must succeed; its JSON summary line.
+fn ingest_ok(run: &Path, file: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["ingest", "--from", run.to_str().unwrap(), file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = curec_cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -216,9 +225,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
         format!("user,item,timestamp,rating\n{u0},{i0},2000000000,5\nnewbie,{i0},2000000001,4\n{u0},brand-new-item,2000000002,5\n"),
     )
     .unwrap();
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), new.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let line = ingest_ok(&a, &new, &[]);
     assert_eq!(
         (line["interactions"].as_u64(), line["new_users"].as_u64(), line["new_items"].as_u64()),
         (Some(3), Some(1), Some(1))
@@ -247,16 +254,13 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
             u1 = ds.users[1], i1 = ds.items[f1 as usize].raw_id, i2 = ds.items[f2 as usize].raw_id),
     )
     .unwrap();
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), more.to_str().unwrap(), "--grpo"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ingest_ok(&a, &more, &["--grpo"]);
     let (_, dir2) = snapshot::newest(&a.join("snapshots")).unwrap();
     assert_eq!(step_of(&dir2), before + 2);
     let m2 = snapshot::read_metrics(&dir2.join(snapshot::METRICS)).unwrap();
     assert!(m2.last().unwrap().reward_count > 0, "the ingest's GRPO step scored rewards");
     // The ingests keep the log true. The same file again is a reported no-op (no new epoch).
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), more.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let line = ingest_ok(&a, &more, &[]);
     assert_eq!((line["interactions"].as_u64(), line["duplicates"].as_u64()), (Some(0), Some(4)), "{line}");
     assert_eq!(snapshot::newest(&a.join("snapshots")).unwrap().1, dir2, "a no-op writes no snapshot");
     // A rating at or below prepare's threshold is dropped, a row older than its user's newest
@@ -270,9 +274,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
         ),
     )
     .unwrap();
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), third.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let line = ingest_ok(&a, &third, &[]);
     let counts: Vec<Option<u64>> =
         ["interactions", "filtered", "late", "duplicates", "new_items"].iter().map(|k| line[*k].as_u64()).collect();
     assert_eq!(counts, [Some(2), Some(1), Some(1), Some(0), Some(1)], "{line}");
@@ -318,9 +320,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
         format!("user,item,timestamp,rating,op\n{u1},{i1},2000000400,5,delete\n{u1},brand-new-item,2000000401,5,delete\n{u0},{i1},2000000402,5,\n{u0},{i1},2000000403,4,add\n"),
     )
     .unwrap();
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), fourth.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let line = ingest_ok(&a, &fourth, &[]);
     let counts: Vec<Option<u64>> =
         ["interactions", "retracted", "unmatched", "rerated"].iter().map(|k| line[*k].as_u64()).collect();
     assert_eq!(counts, [Some(0), Some(1), Some(1), Some(2)], "{line}");
@@ -332,10 +332,8 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let mut expect = before.clone();
     expect.retain(|x| x != i1);
     assert_eq!(after, expect, "the retracted item left the served history, nothing else did");
-    // The same file again: the delete is now unmatched, nothing changes.
-    let o = curec_cli(&["ingest", "--from", a.to_str().unwrap(), fourth.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The same file again: the retraction is a duplicate now, nothing changes.
+    let line = ingest_ok(&a, &fourth, &[]);
     assert_eq!((line["interactions"].as_u64(), line["retracted"].as_u64()), (Some(0), Some(0)), "{line}");
     // `curec prepare` refuses deletes, naming the line; a bad op names its line too.
     let o = curec_cli(&["prepare", "--input", fourth.to_str().unwrap(), "--out", c.base.join("p4").to_str().unwrap()]);

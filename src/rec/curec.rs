@@ -511,8 +511,8 @@ impl Curec {
                     let w = softmax_last_dim(&logits.broadcast_add(&bias)?)?; // U × N × L
                     let wt = w.transpose(0, 1)?.contiguous()?; // N × U × L
                     if self.bil.is_some() {
-                        heads_out.push(wt.matmul(&side.v.narrow(2, head * dh, dh)?.contiguous()?)?);
                         // N × U × dh
+                        heads_out.push(wt.matmul(&side.v.narrow(2, head * dh, dh)?.contiguous()?)?);
                     }
                     let out = wt.matmul(zh)?; // N × U × hid
                     total = Some(match total {
@@ -549,9 +549,10 @@ impl Curec {
                 (want_weights.then_some(w), pooled, full)
             }
         };
-        // Items with no allowed reason: s_∅.
-        let empty = m.empty.unsqueeze(0)?.matmul(&cw.t()?)?.reshape((1, 1, hid))?;
-        let c = (values.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&empty)?)?;
+        // Items with no allowed reason: s_∅ (through C here, as is for the bilinear term).
+        let none = (1.0 - &any)?;
+        let or_empty = |x: &Tensor, empty: &Tensor| x.broadcast_mul(&any)? + none.broadcast_mul(empty)?;
+        let c = or_empty(&values, &m.empty.unsqueeze(0)?.matmul(&cw.t()?)?.reshape((1, 1, hid))?)?;
         // Fusion variants: [fused reasons; pattern] → linear = fused part + projected pattern.
         let c = if self.cfg.variant == Variant::Attention {
             c
@@ -561,8 +562,7 @@ impl Curec {
         let c = c.broadcast_add(&self.c.bias().expect("linear with bias").reshape((1, 1, hid))?)?;
         let bilinear = match (full, &self.bil) {
             (Some(full), Some((_, r))) => {
-                let empty = m.empty.reshape((1, 1, d))?;
-                let s = (full.broadcast_mul(&any)? + (1.0 - &any)?.broadcast_mul(&empty)?)?;
+                let s = or_empty(&full, &m.empty.reshape((1, 1, d))?)?;
                 // The fusion variants' s_ui: [fused reasons; pattern] through a linear layer.
                 let s = if self.cfg.variant == Variant::Attention { s } else { s.broadcast_add(&q.unsqueeze(1)?)? };
                 Some((s, pat.matmul(r)?))

@@ -42,11 +42,8 @@ impl UserEntry {
 
     /// Take every occurrence of `item` out of the history.
     pub fn retract(&mut self, item: u32) {
-        let keep: Vec<bool> = self.history.iter().map(|&i| i != item).collect();
-        let mut k = keep.iter();
-        self.history.retain(|_| *k.next().expect("one flag per item"));
-        let mut k = keep.iter();
-        self.times.retain(|_| *k.next().expect("one flag per item"));
+        (self.history, self.times) =
+            self.history.iter().zip(&self.times).filter(|&(&i, _)| i != item).map(|(&i, &t)| (i, t)).unzip();
     }
 
     /// Insert `item` at its place in event time; returns that position.
