@@ -231,13 +231,6 @@ fn identity(cfg: &FeaturesConfig, model: &str, data: &Path) -> Value {
         if cfg.writer == Writer::Llm {
             o.remove("writer");
         }
-        // Likewise for settings added later, at their defaults.
-        if cfg.patterns_through == "train" {
-            o.remove("patterns_through");
-        }
-        if cfg.pattern_holdout == 0 {
-            o.remove("pattern_holdout");
-        }
     }
     json!({"features": c, "model": model, "data": data.display().to_string()})
 }

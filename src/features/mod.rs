@@ -62,11 +62,15 @@ pub struct FeaturesConfig {
     /// `valid`: the train history and the validation item, i.e. the pattern as a replay would have
     /// rewritten it after the validation interaction, for scoring the test target with texts that
     /// are not one interaction stale (not for training or model selection: it names the
-    /// validation item).
+    /// validation item). Left out of the serialized config at its default, like
+    /// `pattern_holdout`, so that identities (features folders, replay snapshots) written before
+    /// these settings existed still match.
+    #[serde(skip_serializing_if = "is_train")]
     pub patterns_through: String,
     /// Leave each user's N most recent train items out of the pattern (default 0): a pattern that
     /// ends before the targets the reward model trains on (`curec.positions_per_user`), so it
     /// cannot describe them (a control for the pattern leak, `docs/results.md`).
+    #[serde(skip_serializing_if = "is_zero")]
     pub pattern_holdout: usize,
     /// Train items before a user's first reasoned interaction shown in the reason prompt; later
     /// reasons of the user also show the items since (so a user's prompts extend one another and
@@ -96,6 +100,14 @@ pub struct FeaturesConfig {
     pub device: String,
     pub dtype: String,
     pub seed: u64,
+}
+
+fn is_train(s: &str) -> bool {
+    s == "train"
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for FeaturesConfig {
