@@ -44,6 +44,19 @@ for name in $MODELS; do
     j=$($BIN bench generate --model "$name" --batch 32 --prompt-tokens 128 --new-tokens 64); echo "$j"; b32+=("$(echo "$j" | field decode_tokens_per_s)")
   done
   j=$($BIN bench generate --model "$name" --engine candle --batch 1 --new-tokens 64); echo "$j"; c_tg=$(echo "$j" | field tokens_per_s)
+  # On a CPU with AVX-512 VNNI the default kernel is avx512vnni: the AVX2 kernel's rates beside it
+  # (same script, same cores) show what the newer instructions add.
+  if [ "$($BIN bench prefill --model "$name" --tokens 8 --repeats 1 | field kernel)" = avx512vnni ]; then
+    a_pp=(); a_tg=(); a_b32=()
+    for _ in $(seq "$REPEATS"); do
+      j=$(CUREC_KERNEL=avx2 $BIN bench prefill --model "$name" --tokens 512 --repeats 1); echo "$j"; a_pp+=("$(echo "$j" | field tokens_per_s)")
+      j=$(CUREC_KERNEL=avx2 $BIN bench generate --model "$name" --batch 1 --new-tokens 128); echo "$j"; a_tg+=("$(echo "$j" | field decode_tokens_per_s)")
+      j=$(CUREC_KERNEL=avx2 $BIN bench generate --model "$name" --batch 32 --prompt-tokens 128 --new-tokens 64); echo "$j"; a_b32+=("$(echo "$j" | field decode_tokens_per_s)")
+    done
+    rows+=("$name|prefill 512, curec with the AVX2 kernel|$l_pp|$(median "${a_pp[@]}")")
+    rows+=("$name|decode, 1 stream, curec with the AVX2 kernel|$l_tg|$(median "${a_tg[@]}")")
+    rows+=("$name|decode, batch 32, curec with the AVX2 kernel|$l_b32|$(median "${a_b32[@]}")")
+  fi
   rows+=("$name|prefill 512 (pp512)|$l_pp|$(median "${pp[@]}")")
   rows+=("$name|decode, 1 stream (tg128)|$l_tg|$(median "${tg[@]}")")
   rows+=("$name|decode, batch 8 (S_TG)|$l_b8|$(median "${b8[@]}")")

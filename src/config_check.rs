@@ -38,7 +38,7 @@ impl Check {
     fn heads(&self, section: &str, dim: usize, heads: usize) -> Result<()> {
         self.at_least(&format!("{section}.dim"), dim, 1)?;
         self.at_least(&format!("{section}.heads"), heads, 1)?;
-        if dim % heads != 0 {
+        if !dim.is_multiple_of(heads) {
             bail!("{section}.heads = {heads}: expected a divisor of {section}.dim = {dim}");
         }
         Ok(())
@@ -92,7 +92,7 @@ impl JobConfig {
         c.at_least("kar.hidden", self.kar.hidden, 1)?;
 
         let r = &self.curec;
-        if self.sasrec.dim % r.heads.max(1) != 0 || r.heads == 0 {
+        if !self.sasrec.dim.is_multiple_of(r.heads.max(1)) || r.heads == 0 {
             bail!("curec.heads = {}: expected a divisor of sasrec.dim = {}", r.heads, self.sasrec.dim);
         }
         c.at_least("curec.reasons_per_item", r.reasons_per_item, 1)?;

@@ -4,7 +4,7 @@
 
 /// `rewards` laid out group after group, `group` completions each.
 pub fn group_advantages(rewards: &[f32], group: usize, eps: f32) -> Vec<f32> {
-    assert!(group > 0 && rewards.len() % group == 0, "rewards must fill whole groups");
+    assert!(group > 0 && rewards.len().is_multiple_of(group), "rewards must fill whole groups");
     let mut out = Vec::with_capacity(rewards.len());
     for g in rewards.chunks(group) {
         if zero_variance(g) {

@@ -252,7 +252,7 @@ impl Grpo {
         let t0 = Instant::now();
         for s in batch {
             anyhow::ensure!(
-                !s.prompts.is_empty() && g % s.prompts.len() == 0,
+                !s.prompts.is_empty() && g.is_multiple_of(s.prompts.len()),
                 "record {}: {} prompts, expected a divisor of the group size {g}",
                 s.key,
                 s.prompts.len()

@@ -293,7 +293,7 @@ impl Curec {
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(bank.lists.len() == n_items, "feature bank has {} items, dataset {n_items}", bank.lists.len());
         anyhow::ensure!(
-            tower_cfg.dim % cfg.heads == 0,
+            tower_cfg.dim.is_multiple_of(cfg.heads),
             "curec.heads = {} must divide sasrec.dim = {}",
             cfg.heads,
             tower_cfg.dim

@@ -170,7 +170,7 @@ impl SasRecTower {
 
     fn with_items(cfg: &SasRecConfig, n_items: usize, items: ItemSide, p: &mut Params) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            cfg.dim % cfg.heads == 0,
+            cfg.dim.is_multiple_of(cfg.heads),
             "sasrec.dim = {} must be divisible by sasrec.heads = {}",
             cfg.dim,
             cfg.heads

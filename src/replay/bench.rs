@@ -55,7 +55,7 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
     let snaps: BTreeSet<u64> = order
         .iter()
         .enumerate()
-        .filter(|(i, _)| (*i as u64 + 1) % spec.snapshot_every == 0 || *i + 1 == order.len())
+        .filter(|(i, _)| (*i as u64 + 1).is_multiple_of(spec.snapshot_every) || *i + 1 == order.len())
         .map(|(_, t)| *t)
         .collect();
     let n_snaps = snaps.len();

@@ -184,7 +184,7 @@ fn initial_state(
 /// Snapshot epochs: every `every`-th epoch of `order` and the last one.
 fn snapshot_epochs(order: &[u64], every: u64) -> BTreeSet<u64> {
     let mut s: BTreeSet<u64> =
-        order.iter().enumerate().filter(|(i, _)| (*i as u64 + 1) % every == 0).map(|(_, e)| *e).collect();
+        order.iter().enumerate().filter(|(i, _)| (*i as u64 + 1).is_multiple_of(every)).map(|(_, e)| *e).collect();
     if let Some(l) = order.last() {
         s.insert(*l);
     }

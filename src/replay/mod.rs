@@ -62,7 +62,9 @@ pub struct ReplayConfig {
     pub per_user: usize,
     /// Only the train interactions of the last N seconds of the train log (0 = no window): every
     /// interaction of a time window, so that users and items meet their rewritten patterns and
-    /// reasons again in later slices. Applied after `users` and `per_user`.
+    /// reasons again in later slices. Applied after `users` and `per_user`. Left out of the
+    /// serialized config at 0, so replays written before the key existed keep their identity.
+    #[serde(skip_serializing_if = "is_zero")]
     pub last_seconds: u64,
     /// Write a snapshot every N epochs (and after the last one).
     pub snapshot_every: u64,
@@ -114,6 +116,10 @@ impl Default for ReplayConfig {
             standin_cost_ns: 0,
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ReplayConfig {
@@ -209,5 +215,22 @@ impl Update {
             timestamp: e.timestamp,
             text: Shared(text),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replay's identity serializes its config: a key added later must not change the identity
+    /// of replays written before it, so `last_seconds` is left out at its default and kept otherwise.
+    #[test]
+    fn last_seconds_serialized_only_when_set() {
+        let plain = serde_json::to_value(ReplayConfig::default()).unwrap();
+        assert!(plain.get("last_seconds").is_none(), "{plain}");
+        let set = serde_json::to_value(ReplayConfig { last_seconds: 86_400, ..Default::default() }).unwrap();
+        assert_eq!(set["last_seconds"], 86_400);
+        let back: ReplayConfig = serde_json::from_value(plain).unwrap();
+        assert_eq!(back, ReplayConfig::default());
     }
 }

@@ -433,7 +433,7 @@ impl Board {
 
     /// Whether workers write their own partitions (the worker count divides [`PARTITIONS`]).
     pub fn direct(&self) -> bool {
-        PARTITIONS % self.peers == 0
+        PARTITIONS.is_multiple_of(self.peers)
     }
 
     /// A state operator's part of snapshot `e`: in direct mode it writes the partitions worker

@@ -64,7 +64,7 @@ fn phase(base: &str, users: &[String], items: &[String], b: &ServeBench, post_ev
                 let mut n = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     let u = &users[(c * 7919 + n * 104729) % users.len()];
-                    let post = post_every > 0 && n % post_every == 0;
+                    let post = post_every > 0 && n.is_multiple_of(post_every);
                     let t = Instant::now();
                     let ok = if post {
                         let rows: Vec<Value> = (0..per_post)

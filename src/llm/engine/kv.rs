@@ -76,7 +76,7 @@ impl SeqCache {
         // `base` is a multiple of KEY_BLOCK, so own positions keep the global block alignment.
         let p = self.own.values[layer].len() / self.kv_dim;
         let keys = &mut self.own.keys[layer];
-        if p % KEY_BLOCK == 0 {
+        if p.is_multiple_of(KEY_BLOCK) {
             keys.resize(keys.len() + KEY_BLOCK * self.kv_dim, 0.0);
         }
         let base = (p / KEY_BLOCK) * KEY_BLOCK * self.kv_dim + p % KEY_BLOCK;

@@ -25,11 +25,12 @@
 //! kernels give bit-identical results (tested). The kernel is chosen at run time
 //! (`is_x86_feature_detected!`); `CUREC_KERNEL=portable` forces the portable one.
 //!
-//! Why no AVX-512 VNNI path yet: the machines this was developed and measured on (AMD EPYC, Zen 3
-//! class: AVX2 and FMA, no AVX-512) cannot run it, and an untested kernel is worse than none. The
-//! layout is the one a VNNI kernel wants (`vpdpbusd` on 16 rows × 4 inputs), so it is one file.
+//! On CPUs with AVX-512 VNNI the [`avx512`] kernel accumulates the byte products into 32-bit lanes
+//! with one `vpdpbusd` each; it reads the same packed matrices as the AVX2 and portable kernels and
+//! gives the same bits. Run-time choice, fastest first: `avx512vnni`, `avx2`, `portable`.
 
 mod avx2;
+mod avx512;
 pub mod gguf;
 mod portable;
 
@@ -323,6 +324,12 @@ impl QMatrix {
             (Kernel::Avx2, Format::Q4) => unsafe { avx2::group_q4(&w, x, dst) },
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, Format::Q5) => unsafe { avx2::group_q5(&w, x, dst) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512Vnni, Format::Q8) => unsafe { avx512::group_q8(&w, x, dst) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512Vnni, Format::Q4) => unsafe { avx512::group_q4(&w, x, dst) },
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512Vnni, Format::Q5) => unsafe { avx512::group_q5(&w, x, dst) },
             (_, Format::Q8) => portable::group_q8(&w, x, dst),
             (_, Format::Q4) => portable::group_q4(&w, x, dst),
             (_, Format::Q5) => portable::group_q5(&w, x, dst),
@@ -435,6 +442,7 @@ impl QActs {
 pub enum Kernel {
     Portable,
     Avx2,
+    Avx512Vnni,
 }
 
 impl Kernel {
@@ -442,6 +450,7 @@ impl Kernel {
         match self {
             Kernel::Portable => "portable",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx512Vnni => "avx512vnni",
         }
     }
 
@@ -451,22 +460,37 @@ impl Kernel {
             Kernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                Kernel::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 => false,
+            Kernel::Avx2 | Kernel::Avx512Vnni => false,
         }
     }
 }
 
-/// The kernel chosen for this process: the fastest available, or `CUREC_KERNEL=portable|avx2`.
+/// Every kernel, fastest first.
+pub const KERNELS: [Kernel; 3] = [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Portable];
+
+/// The kernel chosen for this process: the fastest available, or
+/// `CUREC_KERNEL=portable|avx2|avx512vnni` (a kernel this CPU lacks falls back to the fastest it has).
 pub fn kernel() -> Kernel {
     static K: OnceLock<Kernel> = OnceLock::new();
     *K.get_or_init(|| {
         let forced = std::env::var("CUREC_KERNEL").ok();
-        match forced.as_deref() {
-            Some("portable") => Kernel::Portable,
-            Some("avx2") if Kernel::Avx2.available() => Kernel::Avx2,
-            _ if Kernel::Avx2.available() => Kernel::Avx2,
-            _ => Kernel::Portable,
+        let fastest = KERNELS.into_iter().find(|k| k.available()).unwrap_or(Kernel::Portable);
+        match KERNELS.into_iter().find(|k| Some(k.name()) == forced.as_deref()) {
+            Some(k) if k.available() => k,
+            Some(k) => {
+                tracing::warn!("CUREC_KERNEL={}: this CPU cannot run it; using {}", k.name(), fastest.name());
+                fastest
+            }
+            None => fastest,
         }
     })
 }
@@ -507,17 +531,19 @@ mod tests {
         for format in [Format::Q8, Format::Q4, Format::Q5] {
             let qm = QMatrix::quantize(&w, n, k, format).unwrap();
             let deq = qm.dequantize();
-            for m in [1, 3, 4, 9] {
+            for m in [1, 3, 4, 9, 8, 13, 19] {
                 let x = random(m * k, 2 + m as u64);
                 let qa = QActs::quantize(&x, m, k);
                 let mut a = vec![0f32; m * n];
                 qm.matmul_with(Kernel::Portable, &qa, &mut a);
-                if Kernel::Avx2.available() {
-                    let mut b = vec![0f32; m * n];
-                    qm.matmul_with(Kernel::Avx2, &qa, &mut b);
-                    assert_eq!(a, b, "{format:?}, m = {m}: AVX2 and portable differ");
-                } else {
-                    eprintln!("SKIPPED: this CPU has no AVX2; only the portable kernel was checked");
+                for kern in [Kernel::Avx2, Kernel::Avx512Vnni] {
+                    if kern.available() {
+                        let mut b = vec![0f32; m * n];
+                        qm.matmul_with(kern, &qa, &mut b);
+                        assert_eq!(a, b, "{format:?}, m = {m}: {} and portable differ", kern.name());
+                    } else {
+                        eprintln!("SKIPPED: this CPU cannot run the {} kernel; it was not checked", kern.name());
+                    }
                 }
                 // against the f32 product of the dequantized weights and activations: the integer
                 // arithmetic is exact, so only float rounding separates them
