@@ -164,6 +164,11 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     let manifest = snapshot::manifest(&da).unwrap();
     assert_eq!(manifest["epoch"], 5);
     assert!(da.join("policy/adapter.safetensors").is_file());
+    // The same command over the finished run is accepted (same identity) and changes nothing.
+    let o = curec_cli(&["replay", job, "--out", a.to_str().unwrap()]);
+    assert!(o.status.success(), "a second run over a finished replay: {}", String::from_utf8_lossy(&o.stderr));
+    let again: Value = serde_json::from_slice(&read(&a.join("metrics.json"))).unwrap();
+    assert_eq!(again["ndcg@10"], m["ndcg@10"]);
 
     // Killed once its first snapshot is complete, then the same command again (1 worker).
     let b = c.base.join("b");

@@ -214,9 +214,12 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     if cfg.train.out.is_none() {
         cfg.train.out = Some(out.to_path_buf());
     }
-    let st = stages(&cfg)?;
+    let mut st = stages(&cfg)?;
     if !st.reward_model.join("metrics.json").is_file() || !st.data.join(prepared::STATS).is_file() {
         crate::jobs::run_job(&cfg, false)?;
+        // The stages just run may have written the aligned adapter, which the correction starts
+        // from (as the features did): resolve the stages again.
+        st = stages(&cfg)?;
     }
     if !st.reward_model.join("model.safetensors").is_file() {
         bail!(
