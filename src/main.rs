@@ -236,9 +236,20 @@ enum Command {
         /// Run directory (snapshots/, metrics.json, epochs.jsonl); stages go to train.out, else here.
         #[arg(long)]
         out: PathBuf,
-        /// Timely worker threads.
+        /// Timely worker threads (per process).
         #[arg(short = 'w', long)]
         workers: Option<usize>,
+        /// Timely processes: run the same command once per process, each with its `--process`
+        /// (the stages before the correction must be complete; the first process writes the run).
+        #[arg(long, default_value_t = 1, value_parser = positive)]
+        processes: usize,
+        /// This process's index, 0..processes.
+        #[arg(long, default_value_t = 0)]
+        process: usize,
+        /// One `host:port` per process, in process order (timely's host file); default
+        /// localhost:2101, localhost:2102, …
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
         /// "w/o Update": GRPO steps, but patterns and reasons are not rewritten during the replay.
         #[arg(long)]
         no_update: bool,
@@ -670,7 +681,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", curec::replay::bench::replay_throughput(&spec, workers)?);
         }
-        Command::Replay { job, out, workers, no_update, no_correction, mut sets } => {
+        Command::Replay { job, out, workers, processes, process, hostfile, no_update, no_correction, mut sets } => {
             if let Some(w) = workers {
                 sets.push(format!("replay.workers={w}"));
             }
@@ -681,7 +692,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sets.push("replay.correct=false".into());
             }
             let cfg = JobConfig::load(Some(&job), &sets)?;
-            let m = curec::replay::replay(&cfg, &out)?;
+            if process >= processes {
+                anyhow::bail!("--process: expected 0..={}, found {process}", processes - 1);
+            }
+            let hosts = match &hostfile {
+                Some(h) => curec::replay::Topology::read_hostfile(h, processes)?,
+                None => Vec::new(),
+            };
+            let topology = curec::replay::Topology { threads: cfg.replay.workers, processes, process, hosts };
+            let Some(m) = curec::replay::replay_on(&cfg, &out, &topology)? else {
+                println!("process {process} of {processes}: the dataflow is done; process 0 writes the run");
+                return Ok(());
+            };
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
             // The report: the replay and every stage before it (the job's train.out).
             let mut roots = vec![out.clone()];

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::chain;
 use curec::replay::bench::{synthetic, BenchSpec};
-use curec::replay::graph::{run_dataflow, CorrectorFactory, Initial};
+use curec::replay::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use curec::replay::policy::Corrector;
 use curec::replay::snapshot::{self, Board, State};
 use curec::replay::standin::StandIn;
@@ -84,7 +84,7 @@ fn standin_run(
     let factory: CorrectorFactory = Arc::new(|_, _| -> anyhow::Result<Option<Box<dyn Corrector>>> {
         Ok(Some(Box::new(StandIn::new(Duration::ZERO, 7))))
     });
-    run_dataflow(epochs, initial, factory, board, workers).unwrap();
+    run_dataflow(epochs, initial, factory, board, &Topology::threads(workers)).unwrap();
 }
 
 #[test]
@@ -169,6 +169,62 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(o.status.success(), "a second run over a finished replay: {}", String::from_utf8_lossy(&o.stderr));
     let again: Value = serde_json::from_slice(&read(&a.join("metrics.json"))).unwrap();
     assert_eq!(again["ndcg@10"], m["ndcg@10"]);
+
+    // Two timely processes of one worker each, on localhost, give the same bytes as one process
+    // with two workers.
+    let p = c.base.join("p");
+    let hostfile = c.base.join("hosts");
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    std::fs::write(&hostfile, format!("# two processes\n127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let procs: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_curec"))
+                .args(["replay", job, "--out", p.to_str().unwrap(), "-w", "1", "--processes", "2"])
+                .args(["--process", &i.to_string(), "--hostfile", hostfile.to_str().unwrap()])
+                .env("CUREC_LOG", "warn")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in procs.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "process {i}: {}", String::from_utf8_lossy(&o.stderr));
+        if i == 1 {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("process 1 of 2"), "process 1 says it is done");
+        }
+    }
+    let dp = final_snapshot(&p);
+    same_state(&da, &dp, "2 processes × 1 worker vs 1 process × 2 workers");
+    for f in ["policy/trainable.safetensors", "policy/optimizer.safetensors"] {
+        assert!(read(&da.join(f)) == read(&dp.join(f)), "{f}: 2 processes ≠ 1 process");
+    }
+    let mp: Value = serde_json::from_slice(&read(&p.join("metrics.json"))).unwrap();
+    assert_eq!(mp["ndcg@10"], m["ndcg@10"]);
+    assert_eq!(mp["replay"]["interactions"], 12);
+    // A bad host file is one line naming the file and the line.
+    std::fs::write(&hostfile, "127.0.0.1:1\nnot-a-host\n").unwrap();
+    let o = curec_cli(&["replay", job, "--out", p.to_str().unwrap(), "--processes", "2", "--hostfile"]);
+    assert!(!o.status.success());
+    let o = curec_cli(&[
+        "replay",
+        job,
+        "--out",
+        c.base.join("q").to_str().unwrap(),
+        "--processes",
+        "2",
+        "--hostfile",
+        hostfile.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("hosts:2: expected host:port"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // Killed once its first snapshot is complete, then the same command again (1 worker).
     let b = c.base.join("b");

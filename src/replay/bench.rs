@@ -10,7 +10,7 @@ use anyhow::Result;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::graph::{run_dataflow, CorrectorFactory, Initial};
+use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use super::policy::Corrector;
 use super::snapshot::{Board, State};
 use super::source::key;
@@ -81,7 +81,7 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
     let (cost, seed) = (Duration::from_nanos(spec.cost_ns), spec.seed);
     let factory: CorrectorFactory =
         Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) });
-    let out = run_dataflow(epochs.to_vec(), initial, factory, board, workers)?;
+    let out = run_dataflow(epochs.to_vec(), initial, factory, board, &Topology::threads(workers))?;
     let _ = std::fs::remove_dir_all(&dir);
     let per_s = spec.interactions as f64 / out.seconds;
     Ok(json!({

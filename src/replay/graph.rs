@@ -1,16 +1,21 @@
 //! The correction dataflow: source → user state → item state → policy, with the policy's
-//! rewrites fed back (one epoch later) into both states; run on `workers` timely threads.
+//! rewrites fed back (one epoch later) into both states, and every operator's reports (snapshot
+//! parts, metrics) flowing to the snapshot operator on worker 0; run on timely threads, in one
+//! process or several ([`Topology`]).
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use timely::dataflow::operators::vec::Filter;
-use timely::dataflow::operators::{ConnectLoop, Feedback};
+use timely::dataflow::operators::{Concat, ConnectLoop, Feedback};
 use timely::dataflow::InputHandle;
 
 use super::item_state::ItemState;
 use super::policy::{policy_operator, Corrector, EpochMetrics};
 use super::snapshot::{Board, State};
+use super::snapshot_op::{snapshot_operator, Collected};
 use super::state_op::state_operator;
 use super::user_state::UserState;
 use super::{Event, Update, UpdateKind};
@@ -39,28 +44,108 @@ pub struct DataflowOutcome {
     pub seconds: f64,
 }
 
-/// Run the epochs `(epoch, events)` (in epoch order) through the dataflow on `workers` threads.
+/// Where the timely workers run: `threads` per process, `processes` processes (this one is
+/// `process`), connected at `hosts` (one `host:port` per process; empty: `localhost:2101 + i`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub threads: usize,
+    pub processes: usize,
+    pub process: usize,
+    pub hosts: Vec<String>,
+}
+
+impl Topology {
+    /// One process with `threads` workers.
+    pub fn threads(threads: usize) -> Self {
+        Self { threads: threads.max(1), processes: 1, process: 0, hosts: Vec::new() }
+    }
+
+    /// Workers over all processes.
+    pub fn peers(&self) -> usize {
+        self.threads * self.processes
+    }
+
+    /// Whether this process holds worker 0, which completes snapshots and collects the metrics.
+    pub fn is_first(&self) -> bool {
+        self.process == 0
+    }
+
+    /// Read a timely host file: one `host:port` per line (blank lines and `#` comments skipped),
+    /// at least `processes` of them (the first `processes` are used).
+    pub fn read_hostfile(path: &std::path::Path, processes: usize) -> Result<Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let mut hosts = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let l = line.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            if l.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(anyhow!("{}:{}: expected host:port, found '{l}'", path.display(), n + 1));
+            }
+            hosts.push(l.to_string());
+        }
+        if hosts.len() < processes {
+            return Err(anyhow!("{}: {} hosts for {processes} processes", path.display(), hosts.len()));
+        }
+        hosts.truncate(processes);
+        Ok(hosts)
+    }
+
+    fn config(&self) -> Result<timely::Config> {
+        if self.processes <= 1 {
+            return Ok(timely::Config::process(self.threads));
+        }
+        if self.process >= self.processes {
+            return Err(anyhow!("--process {}: expected 0..{}", self.process, self.processes - 1));
+        }
+        let addresses = if self.hosts.is_empty() {
+            (0..self.processes).map(|i| format!("localhost:{}", 2101 + i)).collect()
+        } else {
+            self.hosts.clone()
+        };
+        Ok(timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: self.threads,
+                process: self.process,
+                addresses,
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        })
+    }
+}
+
+/// Run the epochs `(epoch, events)` (in epoch order) through the dataflow on the workers of
+/// `topology`. Every process passes the same epochs; each worker feeds its share. The outcome's
+/// metrics and snapshots are worker 0's (empty in the other processes).
 pub fn run_dataflow(
     epochs: Vec<(u64, Vec<Event>)>,
     initial: Arc<Initial>,
     factory: CorrectorFactory,
     board: Arc<Board>,
-    workers: usize,
+    topology: &Topology,
 ) -> Result<DataflowOutcome> {
     let t0 = std::time::Instant::now();
+    if board.peers() != topology.peers() {
+        return Err(anyhow!("snapshot board for {} workers, topology of {}", board.peers(), topology.peers()));
+    }
     let order: Arc<Vec<u64>> = Arc::new(epochs.iter().map(|(t, _)| *t).collect());
     let epochs = Arc::new(epochs);
     let b = board.clone();
-    let guards = timely::execute(timely::Config::process(workers.max(1)), move |worker| {
+    let config = topology.config()?;
+    let guards = timely::execute(config, move |worker| -> std::result::Result<Option<Collected>, String> {
         let (index, peers) = (worker.index(), worker.peers());
         let mut input = InputHandle::new();
-        let corrector = match factory(index, peers) {
-            Ok(c) => c,
-            Err(e) => {
-                b.fail(format!("{e:#}"));
-                None
-            }
+        let collected = Rc::new(RefCell::new(Collected::default()));
+        // This worker's first failure: its operators stop working and report it instead of
+        // their snapshot parts, so that no snapshot is completed without them.
+        let (corrector, failure) = match factory(index, peers) {
+            Ok(c) => (c, None),
+            Err(e) => (None, Some(format!("loading the corrector on worker {index}: {e:#}"))),
         };
+        let failure = Rc::new(RefCell::new(failure));
         let users = UserState::new(
             &initial.state.users,
             index,
@@ -78,14 +163,20 @@ pub fn run_dataflow(
             initial.attach_reasons,
         );
         let (order, board, single) = (order.clone(), b.clone(), initial.single_policy);
+        let out = collected.clone();
         worker.dataflow::<u64, _, _>(|scope| {
             let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
             let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
             let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
             let events = input.to_stream(scope);
-            let annotated = state_operator(events, patterns, users, board.clone(), index, "UserState");
-            let annotated = state_operator(annotated, reasons, items, board.clone(), index, "ItemState");
-            policy_operator(annotated, corrector, single, order, board).connect_loop(handle);
+            let (annotated, r_users) =
+                state_operator(events, patterns, users, board.clone(), index, failure.clone(), "UserState");
+            let (annotated, r_items) =
+                state_operator(annotated, reasons, items, board.clone(), index, failure.clone(), "ItemState");
+            let (updates, r_policy) =
+                policy_operator(annotated, corrector, single, order, board.clone(), failure.clone());
+            updates.connect_loop(handle);
+            snapshot_operator(r_users.concat(r_items).concat(r_policy), board, out);
         });
         for (t, evs) in epochs.iter() {
             input.advance_to(*t);
@@ -97,18 +188,30 @@ pub fn run_dataflow(
         }
         input.close();
         while worker.step() {}
+        if let Some(e) = failure.take() {
+            return Err(e);
+        }
+        let c = collected.take();
+        if let Some(e) = c.error {
+            return Err(e);
+        }
+        Ok((index == 0).then_some(c))
     })
-    .map_err(|e| anyhow!("starting {workers} timely workers: {e}"))?;
+    .map_err(|e| anyhow!("starting the timely workers ({topology:?}): {e}"))?;
+    let mut first = None;
     for r in guards.join() {
-        r.map_err(|e| anyhow!("a timely worker failed: {e}"))?;
+        match r {
+            Ok(Ok(Some(c))) => first = Some(c),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => return Err(anyhow!(e)),
+            Err(e) => return Err(anyhow!("a timely worker failed: {e}")),
+        }
     }
-    if let Some(e) = board.error() {
-        return Err(anyhow!(e));
-    }
+    let c = first.unwrap_or_default();
     Ok(DataflowOutcome {
-        epoch_seconds: board.epoch_seconds().into_values().collect(),
-        metrics: board.metrics(),
-        snapshots: board.written(),
+        epoch_seconds: c.seconds.into_values().collect(),
+        metrics: c.metrics,
+        snapshots: c.written,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -16,7 +16,7 @@ use candle_core::Device;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::graph::{run_dataflow, CorrectorFactory, Initial};
+use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use super::ingest_log;
 use super::llm_corrector::{LlmCorrector, LlmSetup};
 use super::policy::{Corrector, EpochMetrics};
@@ -206,8 +206,17 @@ fn llm_factory(setup: LlmSetup, rm: PathBuf, data: PathBuf) -> CorrectorFactory 
 
 /// `curec replay <job.toml> --out <run>`: every stage before the correction (reused when its
 /// output exists), the correction dataflow (resumed from the newest complete snapshot), and the
-/// reward model evaluated with the corrected features.
+/// reward model evaluated with the corrected features; `replay.workers` threads in one process.
 pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
+    let topology = Topology::threads(job.replay.workers);
+    Ok(replay_on(job, out, &topology)?.expect("one process holds worker 0"))
+}
+
+/// [`replay`] as one process of `topology`: every process runs the same command with its own
+/// `process`; the stages before the correction must be complete when there are several (they
+/// are not run by a cluster). The first process writes the manifests, the run's metrics and its
+/// log, and returns the run's metrics; the others return `None` once the dataflow is done.
+pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Option<Value>> {
     let mut cfg = job.clone();
     cfg.replay.validate()?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -216,6 +225,13 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     }
     let mut st = stages(&cfg)?;
     if !st.reward_model.join("metrics.json").is_file() || !st.data.join(prepared::STATS).is_file() {
+        if topology.processes > 1 {
+            bail!(
+                "{}: the stages before the correction are not complete; run them in one process first \
+                 (`curec replay` without --processes, or `curec run` on the job)",
+                st.reward_model.display()
+            );
+        }
         crate::jobs::run_job(&cfg, false)?;
         // The stages just run may have written the aligned adapter, which the correction starts
         // from (as the features did): resolve the stages again.
@@ -232,7 +248,10 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     let ds = rm.ds;
     if !cfg.replay.correct {
         let extra = json!({"correct": false});
-        return write_run(out, &st.reward_model, &st.data, &features, "no-correction", &ds, 0.0, extra);
+        if !topology.is_first() {
+            return Ok(None);
+        }
+        return write_run(out, &st.reward_model, &st.data, &features, "no-correction", &ds, 0.0, extra).map(Some);
     }
     let xs = prepared::read_interactions(&st.data.join(prepared::INTERACTIONS))?;
     let seed = cfg.train.seed;
@@ -277,7 +296,9 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
             )
         }
         None => {
-            seed_caches(&features, out)?;
+            if topology.is_first() {
+                seed_caches(&features, out)?;
+            }
             let times = crate::features::jobs::train_timestamps(&ds, &xs);
             let s =
                 initial_state(&ds, &times, &features, &all_events, cfg.replay.reasons_kept, cfg.replay.history_kept)?;
@@ -288,6 +309,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     let todo: Vec<(u64, Vec<Event>)> = grouped.into_iter().filter(|(t, _)| wm.is_none_or(|w| *t > w)).collect();
     let log = out.join("epochs.jsonl");
     match wm {
+        _ if !topology.is_first() => {}
         None => write_text(&log, "")?,
         // Lines a killed run wrote after its last snapshot are written again as the epochs rerun.
         Some(w) => {
@@ -301,7 +323,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     }
     let board = Arc::new(Board::new(
         root.clone(),
-        cfg.replay.workers,
+        topology.peers(),
         snapshot_epochs(&order, cfg.replay.snapshot_every).into_iter().filter(|e| wm.is_none_or(|w| *e > w)).collect(),
         identity.clone(),
         ds.users.clone(),
@@ -333,13 +355,11 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
         single_policy: true,
     });
     let t_correction = Instant::now();
-    let outcome = run_dataflow(
-        todo,
-        initial,
-        llm_factory(setup, st.reward_model.clone(), st.data.clone()),
-        board,
-        cfg.replay.workers,
-    )?;
+    let outcome =
+        run_dataflow(todo, initial, llm_factory(setup, st.reward_model.clone(), st.data.clone()), board, topology)?;
+    if !topology.is_first() {
+        return Ok(None);
+    }
     let (last, dir) = snapshot::newest(&root).context("the replay wrote no snapshot")?;
     let ms = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
     let rewards: Vec<Option<f64>> = ms.iter().map(EpochMetrics::mean_reward).collect();
@@ -362,7 +382,7 @@ pub fn replay(job: &JobConfig, out: &Path) -> Result<Value> {
     });
     let variant = if cfg.replay.update { "correction" } else { "no-update" };
     crate::jobs::record_stage(out, "correction", t_correction)?;
-    write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra)
+    write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra).map(Some)
 }
 
 /// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
@@ -523,7 +543,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         single_policy: true,
     });
     let slices = order.len();
-    let outcome = run_dataflow(grouped, initial, llm_factory(setup, rm.clone(), data.clone()), board, workers)?;
+    let topology = Topology::threads(workers);
+    let outcome = run_dataflow(grouped, initial, llm_factory(setup, rm.clone(), data.clone()), board, &topology)?;
     let (_, newest) = snapshot::newest(&root).context("the ingest wrote no snapshot")?;
     // The run now reads its features from the newest snapshot.
     if run.join("config.toml").is_file() {

@@ -33,6 +33,7 @@ pub mod llm_corrector;
 pub mod policy;
 pub mod shared;
 pub mod snapshot;
+pub mod snapshot_op;
 pub mod source;
 pub mod standin;
 pub mod state_op;
@@ -44,8 +45,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub use graph::{run_dataflow, DataflowOutcome, Initial};
-pub use jobs::{ingest, replay};
+pub use graph::{run_dataflow, DataflowOutcome, Initial, Topology};
+pub use jobs::{ingest, replay, replay_on};
 pub use policy::{Corrector, EpochMetrics, EpochOutput};
 pub use shared::{IdMap, Shared};
 

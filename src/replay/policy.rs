@@ -1,20 +1,24 @@
 //! The policy operator: holds an epoch's annotated records until its input frontier has passed
 //! the epoch, then hands them (sorted by key) to the [`Corrector`] in one batch, emits the state
-//! rewrites into the feedback loop, reports the epoch's metrics, and at snapshot epochs saves the
-//! policy. With one policy (the LLM being trained) every record goes to worker 0 and the GRPO
+//! rewrites into the feedback loop, reports the epoch's metrics through the dataflow, and at
+//! snapshot epochs saves the policy. With one policy (the LLM being trained) every record goes to worker 0 and the GRPO
 //! steps apply in epoch order; a stateless corrector (the stand-in) runs keyed by user.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use super::snapshot::{Board, Part};
+use super::snapshot::{Board, Part, Report};
 use super::{Annotated, Update};
 
 /// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
@@ -75,27 +79,45 @@ pub trait Corrector {
     fn save(&mut self, dir: &Path) -> Result<()>;
 }
 
-/// Wire the policy operator. `single`: all records go to worker 0 (one policy).
+/// Wire the policy operator. `single`: all records go to worker 0 (one policy). Outputs: the
+/// rewrites (into the feedback loop), and the epoch's metrics and snapshot part as [`Report`]s.
+#[allow(clippy::type_complexity)]
 pub fn policy_operator<'s>(
     records: Stream<'s, u64, Vec<Annotated>>,
     mut corrector: Option<Box<dyn Corrector>>,
     single: bool,
     epochs: Arc<Vec<u64>>,
     board: Arc<Board>,
-) -> Stream<'s, u64, Vec<Update>> {
+    failure: Rc<RefCell<Option<String>>>,
+) -> (Stream<'s, u64, Vec<Update>>, Stream<'s, u64, Vec<Report>>) {
     let pact = Exchange::new(move |a: &Annotated| if single { 0 } else { a.event.user as u64 });
-    records.unary_frontier(pact, "Policy", move |_cap, _info| {
-        // Capabilities only for stashed records (see the state operators).
+    let mut builder = OperatorBuilder::new("Policy".to_owned(), records.scope());
+    let mut input = builder.new_input(records, pact);
+    let (out_updates, updates_stream) = builder.new_output::<Vec<Update>>();
+    let (out_reports, reports_stream) = builder.new_output::<Vec<Report>>();
+    let mut out_updates = OutputBuilder::from(out_updates);
+    let mut out_reports = OutputBuilder::from(out_reports);
+    builder.build(move |mut caps| {
+        // The reports' capability sits at the next epoch to finish; the updates' one is dropped
+        // (capabilities only for stashed records, see the state operators).
+        let mut report_cap: Option<Capability<u64>> = caps.pop();
+        drop(caps);
+        match (&mut report_cap, epochs.first()) {
+            (Some(c), Some(e)) => c.downgrade(e),
+            _ => report_cap = None,
+        }
         let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Annotated>)> = BTreeMap::new();
         let mut next = 0usize;
-        move |(input, frontier), output| {
+        move |frontiers| {
+            let mut output = out_updates.activate();
+            let mut reports = out_reports.activate();
             input.for_each_stamp(|c, data| {
-                if let Some(cap) = c.retain_least(output.output_index()) {
+                if let Some(cap) = c.retain_least(0) {
                     let slot = stash.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
                     slot.1.extend(data.flat_map(|d| d.drain(..)));
                 }
             });
-            let limit = frontier.frontier().iter().min().copied();
+            let limit = frontiers[0].frontier().iter().min().copied();
             while let Some(&t) = epochs.get(next).filter(|&&t| limit.is_none_or(|b| t < b)) {
                 next += 1;
                 let (cap, mut recs) = match stash.remove(&t) {
@@ -105,31 +127,52 @@ pub fn policy_operator<'s>(
                 recs.sort_by_key(|a| a.event.key);
                 // Retractions changed the state on their way here; there is nothing to write.
                 recs.retain(|a| !a.event.retract);
+                let mut out = vec![];
                 let mut metrics = EpochMetrics { epoch: t, ..Default::default() };
                 let started = std::time::Instant::now();
-                if let Some(c) = corrector.as_mut().filter(|_| !board.failed() && !recs.is_empty()) {
+                if let Some(c) = corrector.as_mut().filter(|_| failure.borrow().is_none() && !recs.is_empty()) {
                     match c.epoch(t, recs) {
-                        Ok(out) => {
-                            metrics = out.metrics;
+                        Ok(o) => {
+                            metrics = o.metrics;
                             metrics.epoch = t;
                             if let Some(at) = &cap {
-                                output.session(at).give_iterator(out.updates.into_iter());
+                                output.session(at).give_iterator(o.updates.into_iter());
                             }
                         }
-                        Err(e) => board.fail(format!("epoch {t}: {e:#}")),
+                        Err(e) => {
+                            let error = format!("epoch {t}: {e:#}");
+                            *failure.borrow_mut() = Some(error.clone());
+                            out.push(Report::Failed { epoch: t, error });
+                        }
                     }
                 }
-                board.report_metrics(metrics, started.elapsed().as_secs_f64());
-                if board.is_snapshot(t) {
-                    let r = match corrector.as_mut() {
-                        Some(c) if !board.failed() => {
-                            board.shard_dir(t).and_then(|d| c.save(&d)).map(|_| Part::default())
-                        }
-                        _ => Ok(Part::default()),
+                out.push(Report::Metrics { metrics, seconds: started.elapsed().as_secs_f64() });
+                let earlier = failure.borrow().clone();
+                if let (true, Some(error)) = (board.is_snapshot(t), earlier) {
+                    out.push(Report::Failed { epoch: t, error });
+                } else if board.is_snapshot(t) {
+                    let saved = match corrector.as_mut() {
+                        Some(c) => board.shard_dir(t).and_then(|d| c.save(&d)),
+                        None => Ok(()),
                     };
-                    board.report_part(t, r);
+                    out.push(match saved {
+                        Ok(()) => Report::Part { epoch: t, part: Part::default() },
+                        Err(e) => {
+                            let error = format!("saving the policy after epoch {t}: {e:#}");
+                            *failure.borrow_mut() = Some(error.clone());
+                            Report::Failed { epoch: t, error }
+                        }
+                    });
+                }
+                if let Some(rc) = report_cap.as_mut() {
+                    reports.session(&*rc).give_iterator(out.into_iter());
+                    match epochs.get(next) {
+                        Some(n) => rc.downgrade(n),
+                        None => report_cap = None,
+                    }
                 }
             }
         }
-    })
+    });
+    (updates_stream, reports_stream)
 }

@@ -2,19 +2,22 @@
 //! `reasons-p<k>.parquet` (the `curec features` schema, so the reward model reads a snapshot as
 //! it reads a features directory), `history-p<k>.parquet` in [`PARTITIONS`] partitions by key,
 //! `metrics.parquet`, the policy's weights, and `manifest.json`. Each state operator writes its
-//! own partitions (or, with a worker count that does not divide the partition count, hands its
-//! rows to the [`Board`] to merge); the last part in writes the metrics and the manifest. The manifest is written last and atomically:
-//! a snapshot without one is incomplete and ignored (and removed) on resume.
+//! own partitions (or, with a worker count that does not divide the partition count, sends its
+//! rows to worker 0 to merge) and reports its part through the dataflow; the snapshot operator
+//! ([`super::snapshot_op`]) completes a snapshot once its input frontier has passed the epoch,
+//! i.e. once every worker's part is in. The manifest is written last and atomically: a snapshot
+//! without one is incomplete and ignored (and removed) on resume.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, UInt32Type};
 use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow_schema::DataType;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use crate::features::store::{kind_files, part_path, PARTITIONS};
@@ -89,8 +92,8 @@ fn to_prune(all: &[(u64, PathBuf)], keep: usize) -> Vec<PathBuf> {
     all[..old].iter().filter(|(e, _)| Some(*e) != pinned).map(|(_, d)| d.clone()).collect()
 }
 
-/// One worker's part of the state, handed to the [`Board`] (texts shared, not copied).
-#[derive(Default)]
+/// One worker's part of the state (texts shared, not copied, within a process).
+#[derive(Default, Clone, Serialize, Deserialize)]
 pub struct Shard {
     /// (user, timestamp, text)
     pub patterns: Vec<(u32, i64, Arc<str>)>,
@@ -113,9 +116,9 @@ impl Shard {
     }
 }
 
-/// A state operator's contribution to a snapshot: its rows for the board to merge (when the
+/// A state operator's contribution to a snapshot: its rows for worker 0 to merge (when the
 /// worker count does not divide [`PARTITIONS`]), or the counts of the rows it wrote itself.
-#[derive(Default)]
+#[derive(Default, Clone, Serialize, Deserialize)]
 pub struct Part {
     pub shard: Option<Shard>,
     pub patterns: usize,
@@ -307,20 +310,20 @@ impl State {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    parts: BTreeMap<u64, usize>,
-    shards: BTreeMap<u64, Shard>,
-    counts: BTreeMap<u64, (usize, usize)>,
-    partial: BTreeMap<u64, (usize, EpochMetrics)>,
-    /// Seconds the corrector spent on each epoch (the slowest worker); not part of snapshots.
-    seconds: BTreeMap<u64, f64>,
-    done: Vec<EpochMetrics>,
-    error: Option<String>,
-    written: Vec<u64>,
+/// What the operators tell the snapshot operator ([`super::snapshot_op`]), through the dataflow.
+#[derive(Clone, Serialize, Deserialize)]
+pub enum Report {
+    /// A state operator's or the policy's part of the snapshot after `epoch`.
+    Part { epoch: u64, part: Part },
+    /// One policy instance's metrics for an epoch, and the seconds it spent on it.
+    Metrics { metrics: EpochMetrics, seconds: f64 },
+    /// An operator failed at `epoch`: no snapshot is completed from there on.
+    Failed { epoch: u64, error: String },
 }
 
-/// Coordinates the workers' snapshot parts and collects the per-epoch metrics (in-process).
+/// What a snapshot holds and where it goes: the run's identity, the id maps, the epochs to
+/// snapshot and the metrics of the epochs before this run. Read-only: the workers' parts and
+/// metrics reach the snapshot operator through the dataflow, not through this value.
 pub struct Board {
     root: PathBuf,
     peers: usize,
@@ -332,13 +335,15 @@ pub struct Board {
     /// Keys added to every manifest (e.g. the id maps grown by ingestion).
     extra: Value,
     keep: usize,
-    inner: Mutex<Inner>,
+    /// Metrics of the epochs before this run (from the snapshot resumed from).
+    done: Vec<EpochMetrics>,
     on_epoch: EpochHook,
 }
 
 impl Board {
-    /// `snapshots`: the epochs after which a snapshot is written; `done`: metrics of the epochs
-    /// before (from the snapshot resumed from).
+    /// `peers`: timely workers over all processes; `snapshots`: the epochs after which a
+    /// snapshot is written; `done`: metrics of the epochs before (from the snapshot resumed from);
+    /// `on_epoch`: called on worker 0 once per finished epoch, in epoch order.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         root: PathBuf,
@@ -351,19 +356,7 @@ impl Board {
         done: Vec<EpochMetrics>,
         on_epoch: EpochHook,
     ) -> Self {
-        let inner = Inner { done, ..Default::default() };
-        Self {
-            root,
-            peers,
-            snapshots,
-            identity,
-            raw_users,
-            raw_items,
-            extra,
-            keep: 2,
-            inner: Mutex::new(inner),
-            on_epoch,
-        }
+        Self { root, peers, snapshots, identity, raw_users, raw_items, extra, keep: 2, done, on_epoch }
     }
 
     pub fn pending_snapshots(&self) -> VecDeque<u64> {
@@ -374,61 +367,22 @@ impl Board {
         self.snapshots.contains(&e)
     }
 
+    pub fn peers(&self) -> usize {
+        self.peers
+    }
+
+    pub fn done(&self) -> &[EpochMetrics] {
+        &self.done
+    }
+
+    pub fn on_epoch(&self, m: &EpochMetrics, seconds: f64) {
+        (self.on_epoch)(m, seconds)
+    }
+
     pub fn shard_dir(&self, e: u64) -> Result<PathBuf> {
         let d = epoch_dir(&self.root, e);
         std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create", d.display()))?;
         Ok(d)
-    }
-
-    pub fn failed(&self) -> bool {
-        self.inner.lock().expect("board lock").error.is_some()
-    }
-
-    pub fn fail(&self, e: String) {
-        self.inner.lock().expect("board lock").error.get_or_insert(e);
-    }
-
-    pub fn error(&self) -> Option<String> {
-        self.inner.lock().expect("board lock").error.clone()
-    }
-
-    /// All finished epochs' metrics, in epoch order.
-    pub fn metrics(&self) -> Vec<EpochMetrics> {
-        self.inner.lock().expect("board lock").done.clone()
-    }
-
-    /// Snapshots completed in this run.
-    pub fn written(&self) -> Vec<u64> {
-        self.inner.lock().expect("board lock").written.clone()
-    }
-
-    /// One policy instance's metrics for an epoch and the seconds it spent on it; the sum is
-    /// final once every worker reported.
-    pub fn report_metrics(&self, m: EpochMetrics, seconds: f64) {
-        let finished = {
-            let mut g = self.inner.lock().expect("board lock");
-            let s = g.seconds.entry(m.epoch).or_default();
-            *s = s.max(seconds);
-            let slot =
-                g.partial.entry(m.epoch).or_insert_with(|| (0, EpochMetrics { epoch: m.epoch, ..Default::default() }));
-            slot.0 += 1;
-            slot.1.merge(&m);
-            if slot.0 == self.peers {
-                let (_, total) = g.partial.remove(&m.epoch).expect("present");
-                g.done.push(total.clone());
-                Some((total, g.seconds[&m.epoch]))
-            } else {
-                None
-            }
-        };
-        if let Some((t, secs)) = finished {
-            (self.on_epoch)(&t, secs);
-        }
-    }
-
-    /// Seconds spent on each epoch of this run.
-    pub fn epoch_seconds(&self) -> BTreeMap<u64, f64> {
-        self.inner.lock().expect("board lock").seconds.clone()
     }
 
     /// Whether workers write their own partitions (the worker count divides [`PARTITIONS`]).
@@ -471,57 +425,30 @@ impl Board {
         Ok(Part { shard: None, patterns: sh.patterns.len(), reasons: sh.reasons.len() })
     }
 
-    /// One part of snapshot `e` is written (or failed); the last part completes the snapshot.
-    pub fn report_part(&self, e: u64, r: Result<Part>) {
-        let part = match r {
-            Ok(s) => s,
-            Err(err) => {
-                self.fail(format!("snapshot after epoch {e}: {err:#}"));
-                return;
-            }
-        };
-        let last = {
-            let mut g = self.inner.lock().expect("board lock");
-            if let Some(sh) = part.shard {
-                g.shards.entry(e).or_default().absorb(sh);
-            }
-            let c = g.counts.entry(e).or_default();
-            c.0 += part.patterns;
-            c.1 += part.reasons;
-            let n = g.parts.entry(e).or_default();
-            *n += 1;
-            *n == 3 * self.peers
-        };
-        if last && !self.failed() {
-            if let Err(err) = self.finish(e) {
-                self.fail(format!("snapshot after epoch {e}: {err:#}"));
+    /// Complete snapshot `e` once every part of it is in: the merged rows (when the workers did
+    /// not write their own partitions) or the parts' counts, then the metrics of every epoch up
+    /// to `e`, then the manifest (last, as the mark of a complete snapshot), then pruning.
+    pub fn finish(&self, e: u64, parts: Vec<Part>, metrics: &[EpochMetrics]) -> Result<()> {
+        let dir = self.shard_dir(e)?;
+        let mut merged: Option<Shard> = None;
+        let (mut patterns, mut reasons) = (0, 0);
+        for p in parts {
+            patterns += p.patterns;
+            reasons += p.reasons;
+            if let Some(sh) = p.shard {
+                merged.get_or_insert_with(Shard::default).absorb(sh);
             }
         }
-    }
-
-    fn finish(&self, e: u64) -> Result<()> {
-        let dir = self.shard_dir(e)?;
-        let (merged, counts) = {
-            let mut g = self.inner.lock().expect("board lock");
-            (g.shards.remove(&e), g.counts.remove(&e).unwrap_or_default())
-        };
-        let (patterns, reasons) = match merged {
-            Some(mut sh) if !self.direct() => {
-                let all: Vec<usize> = (0..PARTITIONS).collect();
-                sh.users = true;
-                sh.items = true;
-                let part = self.write_partitions(&dir, sh, &all)?;
-                (part.patterns, part.reasons)
-            }
-            _ => counts,
-        };
-        let (metrics, interactions) = {
-            let g = self.inner.lock().expect("board lock");
-            let ms: Vec<EpochMetrics> = g.done.iter().filter(|m| m.epoch <= e).cloned().collect();
-            let n: u64 = ms.iter().map(|m| m.interactions).sum();
-            (ms, n)
-        };
-        write_metrics(&dir.join(METRICS), &metrics)?;
+        if let Some(mut sh) = merged.filter(|_| !self.direct()) {
+            let all: Vec<usize> = (0..PARTITIONS).collect();
+            sh.users = true;
+            sh.items = true;
+            let part = self.write_partitions(&dir, sh, &all)?;
+            (patterns, reasons) = (part.patterns, part.reasons);
+        }
+        let upto: Vec<EpochMetrics> = metrics.iter().filter(|m| m.epoch <= e).cloned().collect();
+        let interactions: u64 = upto.iter().map(|m| m.interactions).sum();
+        write_metrics(&dir.join(METRICS), &upto)?;
         let mut manifest = json!({
             "epoch": e,
             "watermark": e,
@@ -536,7 +463,6 @@ impl Board {
             m.extend(x.clone());
         }
         crate::jobs::write_json(&dir.join(MANIFEST), &manifest)?;
-        self.inner.lock().expect("board lock").written.push(e);
         for d in to_prune(&complete(&self.root), self.keep) {
             let _ = std::fs::remove_dir_all(d);
         }

@@ -3,17 +3,21 @@
 //! frontiers have passed it: first the updates stamped t (the rewrites of epoch t − 1, in key
 //! order), then the records of t. Once the updates stamped e + 1 are in, and before the records of
 //! e + 1 fold into it, the state is the state "after epoch e"; if e is a snapshot epoch the
-//! operator writes its shard then.
+//! operator writes its shard then and reports it, stamped e, on its second output.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
-use super::snapshot::{Board, Shard};
+use super::snapshot::{Board, Report, Shard};
 use super::{Update, UpdateKind};
 
 /// State partitioned by a key (user or item).
@@ -40,77 +44,113 @@ fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
     f.frontier().iter().min().copied()
 }
 
-/// Wire a keyed state operator: `records` and `updates` in, annotated records out.
+/// Wire a keyed state operator: `records` and `updates` in; annotated records out, and the
+/// operator's snapshot parts (or its failure) as [`Report`]s for the snapshot operator.
+///
+/// The reports get their own output so that the capability held for the next snapshot epoch
+/// (a report is stamped with its epoch) never holds back the records, and so the feedback loop.
+#[allow(clippy::type_complexity)]
 pub fn state_operator<'s, S: KeyedState>(
     records: Stream<'s, u64, Vec<S::In>>,
     updates: Stream<'s, u64, Vec<Update>>,
     mut state: S,
     board: Arc<Board>,
     worker: usize,
+    failure: Rc<RefCell<Option<String>>>,
     name: &str,
-) -> Stream<'s, u64, Vec<S::Out>> {
+) -> (Stream<'s, u64, Vec<S::Out>>, Stream<'s, u64, Vec<Report>>) {
     let mut pending: VecDeque<u64> = board.pending_snapshots();
-    records.binary_frontier(
-        updates,
-        Exchange::new(|r: &S::In| S::key(r)),
-        Exchange::new(|u: &Update| if u.kind == S::KIND { S::update_key(u) } else { 0 }),
-        name,
-        move |_cap, _info| {
-            // Capabilities are held only for records waiting to be annotated: holding one for
-            // nothing would keep the feedback loop alive forever.
-            let mut recs: BTreeMap<u64, (Capability<u64>, Vec<S::In>)> = BTreeMap::new();
-            let mut ups: BTreeMap<u64, Vec<Update>> = BTreeMap::new();
-            move |(in1, f1), (in2, f2), output| {
-                in1.for_each_stamp(|c, data| {
-                    if let Some(cap) = c.retain_least(output.output_index()) {
-                        let slot = recs.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
-                        slot.1.extend(data.flat_map(|d| d.drain(..)));
-                    }
-                });
-                in2.for_each_stamp(|c, data| {
-                    if let Some(&t) = c.least() {
-                        let v = ups.entry(t).or_default();
-                        v.extend(data.flat_map(|d| d.drain(..)).filter(|u| u.kind == S::KIND));
-                    }
-                });
-                let limit = match (bound(f1), bound(f2)) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
+    let mut builder = OperatorBuilder::new(name.to_owned(), records.scope());
+    let mut in1 = builder.new_input(records, Exchange::new(|r: &S::In| S::key(r)));
+    let mut in2 =
+        builder.new_input(updates, Exchange::new(|u: &Update| if u.kind == S::KIND { S::update_key(u) } else { 0 }));
+    let (out_records, records_stream) = builder.new_output::<Vec<S::Out>>();
+    let (out_reports, reports_stream) = builder.new_output::<Vec<Report>>();
+    let mut out_records = OutputBuilder::from(out_records);
+    let mut out_reports = OutputBuilder::from(out_reports);
+    builder.build(move |mut caps| {
+        // The reports' capability sits at the next snapshot epoch (dropped when none is left);
+        // the records' one is dropped at once: capabilities are held only for records waiting to
+        // be annotated, as holding one for nothing would keep the feedback loop alive forever.
+        let mut report_cap: Option<Capability<u64>> = caps.pop();
+        drop(caps);
+        match (&mut report_cap, pending.front()) {
+            (Some(c), Some(e)) => c.downgrade(e),
+            _ => report_cap = None,
+        }
+        let mut recs: BTreeMap<u64, (Capability<u64>, Vec<S::In>)> = BTreeMap::new();
+        let mut ups: BTreeMap<u64, Vec<Update>> = BTreeMap::new();
+        move |frontiers| {
+            let (f1, f2) = (&frontiers[0], &frontiers[1]);
+            let mut output = out_records.activate();
+            let mut reports = out_reports.activate();
+            in1.for_each_stamp(|c, data| {
+                if let Some(cap) = c.retain_least(0) {
+                    let slot = recs.entry(*cap.time()).or_insert_with(|| (cap, Vec::new()));
+                    slot.1.extend(data.flat_map(|d| d.drain(..)));
+                }
+            });
+            in2.for_each_stamp(|c, data| {
+                if let Some(&t) = c.least() {
+                    let v = ups.entry(t).or_default();
+                    v.extend(data.flat_map(|d| d.drain(..)).filter(|u| u.kind == S::KIND));
+                }
+            });
+            let limit = match (bound(f1), bound(f2)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let ready = |t: u64| limit.is_none_or(|b| t < b);
+            // Snapshot e: this worker's part (or its failure), stamped e; then the capability
+            // moves on to the next snapshot epoch.
+            let mut snapshot = |e: u64, state: &S, pending: &mut VecDeque<u64>| {
+                pending.pop_front();
+                let earlier = failure.borrow().clone();
+                let report = match earlier {
+                    // This worker failed before (its corrector, or an earlier snapshot): worker 0
+                    // must not complete the snapshot without this part.
+                    Some(error) => Report::Failed { epoch: e, error },
+                    None => match board.part(e, state.shard(), worker) {
+                        Ok(part) => Report::Part { epoch: e, part },
+                        Err(err) => {
+                            let error = format!("snapshot after epoch {e}: {err:#}");
+                            *failure.borrow_mut() = Some(error.clone());
+                            Report::Failed { epoch: e, error }
+                        }
+                    },
                 };
-                let ready = |t: u64| limit.is_none_or(|b| t < b);
-                let snapshot = |e: u64, state: &S| {
-                    if board.failed() {
-                        return;
-                    }
-                    board.report_part(e, board.part(e, state.shard(), worker));
-                };
-                loop {
-                    let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();
-                    let Some(t) = next.filter(|&t| ready(t)) else { break };
-                    while let Some(&e) = pending.front().filter(|&&e| e + 1 < t) {
-                        snapshot(e, &state);
-                        pending.pop_front();
-                    }
-                    if let Some(mut u) = ups.remove(&t) {
-                        u.sort_by_key(|u| u.key);
-                        state.apply(u);
-                    }
-                    // The state after epoch t − 1: its rewrites are in, epoch t's records not yet.
-                    while let Some(&e) = pending.front().filter(|&&e| e < t) {
-                        snapshot(e, &state);
-                        pending.pop_front();
-                    }
-                    if let Some((c, mut r)) = recs.remove(&t) {
-                        r.sort_by_key(|r| S::order(r));
-                        let out = state.annotate(r);
-                        output.session(&c).give_iterator(out.into_iter());
+                if let Some(cap) = report_cap.as_mut() {
+                    reports.session(&*cap).give(report);
+                    match pending.front() {
+                        Some(next) => cap.downgrade(next),
+                        None => report_cap = None,
                     }
                 }
-                while let Some(&e) = pending.front().filter(|&&e| ready(e + 1)) {
-                    snapshot(e, &state);
-                    pending.pop_front();
+            };
+            loop {
+                let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();
+                let Some(t) = next.filter(|&t| ready(t)) else { break };
+                while let Some(&e) = pending.front().filter(|&&e| e + 1 < t) {
+                    snapshot(e, &state, &mut pending);
+                }
+                if let Some(mut u) = ups.remove(&t) {
+                    u.sort_by_key(|u| u.key);
+                    state.apply(u);
+                }
+                // The state after epoch t − 1: its rewrites are in, epoch t's records not yet.
+                while let Some(&e) = pending.front().filter(|&&e| e < t) {
+                    snapshot(e, &state, &mut pending);
+                }
+                if let Some((c, mut r)) = recs.remove(&t) {
+                    r.sort_by_key(|r| S::order(r));
+                    let out = state.annotate(r);
+                    output.session(&c).give_iterator(out.into_iter());
                 }
             }
-        },
-    )
+            while let Some(&e) = pending.front().filter(|&&e| ready(e + 1)) {
+                snapshot(e, &state, &mut pending);
+            }
+        }
+    });
+    (records_stream, reports_stream)
 }
