@@ -360,3 +360,32 @@ fn fused_attention_gives_the_composite_log_probs_and_gradients() {
         assert!(nonzero > 100, "{grad:?}: only {nonzero} non-zero gradient entries");
     }
 }
+
+/// `grpo.quantized_reference`: the reference pass from the quantized engine. Same completions,
+/// and the step's KL estimate and loss stay within the quantization error of the f32 reference
+/// (at step 0 the policy is the reference: the f32 KL is exactly 0, the quantized one tiny).
+#[test]
+fn a_quantized_reference_pass_stays_within_quantization_error_of_the_f32_one() {
+    let tok = tiny_tokenizer();
+    let run = |quantized: bool| {
+        let m = tiny_lora(9);
+        let cfg = GrpoConfig { quantized_reference: quantized, ..toy_cfg() };
+        let mut grpo = Grpo::new(&m, vars(&m), cfg, true, 2).unwrap();
+        (0..2)
+            .map(|s| {
+                let r = grpo.step(&m, &tok, &batch(s), &Band, s).unwrap();
+                (r.completions.into_iter().map(|c| c.text).collect::<Vec<_>>(), r.stats.kl, r.stats.loss)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (f, q) = (run(false), run(true));
+    for (s, ((tf, kf, lf), (tq, kq, lq))) in f.iter().zip(&q).enumerate() {
+        assert_eq!(tf, tq, "step {s}: completions differ");
+        let (kf, kq) = (kf.expect("β > 0 reports a KL"), kq.expect("β > 0 reports a KL"));
+        eprintln!("step {s}: KL f32 {kf:.3e}, quantized {kq:.3e}; loss f32 {lf:.6}, quantized {lq:.6}");
+        assert!((kf - kq).abs() < 1e-3, "step {s}: KL f32 {kf} vs quantized {kq}");
+        assert!((lf - lq).abs() < 1e-3, "step {s}: loss f32 {lf} vs quantized {lq}");
+    }
+    assert_eq!(f[0].1, Some(0.0), "the f32 reference equals the policy at step 0");
+    assert!(q[0].1.is_some_and(|k| k > 0.0), "the quantized reference is not the f32 model (its KL > 0)");
+}

@@ -211,3 +211,34 @@ fn prompts_that_extend_each_other_share_one_chain_of_cached_keys_and_give_the_sa
         );
     }
 }
+
+/// GRPO's quantized reference pass: a group's completions scored together (the prompt computed
+/// once, its keys and values shared, one batched call) give each completion the same log-probs,
+/// bit for bit, as scoring it alone, and stay close to the f32 model's.
+#[test]
+fn grouped_completion_scoring_equals_scoring_each_alone() {
+    use curec::llm::engine::{completion_log_probs_quantized, pairs_log_probs_quantized};
+    let m = tiny(Family::Qwen2);
+    let q = QModel::from_causal(&m, Quantize::Q8).unwrap();
+    let p1: Vec<u32> = (0..37).map(|i| (i * 5 + 1) % 97).collect();
+    let p2: Vec<u32> = (0..12).map(|i| (i * 3 + 2) % 97).collect();
+    let c = |n: usize, s: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 11 + s) % 97).collect() };
+    // Two groups (p1 × 3 completions, p2 × 2), lengths 1 to 19, one completion of one token.
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = vec![
+        (p1.clone(), c(19, 1)),
+        (p1.clone(), c(1, 2)),
+        (p1.clone(), c(8, 3)),
+        (p2.clone(), c(5, 4)),
+        (p2.clone(), c(13, 5)),
+    ];
+    let got = pairs_log_probs_quantized(&q, &pairs).unwrap();
+    let f32_lp = curec::llm::log_probs_with(&m, &pairs, false, curec::llm::Grad::None).unwrap().0;
+    let f32_rows: Vec<Vec<f32>> = f32_lp.log_probs.to_vec2().unwrap();
+    for (i, (p, comp)) in pairs.iter().enumerate() {
+        assert_eq!(got[i].len(), comp.len(), "pair {i}: one log-prob per completion token");
+        let alone = completion_log_probs_quantized(&q, p, comp).unwrap();
+        assert_eq!(got[i], alone, "pair {i}: grouped ≠ alone");
+        let mad = got[i].iter().zip(&f32_rows[i]).map(|(a, b)| (a - b).abs()).sum::<f32>() / comp.len() as f32;
+        assert!(mad < 0.02, "pair {i}: mean |Δ log-prob| against f32 {mad}");
+    }
+}

@@ -18,6 +18,7 @@ use super::advantage::{group_advantages, zero_variance};
 use super::loss::{grpo_loss, Aggregation, LossConfig, LossStats};
 use super::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use super::reward::{Reward, Scored};
+use crate::llm::engine::{pairs_log_probs_quantized, quantize_model, QModel};
 use crate::llm::generate::Generator;
 use crate::llm::{log_probs_with, CausalLm, Grad, SamplingConfig, Tokenizer};
 
@@ -56,6 +57,11 @@ pub struct GrpoConfig {
     pub checkpointing: bool,
     /// Leave zero-variance groups out of the training passes (they only add a KL term).
     pub skip_zero_variance: bool,
+    /// Reference-policy log-probs (β > 0) from the quantized engine instead of the f32 model:
+    /// the reference is frozen, so it is quantized once, and a group's prompt is computed once.
+    /// Off by default (left out of the serialized config then, so identities do not change).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub quantized_reference: bool,
     pub seed: u64,
 }
 
@@ -80,6 +86,7 @@ impl Default for GrpoConfig {
             micro_batch: 4,
             checkpointing: true,
             skip_zero_variance: true,
+            quantized_reference: false,
             seed: 2024,
         }
     }
@@ -198,6 +205,8 @@ pub struct Grpo {
     /// Frozen initial weights (full fine-tuning); with LoRA the reference is the model with
     /// adapters off.
     reference: Option<CausalLm>,
+    /// The reference quantized (with `quantized_reference`), made at its first use.
+    reference_q: Option<QModel>,
 }
 
 /// A stable stream index for completion `g` of record `key`.
@@ -219,7 +228,7 @@ impl Grpo {
         let total_updates = total_steps.max(1) * cfg.passes;
         let opt = AdamW::new(vars, cfg.adamw.clone())?;
         let reference = if !lora && cfg.beta > 0.0 { Some(model.frozen_copy()?) } else { None };
-        Ok(Self { cfg, group, opt, base_lr, total_updates, reference })
+        Ok(Self { cfg, group, opt, base_lr, total_updates, reference, reference_q: None })
     }
 
     pub fn group(&self) -> usize {
@@ -358,8 +367,33 @@ impl Grpo {
             out
         };
         let ref_model = self.reference.as_ref().unwrap_or(model);
-        let reference =
-            if self.cfg.beta > 0.0 { Some(no_grad(ref_model, false, &mut timing.reference)?) } else { None };
+        let reference = if self.cfg.beta > 0.0 && self.cfg.quantized_reference && model.device().is_cpu() {
+            let t0 = Instant::now();
+            if self.reference_q.is_none() {
+                self.reference_q = Some(quantize_model(ref_model, false)?);
+            }
+            let q = self.reference_q.as_ref().expect("made above");
+            let dev = model.device();
+            let out = chunks
+                .iter()
+                .map(|r| -> Result<Tensor> {
+                    // The f32 path's layout: one row per pair, padded to the longest completion.
+                    let lps = pairs_log_probs_quantized(q, &seqs[r.clone()])?;
+                    let cmax = lps.iter().map(Vec::len).max().unwrap_or(0).max(1);
+                    let mut flat = vec![0f32; lps.len() * cmax];
+                    for (row, l) in flat.chunks_mut(cmax).zip(&lps) {
+                        row[..l.len()].copy_from_slice(l);
+                    }
+                    Ok(Tensor::from_vec(flat, (lps.len(), cmax), dev)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            timing.reference += t0.elapsed().as_secs_f64();
+            Some(out)
+        } else if self.cfg.beta > 0.0 {
+            Some(no_grad(ref_model, false, &mut timing.reference)?)
+        } else {
+            None
+        };
         let old = if self.cfg.passes > 1 { Some(no_grad(model, true, &mut timing.old)?) } else { None };
         let completion_tokens: usize = seqs.iter().map(|(_, c)| c.len()).sum();
         let norm = match self.cfg.aggregation {

@@ -102,3 +102,64 @@ pub fn completion_log_probs_quantized(model: &QModel, prompt: &[u32], completion
         })
         .collect())
 }
+
+/// Log-probabilities of each pair's completion after its prompt (one per completion token), by
+/// the quantized model: consecutive pairs with the same prompt (a GRPO group) compute it once and
+/// share its keys and values, and all completions go through one batched forward call.
+pub fn pairs_log_probs_quantized(model: &QModel, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Vec<f32>>> {
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // (first pair, end)
+    for (i, (p, _)) in pairs.iter().enumerate() {
+        anyhow::ensure!(!p.is_empty(), "scoring needs a non-empty prompt");
+        match groups.last_mut() {
+            Some((start, end)) if pairs[*start].0 == *p => *end = i + 1,
+            _ => groups.push((i, i + 1)),
+        }
+    }
+    // The prompts: their caches and the logits after their last token (which predict each
+    // completion's first token).
+    let mut caches: Vec<SeqCache> = groups.iter().map(|&(g, _)| model.new_cache(pairs[g].0.len())).collect();
+    let mut steps: Vec<SeqStep> = groups
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(&(g, _), cache)| SeqStep { tokens: &pairs[g].0, cache, logits: Logits::Last })
+        .collect();
+    let last = model.forward(&mut steps)?;
+    drop(steps);
+    let v = model.cfg.vocab_size;
+    let log_prob = |row: &[f32], tok: u32| {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+        row[tok as usize] - lse
+    };
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); pairs.len()];
+    let mut rest: Vec<(usize, SeqCache)> = Vec::new();
+    for ((&(g, end), cache), first) in groups.iter().zip(&caches).zip(last) {
+        let first = first.unwrap_or_default();
+        let p = pairs[g].0.len();
+        let shared = cache.share(p);
+        for (i, pair) in pairs.iter().enumerate().take(end).skip(g) {
+            let c = &pair.1;
+            if let Some(&t0) = c.first() {
+                out[i].push(log_prob(&first[..v], t0));
+            }
+            if c.len() > 1 {
+                rest.push((i, shared.prefix(p, p + c.len())));
+            }
+        }
+    }
+    // Every completion but its last token, in one call: row j predicts token j + 1.
+    let mut steps: Vec<SeqStep> = rest
+        .iter_mut()
+        .map(|(i, cache)| SeqStep { tokens: &pairs[*i].1[..pairs[*i].1.len() - 1], cache, logits: Logits::All })
+        .collect();
+    let logits = model.forward(&mut steps)?;
+    drop(steps);
+    for ((i, _), rows) in rest.iter().zip(logits) {
+        let rows = rows.unwrap_or_default();
+        let c = &pairs[*i].1;
+        for j in 1..c.len() {
+            out[*i].push(log_prob(&rows[(j - 1) * v..j * v], c[j]));
+        }
+    }
+    Ok(out)
+}
