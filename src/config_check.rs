@@ -73,6 +73,7 @@ impl JobConfig {
         c.at_least("bert4rec.blocks", b.blocks, 1)?;
         c.at_least("bert4rec.inner", b.inner, 1)?;
         c.within("bert4rec.mask_ratio", b.mask_ratio, "(0, 1)", |x| x > 0.0 && x < 1.0)?;
+        c.probability("bert4rec.last_ratio", b.last_ratio)?;
         c.probability("bert4rec.dropout", b.dropout as f64)?;
         c.positive("bert4rec.lr", b.lr)?;
         c.at_least("bert4rec.batch_size", b.batch_size, 1)?;
