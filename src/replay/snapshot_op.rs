@@ -47,8 +47,10 @@ pub fn snapshot_operator(reports: Stream<'_, u64, Vec<Report>>, board: Arc<Board
                     Report::Metrics { metrics, seconds } => {
                         let p = pending.entry(metrics.epoch).or_default();
                         p.seconds = p.seconds.max(seconds);
-                        p.metrics.get_or_insert_with(|| EpochMetrics { epoch: metrics.epoch, ..Default::default() });
-                        p.metrics.as_mut().expect("set").merge(&metrics);
+                        let sum = p
+                            .metrics
+                            .get_or_insert_with(|| EpochMetrics { epoch: metrics.epoch, ..Default::default() });
+                        sum.merge(&metrics);
                     }
                     Report::Failed { error, .. } => {
                         out.borrow_mut().error.get_or_insert(error);
@@ -57,8 +59,8 @@ pub fn snapshot_operator(reports: Stream<'_, u64, Vec<Report>>, board: Arc<Board
             }
         });
         let limit = frontier.frontier().iter().min().copied();
-        while let Some((&e, _)) = pending.first_key_value().filter(|(&e, _)| limit.is_none_or(|b| e < b)) {
-            let p = pending.remove(&e).expect("present");
+        while pending.first_key_value().is_some_and(|(&e, _)| limit.is_none_or(|b| e < b)) {
+            let (e, p) = pending.pop_first().expect("checked above");
             let mut o = out.borrow_mut();
             if let Some(m) = p.metrics {
                 o.seconds.insert(e, p.seconds);
