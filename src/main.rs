@@ -692,14 +692,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sets.push("replay.correct=false".into());
             }
             let cfg = JobConfig::load(Some(&job), &sets)?;
-            if process >= processes {
-                anyhow::bail!("--process: expected 0..={}, found {process}", processes - 1);
+            let mut topology =
+                curec::replay::Topology { threads: cfg.replay.workers, processes, process, hosts: Vec::new() };
+            topology.validate()?;
+            if let Some(h) = &hostfile {
+                topology.hosts = curec::replay::Topology::read_hostfile(h, processes)?;
             }
-            let hosts = match &hostfile {
-                Some(h) => curec::replay::Topology::read_hostfile(h, processes)?,
-                None => Vec::new(),
-            };
-            let topology = curec::replay::Topology { threads: cfg.replay.workers, processes, process, hosts };
             let Some(m) = curec::replay::replay_on(&cfg, &out, &topology)? else {
                 println!("process {process} of {processes}: the dataflow is done; process 0 writes the run");
                 return Ok(());

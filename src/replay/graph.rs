@@ -92,12 +92,18 @@ impl Topology {
         Ok(hosts)
     }
 
+    /// This process's index is one of the processes'.
+    pub fn validate(&self) -> Result<()> {
+        if self.process >= self.processes.max(1) {
+            return Err(anyhow!("--process: expected 0..={}, found {}", self.processes.max(1) - 1, self.process));
+        }
+        Ok(())
+    }
+
     fn config(&self) -> Result<timely::Config> {
+        self.validate()?;
         if self.processes <= 1 {
             return Ok(timely::Config::process(self.threads));
-        }
-        if self.process >= self.processes {
-            return Err(anyhow!("--process {}: expected 0..{}", self.process, self.processes - 1));
         }
         let addresses = if self.hosts.is_empty() {
             (0..self.processes).map(|i| format!("localhost:{}", 2101 + i)).collect()

@@ -18,7 +18,7 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use super::snapshot::{Board, Part, Report};
+use super::snapshot::{part_report, Board, Part, Report, ReportCap};
 use super::{Annotated, Update};
 
 /// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
@@ -100,12 +100,7 @@ pub fn policy_operator<'s>(
     builder.build(move |mut caps| {
         // The reports' capability sits at the next epoch to finish; the updates' one is dropped
         // (capabilities only for stashed records, see the state operators).
-        let mut report_cap: Option<Capability<u64>> = caps.pop();
-        drop(caps);
-        match (&mut report_cap, epochs.first()) {
-            (Some(c), Some(e)) => c.downgrade(e),
-            _ => report_cap = None,
-        }
+        let mut report_cap = ReportCap::new(std::mem::take(&mut caps), epochs.first());
         let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Annotated>)> = BTreeMap::new();
         let mut next = 0usize;
         move |frontiers| {
@@ -147,30 +142,18 @@ pub fn policy_operator<'s>(
                     }
                 }
                 out.push(Report::Metrics { metrics, seconds: started.elapsed().as_secs_f64() });
-                let earlier = failure.borrow().clone();
-                if let (true, Some(error)) = (board.is_snapshot(t), earlier) {
-                    out.push(Report::Failed { epoch: t, error });
-                } else if board.is_snapshot(t) {
-                    let saved = match corrector.as_mut() {
-                        Some(c) => board.shard_dir(t).and_then(|d| c.save(&d)),
-                        None => Ok(()),
-                    };
-                    out.push(match saved {
-                        Ok(()) => Report::Part { epoch: t, part: Part::default() },
-                        Err(e) => {
-                            let error = format!("saving the policy after epoch {t}: {e:#}");
-                            *failure.borrow_mut() = Some(error.clone());
-                            Report::Failed { epoch: t, error }
+                if board.is_snapshot(t) {
+                    out.push(part_report(t, &failure, "saving the policy", || {
+                        if let Some(c) = corrector.as_mut() {
+                            c.save(&board.shard_dir(t)?)?;
                         }
-                    });
+                        Ok(Part::default())
+                    }));
                 }
-                if let Some(rc) = report_cap.as_mut() {
-                    reports.session(&*rc).give_iterator(out.into_iter());
-                    match epochs.get(next) {
-                        Some(n) => rc.downgrade(n),
-                        None => report_cap = None,
-                    }
+                if let Some(cap) = report_cap.at() {
+                    reports.session(cap).give_iterator(out.into_iter());
                 }
+                report_cap.advance(epochs.get(next));
             }
         }
     });

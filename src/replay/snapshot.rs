@@ -8,6 +8,7 @@
 //! i.e. once every worker's part is in. The manifest is written last and atomically: a snapshot
 //! without one is incomplete and ignored (and removed) on resume.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow_schema::DataType;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use timely::dataflow::operators::Capability;
 
 pub use crate::features::store::{kind_files, part_path, PARTITIONS};
 
@@ -319,6 +321,58 @@ pub enum Report {
     Metrics { metrics: EpochMetrics, seconds: f64 },
     /// An operator failed at `epoch`: no snapshot is completed from there on.
     Failed { epoch: u64, error: String },
+}
+
+/// An operator's part of snapshot `e` as a report: the failure this worker had before, if any
+/// (worker 0 must not complete the snapshot without the part), else the part `write` makes, or
+/// its error (`what` names the step), which becomes this worker's failure.
+pub fn part_report(
+    e: u64,
+    failure: &RefCell<Option<String>>,
+    what: &str,
+    write: impl FnOnce() -> Result<Part>,
+) -> Report {
+    if let Some(error) = failure.borrow().clone() {
+        return Report::Failed { epoch: e, error };
+    }
+    match write() {
+        Ok(part) => Report::Part { epoch: e, part },
+        Err(err) => {
+            let error = format!("{what} after epoch {e}: {err:#}");
+            *failure.borrow_mut() = Some(error.clone());
+            Report::Failed { epoch: e, error }
+        }
+    }
+}
+
+/// The capability an operator holds on its reports output: at the epoch of its next report, none
+/// once it has no more to make, so that it holds back only the snapshot operator.
+pub struct ReportCap(Option<Capability<u64>>);
+
+impl ReportCap {
+    /// From the operator's initial capabilities (the reports output is the last one; the others
+    /// are dropped) and the epoch of its first report.
+    pub fn new(mut caps: Vec<Capability<u64>>, first: Option<&u64>) -> Self {
+        let mut cap = caps.pop();
+        match (&mut cap, first) {
+            (Some(c), Some(e)) => c.downgrade(e),
+            _ => cap = None,
+        }
+        Self(cap)
+    }
+
+    /// The capability to stamp the current report with.
+    pub fn at(&self) -> Option<&Capability<u64>> {
+        self.0.as_ref()
+    }
+
+    /// Move on to the epoch of the next report, or let go.
+    pub fn advance(&mut self, next: Option<&u64>) {
+        match (&mut self.0, next) {
+            (Some(c), Some(e)) => c.downgrade(e),
+            _ => self.0 = None,
+        }
+    }
 }
 
 /// What a snapshot holds and where it goes: the run's identity, the id maps, the epochs to

@@ -17,7 +17,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
-use super::snapshot::{Board, Report, Shard};
+use super::snapshot::{part_report, Board, Report, ReportCap, Shard};
 use super::{Update, UpdateKind};
 
 /// State partitioned by a key (user or item).
@@ -72,12 +72,7 @@ pub fn state_operator<'s, S: KeyedState>(
         // The reports' capability sits at the next snapshot epoch (dropped when none is left);
         // the records' one is dropped at once: capabilities are held only for records waiting to
         // be annotated, as holding one for nothing would keep the feedback loop alive forever.
-        let mut report_cap: Option<Capability<u64>> = caps.pop();
-        drop(caps);
-        match (&mut report_cap, pending.front()) {
-            (Some(c), Some(e)) => c.downgrade(e),
-            _ => report_cap = None,
-        }
+        let mut report_cap = ReportCap::new(std::mem::take(&mut caps), pending.front());
         let mut recs: BTreeMap<u64, (Capability<u64>, Vec<S::In>)> = BTreeMap::new();
         let mut ups: BTreeMap<u64, Vec<Update>> = BTreeMap::new();
         move |frontiers| {
@@ -105,27 +100,11 @@ pub fn state_operator<'s, S: KeyedState>(
             // moves on to the next snapshot epoch.
             let mut snapshot = |e: u64, state: &S, pending: &mut VecDeque<u64>| {
                 pending.pop_front();
-                let earlier = failure.borrow().clone();
-                let report = match earlier {
-                    // This worker failed before (its corrector, or an earlier snapshot): worker 0
-                    // must not complete the snapshot without this part.
-                    Some(error) => Report::Failed { epoch: e, error },
-                    None => match board.part(e, state.shard(), worker) {
-                        Ok(part) => Report::Part { epoch: e, part },
-                        Err(err) => {
-                            let error = format!("snapshot after epoch {e}: {err:#}");
-                            *failure.borrow_mut() = Some(error.clone());
-                            Report::Failed { epoch: e, error }
-                        }
-                    },
-                };
-                if let Some(cap) = report_cap.as_mut() {
-                    reports.session(&*cap).give(report);
-                    match pending.front() {
-                        Some(next) => cap.downgrade(next),
-                        None => report_cap = None,
-                    }
+                let report = part_report(e, &failure, "snapshot", || board.part(e, state.shard(), worker));
+                if let Some(cap) = report_cap.at() {
+                    reports.session(cap).give(report);
                 }
+                report_cap.advance(pending.front());
             };
             loop {
                 let next = [recs.keys().next(), ups.keys().next()].into_iter().flatten().min().copied();

@@ -94,13 +94,15 @@ pub fn completion_log_probs_quantized(model: &QModel, prompt: &[u32], completion
         .unwrap_or_default();
     let v = model.cfg.vocab_size;
     Ok((0..completion.len())
-        .map(|j| {
-            let row = &logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
-            row[completion[j] as usize] - lse
-        })
+        .map(|j| token_log_prob(&logits[(prompt.len() - 1 + j) * v..(prompt.len() + j) * v], completion[j]))
         .collect())
+}
+
+/// log softmax(row)[tok].
+fn token_log_prob(row: &[f32], tok: u32) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
+    row[tok as usize] - lse
 }
 
 /// Log-probabilities of each pair's completion after its prompt (one per completion token), by
@@ -126,11 +128,6 @@ pub fn pairs_log_probs_quantized(model: &QModel, pairs: &[(Vec<u32>, Vec<u32>)])
     let last = model.forward(&mut steps)?;
     drop(steps);
     let v = model.cfg.vocab_size;
-    let log_prob = |row: &[f32], tok: u32| {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln();
-        row[tok as usize] - lse
-    };
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); pairs.len()];
     let mut rest: Vec<(usize, SeqCache)> = Vec::new();
     for ((&(g, end), cache), first) in groups.iter().zip(&caches).zip(last) {
@@ -140,7 +137,7 @@ pub fn pairs_log_probs_quantized(model: &QModel, pairs: &[(Vec<u32>, Vec<u32>)])
         for (i, pair) in pairs.iter().enumerate().take(end).skip(g) {
             let c = &pair.1;
             if let Some(&t0) = c.first() {
-                out[i].push(log_prob(&first[..v], t0));
+                out[i].push(token_log_prob(&first[..v], t0));
             }
             if c.len() > 1 {
                 rest.push((i, shared.prefix(p, p + c.len())));
@@ -158,7 +155,7 @@ pub fn pairs_log_probs_quantized(model: &QModel, pairs: &[(Vec<u32>, Vec<u32>)])
         let rows = rows.unwrap_or_default();
         let c = &pairs[*i].1;
         for j in 1..c.len() {
-            out[*i].push(log_prob(&rows[(j - 1) * v..j * v], c[j]));
+            out[*i].push(token_log_prob(&rows[(j - 1) * v..j * v], c[j]));
         }
     }
     Ok(out)

@@ -16,8 +16,9 @@ use super::{GroupRef, QActs, BLOCK, LANES};
 /// Activation rows that share one pass over a group's weights.
 const TILE: usize = 4;
 
+/// Four int8 inputs at `at`, repeated in every 32-bit lane (also the AVX-512 kernel's).
 #[inline(always)]
-unsafe fn bcast_quad(x: *const i8, at: usize) -> __m256i {
+pub(super) unsafe fn bcast_quad(x: *const i8, at: usize) -> __m256i {
     _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
 }
 

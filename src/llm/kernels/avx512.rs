@@ -12,15 +12,11 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::bcast_quad;
 use super::{GroupRef, QActs, BLOCK, LANES};
 
 /// Activation rows that share one pass over a group's weights.
 const TILE: usize = 8;
-
-#[inline(always)]
-unsafe fn bcast_quad(x: *const i8, at: usize) -> __m256i {
-    _mm256_set1_epi32((x.add(at) as *const i32).read_unaligned())
-}
 
 /// Rows `m0..m0 + R` of a Q8 group.
 #[inline(always)]
