@@ -380,7 +380,15 @@ fn a_quantized_reference_pass_stays_within_quantization_error_of_the_f32_one() {
     };
     let (f, q) = (run(false), run(true));
     for (s, ((tf, kf, lf), (tq, kq, lq))) in f.iter().zip(&q).enumerate() {
-        assert_eq!(tf, tq, "step {s}: completions differ");
+        // Step 0 samples from the same policy: the same completions. Step 1 samples after one
+        // update whose KL gradient saw the quantized reference: a sampled token may flip where
+        // two candidates are nearly tied (one of 24 did when the KV cache became half precision).
+        let same = tf.iter().zip(tq).filter(|(a, b)| a == b).count();
+        if s == 0 {
+            assert_eq!(tf, tq, "step 0: completions differ");
+        } else {
+            assert!(same * 10 >= tf.len() * 9, "step {s}: only {same} of {} completions agree", tf.len());
+        }
         let (kf, kq) = (kf.expect("β > 0 reports a KL"), kq.expect("β > 0 reports a KL"));
         eprintln!("step {s}: KL f32 {kf:.3e}, quantized {kq:.3e}; loss f32 {lf:.6}, quantized {lq:.6}");
         assert!((kf - kq).abs() < 1e-3, "step {s}: KL f32 {kf} vs quantized {kq}");

@@ -1,7 +1,11 @@
-//! One sequence's KV cache: per layer, keys and values of every position so far, f32. Values are
-//! row-major (position × kv_heads·head_dim). Keys are stored in blocks of [`KEY_BLOCK`]
-//! positions, transposed within a block ([kv_head][dim][position]), so that the attention scores
-//! of 8 keys are 8-wide FMAs over the head dimension with no horizontal sums.
+//! One sequence's KV cache: per layer, keys and values of every position so far, in IEEE half
+//! precision ([`Kv`], as llama.cpp's default cache): decoding reads every cached position of every
+//! layer per token, so the cache's bytes, not the arithmetic, bound long-context decoding, and
+//! half precision halves them (attention converts a head's keys and values to f32 once per task
+//! and computes in f32). Values are row-major (position × kv_heads·head_dim). Keys are stored in
+//! blocks of [`KEY_BLOCK`] positions, transposed within a block ([kv_head][dim][position]), so
+//! that the attention scores of a block are one 16-wide FMA per head dimension with no
+//! horizontal sums.
 //!
 //! A cache is a chain: read-only [`Segment`]s shared with the prefix cache and with other
 //! sequences (a prompt prefix computed once: the instructions, a user's history), then the
@@ -13,17 +17,22 @@
 
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
+
+/// One cached key or value component.
+pub type Kv = half::f16;
+
 /// Positions per transposed key block.
-pub const KEY_BLOCK: usize = 8;
+pub const KEY_BLOCK: usize = 16;
 
 /// One layer of a cache as [`SeqCache::layer`] gives it: key blocks and value rows.
-pub(crate) type LayerView<'a> = (Vec<&'a [f32]>, Vec<&'a [f32]>);
+pub(crate) type LayerView<'a> = (Vec<&'a [Kv]>, Vec<&'a [Kv]>);
 
 /// Keys and values of a run of positions, per layer.
 #[derive(Debug, Clone)]
 pub struct Segment {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<Vec<Kv>>,
+    values: Vec<Vec<Kv>>,
 }
 
 impl Segment {
@@ -35,7 +44,7 @@ impl Segment {
     }
 
     fn bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| 4 * v.len()).sum()
+        self.keys.iter().chain(&self.values).map(|v| std::mem::size_of::<Kv>() * v.len()).sum()
     }
 }
 
@@ -77,13 +86,16 @@ impl SeqCache {
         let p = self.own.values[layer].len() / self.kv_dim;
         let keys = &mut self.own.keys[layer];
         if p.is_multiple_of(KEY_BLOCK) {
-            keys.resize(keys.len() + KEY_BLOCK * self.kv_dim, 0.0);
+            keys.resize(keys.len() + KEY_BLOCK * self.kv_dim, Kv::ZERO);
         }
         let base = (p / KEY_BLOCK) * KEY_BLOCK * self.kv_dim + p % KEY_BLOCK;
         for (c, &x) in k.iter().enumerate() {
-            keys[base + c * KEY_BLOCK] = x;
+            keys[base + c * KEY_BLOCK] = Kv::from_f32(x);
         }
-        self.own.values[layer].extend_from_slice(v);
+        let values = &mut self.own.values[layer];
+        let at = values.len();
+        values.resize(at + v.len(), Kv::ZERO);
+        values[at..].convert_from_f32_slice(v);
     }
 
     /// One layer's key blocks (each `KEY_BLOCK · kv_dim` values) and value rows (each `kv_dim`
@@ -148,7 +160,7 @@ impl SeqCache {
             for p in from..from + count {
                 let k = self.key_at(seg, layer, p);
                 let d = self.kv_dim;
-                let v = seg.values[layer][p * d..(p + 1) * d].to_vec();
+                let v = seg.values[layer][p * d..(p + 1) * d].to_f32_vec();
                 out.push(layer, &k, &v);
             }
         }
@@ -158,7 +170,7 @@ impl SeqCache {
 
     fn key_at(&self, seg: &Segment, layer: usize, p: usize) -> Vec<f32> {
         let at = (p / KEY_BLOCK) * KEY_BLOCK * self.kv_dim + p % KEY_BLOCK;
-        (0..self.kv_dim).map(|c| seg.keys[layer][at + c * KEY_BLOCK]).collect()
+        (0..self.kv_dim).map(|c| seg.keys[layer][at + c * KEY_BLOCK].to_f32()).collect()
     }
 
     /// The first `n` positions as a chain of shared segments only (what the prefix cache

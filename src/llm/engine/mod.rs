@@ -7,6 +7,7 @@
 //! ([`QModel::from_causal`]) whenever the adapters change. The engine knows nothing of
 //! recommendation.
 
+pub mod attention;
 pub mod kv;
 pub mod model;
 pub mod prefix;

@@ -15,7 +15,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use rayon::prelude::*;
 
-use super::kv::{LayerView, SeqCache, KEY_BLOCK};
+use super::attention::{attend, HeadTask};
+use super::kv::{LayerView, SeqCache};
 use crate::llm::config::{Family, LlmConfig};
 use crate::llm::kernels::gguf::{to_qmatrix, Quantize};
 use crate::llm::kernels::{Format, QActs, QMatrix};
@@ -64,89 +65,6 @@ pub enum Logits {
     All,
 }
 
-/// RMSNorm of every row of `x` (rows of `w.len()` values) into `out`.
-/// Scores of one query against four transposed key blocks ([dim][KEY_BLOCK] each): four
-/// accumulators, each key's sum in dimension order.
-#[inline(always)]
-fn scores_4(q: &[f32], kb: [&[f32]; 4]) -> [[f32; KEY_BLOCK]; 4] {
-    let mut acc = [[0f32; KEY_BLOCK]; 4];
-    let it = kb[0]
-        .chunks_exact(KEY_BLOCK)
-        .zip(kb[1].chunks_exact(KEY_BLOCK))
-        .zip(kb[2].chunks_exact(KEY_BLOCK).zip(kb[3].chunks_exact(KEY_BLOCK)));
-    for (&qd, ((k0, k1), (k2, k3))) in q.iter().zip(it) {
-        for t in 0..KEY_BLOCK {
-            acc[0][t] = qd.mul_add(k0[t], acc[0][t]);
-            acc[1][t] = qd.mul_add(k1[t], acc[1][t]);
-            acc[2][t] = qd.mul_add(k2[t], acc[2][t]);
-            acc[3][t] = qd.mul_add(k3[t], acc[3][t]);
-        }
-    }
-    acc
-}
-
-/// [`scores_4`] for two queries: each key block load serves both.
-#[inline(always)]
-fn scores_4x2(q0: &[f32], q1: &[f32], kb: [&[f32]; 4]) -> ([[f32; KEY_BLOCK]; 4], [[f32; KEY_BLOCK]; 4]) {
-    let mut a0 = [[0f32; KEY_BLOCK]; 4];
-    let mut a1 = [[0f32; KEY_BLOCK]; 4];
-    let it = kb[0]
-        .chunks_exact(KEY_BLOCK)
-        .zip(kb[1].chunks_exact(KEY_BLOCK))
-        .zip(kb[2].chunks_exact(KEY_BLOCK).zip(kb[3].chunks_exact(KEY_BLOCK)));
-    for ((&x0, &x1), ((k0, k1), (k2, k3))) in q0.iter().zip(q1).zip(it) {
-        for t in 0..KEY_BLOCK {
-            a0[0][t] = x0.mul_add(k0[t], a0[0][t]);
-            a0[1][t] = x0.mul_add(k1[t], a0[1][t]);
-            a0[2][t] = x0.mul_add(k2[t], a0[2][t]);
-            a0[3][t] = x0.mul_add(k3[t], a0[3][t]);
-            a1[0][t] = x1.mul_add(k0[t], a1[0][t]);
-            a1[1][t] = x1.mul_add(k1[t], a1[1][t]);
-            a1[2][t] = x1.mul_add(k2[t], a1[2][t]);
-            a1[3][t] = x1.mul_add(k3[t], a1[3][t]);
-        }
-    }
-    (a0, a1)
-}
-
-/// [`weighted_sum`] for two query rows over the same values: each value load serves both.
-#[inline(always)]
-fn weighted_sum_2<'v, const W: usize>(
-    o0: &mut [f32],
-    o1: &mut [f32],
-    p0: &[f32],
-    p1: &[f32],
-    v: impl Fn(usize) -> &'v [f32],
-) {
-    let mut a0 = [0f32; W];
-    let mut a1 = [0f32; W];
-    a0.copy_from_slice(&o0[..W]);
-    a1.copy_from_slice(&o1[..W]);
-    for (j, (&x0, &x1)) in p0.iter().zip(p1).enumerate() {
-        let v = &v(j)[..W];
-        for t in 0..W {
-            a0[t] = x0.mul_add(v[t], a0[t]);
-            a1[t] = x1.mul_add(v[t], a1[t]);
-        }
-    }
-    o0[..W].copy_from_slice(&a0);
-    o1[..W].copy_from_slice(&a1);
-}
-
-/// `o += Σ_j p[j] · v(j)` over W output dims kept in registers, j in order.
-#[inline(always)]
-fn weighted_sum<'v, const W: usize>(o: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
-    let mut acc = [0f32; W];
-    acc.copy_from_slice(&o[..W]);
-    for (j, &pj) in p.iter().enumerate() {
-        let v = &v(j)[..W];
-        for t in 0..W {
-            acc[t] = pj.mul_add(v[t], acc[t]);
-        }
-    }
-    o[..W].copy_from_slice(&acc);
-}
-
 /// The attention output, written by parallel tasks into disjoint ranges.
 struct AttnOut(*mut f32);
 // SAFETY: see its one use in `forward_in_pool`.
@@ -155,6 +73,7 @@ unsafe impl Sync for AttnOut {}
 /// Rows per parallel task of the row-wise element operations (norms, RoPE, SwiGLU, residuals).
 const ROWS_PER_TASK: usize = 8;
 
+/// RMSNorm of every row of `x` (rows of `w.len()` values) into `out`.
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     x.par_chunks(w.len()).zip(out.par_chunks_mut(w.len())).with_min_len(ROWS_PER_TASK).for_each(|(x, out)| {
         let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -170,20 +89,6 @@ fn add_rows(x: &mut [f32], y: &[f32], h: usize) {
     x.par_chunks_mut(h).zip(y.par_chunks(h)).with_min_len(ROWS_PER_TASK).for_each(|(x, y)| {
         x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
     });
-}
-
-/// e^x for x ≤ 0 (softmax after the max is subtracted): 2^(x·log2 e) split into an integer power
-/// and a degree-6 polynomial of the fraction (relative error below 2e-5, far under the int8
-/// activations' own), in plain arithmetic that the compiler vectorizes, unlike libm's `expf`.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
-    let n = t.floor();
-    let f = t - n;
-    let p = 1.0
-        + f * (std::f32::consts::LN_2
-            + f * (0.240_226_5 + f * (0.055_504_11 + f * (0.009_618_129 + f * (0.001_333_355 + f * 0.000_154_035_3)))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Unquantized small tensors (norms, biases) as f32 vectors.
@@ -453,121 +358,16 @@ impl QModel {
             tasks.par_iter().for_each(|&(si, kh, i0, i1)| {
                 let attn_out = &attn_out;
                 let (keys, vals) = (&views[si].0, &views[si].1);
-                let total = vals.len();
-                let n = lens[si];
-                let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
                 let mut out = vec![0f32; (i1 - i0) * rep * hd];
-                // Scores of up to two query rows (row k of the pair at (k·rep + h)·stride).
-                let mut scores = vec![0f32; 2 * rep * stride];
-                let kb = |b: usize| &keys[b][kh * hd * KEY_BLOCK..(kh + 1) * hd * KEY_BLOCK];
-                let val = |j: usize, c: usize, width: usize| {
-                    let at = kh * hd + c;
-                    &vals[j][at..at + width]
-                };
-                // Rows go in pairs where they can (a prompt's rows): each key and value load then
-                // serves two queries. Row i of a pair sees one key fewer than row i + 1; every
-                // row's sums run in the same order as alone, so the outputs are the same bit for
-                // bit whatever the pairing (and so whatever the batch).
-                let mut i = i0;
-                while i < i1 {
-                    let g = if i + 1 < i1 && hd % 32 == 0 { 2 } else { 1 };
-                    let vis: [usize; 2] = [total - n + i + 1, total - n + i + g];
-                    let blocks = vis[g - 1].div_ceil(KEY_BLOCK);
-                    for h in 0..rep {
-                        let q = |k: usize| {
-                            let r = starts[si] + i + k;
-                            &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd]
-                        };
-                        // Four key blocks at a time: independent FMA chains (one chain is bound
-                        // by the FMA's latency); each key's sum runs over the head dimension in
-                        // order either way.
-                        let mut b = 0;
-                        while b + 4 <= blocks {
-                            let k4 = [kb(b), kb(b + 1), kb(b + 2), kb(b + 3)];
-                            let accs = if g == 2 {
-                                let (a0, a1) = scores_4x2(q(0), q(1), k4);
-                                [a0, a1]
-                            } else {
-                                [scores_4(q(0), k4), [[0f32; KEY_BLOCK]; 4]]
-                            };
-                            for (k, acc) in accs.iter().enumerate().take(g) {
-                                let sc = &mut scores[(k * rep + h) * stride..];
-                                for (u, a) in acc.iter().enumerate() {
-                                    for t in 0..KEY_BLOCK {
-                                        sc[(b + u) * KEY_BLOCK + t] = a[t] * scale;
-                                    }
-                                }
-                            }
-                            b += 4;
-                        }
-                        for k in 0..g {
-                            let sc = &mut scores[(k * rep + h) * stride..];
-                            for b in b..blocks {
-                                let mut acc = [0f32; KEY_BLOCK];
-                                for (qd, kd) in q(k).iter().zip(kb(b).chunks_exact(KEY_BLOCK)) {
-                                    for t in 0..KEY_BLOCK {
-                                        acc[t] = qd.mul_add(kd[t], acc[t]);
-                                    }
-                                }
-                                for t in 0..KEY_BLOCK {
-                                    sc[b * KEY_BLOCK + t] = acc[t] * scale;
-                                }
-                            }
-                            let sc = &mut sc[..vis[k]];
-                            let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            sc.iter_mut().for_each(|s| *s = fast_exp(*s - m));
-                            let inv = 1.0 / sc.iter().sum::<f32>();
-                            sc.iter_mut().for_each(|s| *s *= inv);
-                        }
-                    }
-                    let (o0, o1) = out[(i - i0) * rep * hd..].split_at_mut(rep * hd);
-                    // Keys in blocks of 64 (16 KiB of values for head_dim 64 stay in L1 while
-                    // every head sharing them reads them); the output dims of a chunk stay in
-                    // registers over a block: eight independent FMA chains.
-                    if g == 2 {
-                        let common = vis[0];
-                        for j0 in (0..common).step_by(64) {
-                            let j1 = (j0 + 64).min(common);
-                            for h in 0..rep {
-                                let p0 = &scores[h * stride + j0..h * stride + j1];
-                                let p1 = &scores[(rep + h) * stride + j0..(rep + h) * stride + j1];
-                                for c in (0..hd).step_by(32) {
-                                    let (a, b) = (h * hd + c, h * hd + c + 32);
-                                    weighted_sum_2::<32>(&mut o0[a..b], &mut o1[a..b], p0, p1, |j| val(j0 + j, c, 32));
-                                }
-                            }
-                        }
-                        // Row i + 1's last key.
-                        for h in 0..rep {
-                            let pj = scores[(rep + h) * stride + common];
-                            let o = &mut o1[h * hd..(h + 1) * hd];
-                            o.iter_mut().zip(val(common, 0, hd)).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
-                        }
-                    } else {
-                        let visible = vis[0];
-                        for j0 in (0..visible).step_by(64) {
-                            let j1 = (j0 + 64).min(visible);
-                            for h in 0..rep {
-                                let p = &scores[h * stride + j0..h * stride + j1];
-                                let o = &mut o0[h * hd..(h + 1) * hd];
-                                if hd % 64 == 0 {
-                                    for c in (0..hd).step_by(64) {
-                                        weighted_sum::<64>(&mut o[c..c + 64], p, |j| val(j0 + j, c, 64));
-                                    }
-                                } else if hd % 16 == 0 {
-                                    for c in (0..hd).step_by(16) {
-                                        weighted_sum::<16>(&mut o[c..c + 16], p, |j| val(j0 + j, c, 16));
-                                    }
-                                } else {
-                                    for (j, &pj) in (j0..j1).zip(p) {
-                                        o.iter_mut().zip(val(j, 0, hd)).for_each(|(o, v)| *o = pj.mul_add(*v, *o));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    i += g;
-                }
+                let task = HeadTask { keys, vals, kh, hd, rep, n: lens[si], i0, i1, scale };
+                attend(
+                    &task,
+                    |i, h| {
+                        let r = starts[si] + i;
+                        &qkv[r * w + (kh * rep + h) * hd..r * w + (kh * rep + h + 1) * hd]
+                    },
+                    &mut out,
+                );
                 for i in i0..i1 {
                     let r = starts[si] + i;
                     // SAFETY: each task owns rows i0..i1 of its sequence and the columns of
@@ -649,21 +449,4 @@ fn fuse(parts: &[&QMatrix]) -> Result<QMatrix> {
         })
         .collect::<Result<_>>()?;
     QMatrix::concat(&q8.iter().collect::<Vec<_>>())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fast_exp_is_close_to_exp_on_softmax_inputs() {
-        for i in 0..=20_000 {
-            let x = -100.0 * i as f32 / 20_000.0;
-            let (got, want) = (super::fast_exp(x), x.exp());
-            if want > 1e-30 {
-                assert!(((got - want) / want).abs() < 3e-5, "exp({x}) = {want}, got {got}");
-            } else {
-                assert!(got < 1e-30, "exp({x}) should be tiny, got {got}");
-            }
-        }
-        assert_eq!(super::fast_exp(0.0), 1.0);
-    }
 }
