@@ -337,6 +337,31 @@ mod avx512 {
     const NB: usize = 4;
     const ROWS: usize = 2;
 
+    /// `$call` with `$a` = `[$f(item); N]` for the N = 1..=4 items of `$items` (the const
+    /// parameter of the kernel `$call` names is inferred from the array's length).
+    macro_rules! by_len {
+        ($items:expr, $f:expr, |$a:ident| $call:expr) => {
+            match $items.len() {
+                4 => {
+                    let $a: [_; 4] = std::array::from_fn(|x| $f($items[x]));
+                    $call
+                }
+                3 => {
+                    let $a: [_; 3] = std::array::from_fn(|x| $f($items[x]));
+                    $call
+                }
+                2 => {
+                    let $a: [_; 2] = std::array::from_fn(|x| $f($items[x]));
+                    $call
+                }
+                _ => {
+                    let $a: [_; 1] = std::array::from_fn(|x| $f($items[x]));
+                    $call
+                }
+            }
+        };
+    }
+
     /// Sixteen half-precision values at `p` as f32 (exact).
     #[inline(always)]
     unsafe fn load_h(p: *const Kv) -> __m512 {
@@ -456,33 +481,20 @@ mod avx512 {
         let stride = total.div_ceil(KEY_BLOCK) * KEY_BLOCK;
         let mut scores = vec![0f32; ROWS * rep * stride];
         let sp = scores.as_mut_ptr();
+        // The queries of a row group (refilled per group, allocated once) and a row's heads.
+        let mut qs: Vec<(usize, usize)> = Vec::with_capacity(ROWS * rep);
+        let heads: Vec<usize> = (0..rep).collect();
         let mut i = i0;
         while i < i1 {
             let g = (i1 - i).min(ROWS);
             // Query (k, h) = head h of row i + k; its scores at (k·rep + h)·stride.
-            let qs: Vec<(usize, usize)> = (0..g).flat_map(|k| (0..rep).map(move |h| (k, h))).collect();
+            qs.clear();
+            qs.extend((0..g).flat_map(|k| (0..rep).map(move |h| (k, h))));
             for chunk in qs.chunks(QG) {
                 let last = chunk.iter().map(|&(k, _)| k).max().unwrap_or(0);
                 let blocks = (total - n + i + last + 1).div_ceil(KEY_BLOCK);
                 let qf = |(k, h): (usize, usize)| (q(i + k, h), sp.add((k * rep + h) * stride));
-                match chunk.len() {
-                    4 => {
-                        let a: [_; 4] = std::array::from_fn(|x| qf(chunk[x]));
-                        score_pass::<4>(a.map(|p| p.0), t, blocks, a.map(|p| p.1))
-                    }
-                    3 => {
-                        let a: [_; 3] = std::array::from_fn(|x| qf(chunk[x]));
-                        score_pass::<3>(a.map(|p| p.0), t, blocks, a.map(|p| p.1))
-                    }
-                    2 => {
-                        let a: [_; 2] = std::array::from_fn(|x| qf(chunk[x]));
-                        score_pass::<2>(a.map(|p| p.0), t, blocks, a.map(|p| p.1))
-                    }
-                    _ => {
-                        let a: [_; 1] = std::array::from_fn(|x| qf(chunk[x]));
-                        score_pass::<1>(a.map(|p| p.0), t, blocks, a.map(|p| p.1))
-                    }
-                }
+                by_len!(chunk, qf, |a| score_pass(a.map(|p| p.0), t, blocks, a.map(|p| p.1)));
             }
             for &(k, h) in &qs {
                 softmax(&mut scores[(k * rep + h) * stride..][..total - n + i + k + 1]);
@@ -492,7 +504,6 @@ mod avx512 {
             // the group reads them); a query reads only the keys it sees.
             let op = out.as_mut_ptr();
             let longest = total - n + i + g;
-            let heads: Vec<usize> = (0..rep).collect();
             for j0 in (0..longest).step_by(64) {
                 for k in 0..g {
                     let visible = total - n + i + k + 1;
@@ -505,24 +516,7 @@ mod avx512 {
                             let p = std::slice::from_raw_parts(sp.add((k * rep + h) * stride + j0), j1 - j0);
                             (p, op.add(((i + k - i0) * rep + h) * hd))
                         };
-                        match hs.len() {
-                            4 => {
-                                let a: [_; 4] = std::array::from_fn(|x| pf(hs[x]));
-                                weighted_heads::<4>(a.map(|p| p.0), vals, j0, kh * hd, hd, a.map(|p| p.1))
-                            }
-                            3 => {
-                                let a: [_; 3] = std::array::from_fn(|x| pf(hs[x]));
-                                weighted_heads::<3>(a.map(|p| p.0), vals, j0, kh * hd, hd, a.map(|p| p.1))
-                            }
-                            2 => {
-                                let a: [_; 2] = std::array::from_fn(|x| pf(hs[x]));
-                                weighted_heads::<2>(a.map(|p| p.0), vals, j0, kh * hd, hd, a.map(|p| p.1))
-                            }
-                            _ => {
-                                let a: [_; 1] = std::array::from_fn(|x| pf(hs[x]));
-                                weighted_heads::<1>(a.map(|p| p.0), vals, j0, kh * hd, hd, a.map(|p| p.1))
-                            }
-                        }
+                        by_len!(hs, pf, |a| weighted_heads(a.map(|p| p.0), vals, j0, kh * hd, hd, a.map(|p| p.1)));
                     }
                 }
             }
