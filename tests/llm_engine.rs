@@ -59,6 +59,49 @@ fn quantized_model_follows_the_f32_model_for_both_families() {
     }
 }
 
+/// Mean over positions of the mean |Δ logit| between `got` (rows × vocab, flat) and `want`.
+fn mean_abs_diff(got: &[f32], want: &[Vec<f32>]) -> f32 {
+    let v = want[0].len();
+    want.iter()
+        .enumerate()
+        .map(|(i, w)| got[i * v..(i + 1) * v].iter().zip(w).map(|(a, b)| (a - b).abs()).sum::<f32>() / v as f32)
+        .sum::<f32>()
+        / want.len() as f32
+}
+
+#[test]
+fn lora_adapters_beside_the_quantized_base_follow_the_f32_model_with_adapters() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 97).collect();
+    for fam in [Family::Qwen2, Family::Llama] {
+        let mut m = tiny(fam);
+        // Every projection but k gets an adapter (k's stays the base weight alone).
+        let targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
+        m.add_lora(&curec::llm::LoraConfig { rank: 4, alpha: 8.0, targets, ..Default::default() }).unwrap();
+        // B starts at zero; give every adapter a seeded non-zero A and B.
+        for (i, (_, var)) in m.lora_vars().into_iter().enumerate() {
+            let n = var.as_tensor().elem_count();
+            let vals: Vec<f32> = (0..n).map(|j| (((i * 131 + j * 37) % 101) as f32 / 101.0 - 0.5) * 0.4).collect();
+            var.set(&Tensor::from_vec(vals, var.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let n = ids.len();
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+        let p =
+            Tensor::new((0..n as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap().reshape((1, n)).unwrap();
+        let h = m.forward(&t, &p, None, None, true).unwrap();
+        let want: Vec<Vec<f32>> = m.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut q = QModel::from_causal(&m, Quantize::Q8).unwrap();
+        let base = mean_abs_diff(&q_logits(&q, &ids), &want);
+        q.set_adapters(&m).unwrap();
+        let got = q_logits(&q, &ids);
+        let with = mean_abs_diff(&got, &want);
+        assert!(with < 2e-3, "{fam:?}: mean |Δlogit| {with} with the adapters set");
+        assert!(base > 20.0 * with, "{fam:?}: the adapters change the logits ({base} without them vs {with})");
+        let v = q.cfg.vocab_size;
+        let agree = want.iter().enumerate().filter(|(i, w)| argmax(w) == argmax(&got[i * v..(i + 1) * v])).count();
+        assert!(agree >= want.len() - 1, "{fam:?}: argmax agrees at {agree} of {} positions", want.len());
+    }
+}
+
 #[test]
 fn incremental_decoding_equals_one_pass_and_prefix_chunks_change_nothing() {
     // The tiny shape, and the pinned models' attention shapes (SmolLM2: 3 query heads per KV

@@ -18,8 +18,8 @@ use super::advantage::{group_advantages, zero_variance};
 use super::loss::{grpo_loss, Aggregation, LossConfig, LossStats};
 use super::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWConfig};
 use super::reward::{Reward, Scored};
-use crate::llm::engine::{pairs_log_probs_quantized, quantize_model, QModel};
-use crate::llm::generate::Generator;
+use crate::llm::engine::{generate_quantized, pairs_log_probs_quantized, quantize_model, QModel};
+use crate::llm::generate::{engine_enabled, Generator};
 use crate::llm::{log_probs_with, CausalLm, Grad, SamplingConfig, Tokenizer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +207,11 @@ pub struct Grpo {
     reference: Option<CausalLm>,
     /// The reference quantized (with `quantized_reference`), made at its first use.
     reference_q: Option<QModel>,
+    /// Whether the trainable variables are LoRA adapters (the base weights then stay fixed).
+    lora: bool,
+    /// With LoRA on the CPU: the policy's base weights quantized once (at the first step) for
+    /// sampling; the adapters are set beside them at every step.
+    policy_q: Option<QModel>,
 }
 
 /// A stable stream index for completion `g` of record `key`.
@@ -228,7 +233,7 @@ impl Grpo {
         let total_updates = total_steps.max(1) * cfg.passes;
         let opt = AdamW::new(vars, cfg.adamw.clone())?;
         let reference = if !lora && cfg.beta > 0.0 { Some(model.frozen_copy()?) } else { None };
-        Ok(Self { cfg, group, opt, base_lr, total_updates, reference, reference_q: None })
+        Ok(Self { cfg, group, opt, base_lr, total_updates, reference, reference_q: None, lora, policy_q: None })
     }
 
     pub fn group(&self) -> usize {
@@ -277,10 +282,19 @@ impl Grpo {
             stop: self.cfg.stop.clone(),
             seed: self.cfg.seed,
         };
-        // The policy with its adapters folded in, quantized for the engine on the CPU.
-        let policy = Generator::for_model(model, true)?;
-        let gens = policy.generate(tok, &prompts, &keys, &sampling)?;
-        drop(policy);
+        let gens = if self.lora && engine_enabled(model.device()) {
+            // LoRA: the base weights never change, so they are quantized once and the current
+            // adapters ride beside them in f32 (no per-step merge and requantization).
+            if self.policy_q.is_none() {
+                self.policy_q = Some(quantize_model(model, false)?);
+            }
+            let q = self.policy_q.as_mut().expect("made above");
+            q.set_adapters(model)?;
+            generate_quantized(q, tok, &prompts, &keys, &sampling)?
+        } else {
+            // All weights train: the policy as it is now, quantized for the engine on the CPU.
+            Generator::for_model(model, true)?.generate(tok, &prompts, &keys, &sampling)?
+        };
         timing.generate = t0.elapsed().as_secs_f64();
         let generated: usize = gens.iter().map(|x| x.tokens.len() + x.eos.is_some() as usize).sum();
         stats.gen_tokens_per_s = generated as f64 / timing.generate.max(1e-9);

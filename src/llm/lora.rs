@@ -70,9 +70,10 @@ impl Adapter {
         Ok(Self { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, scale: cfg.scale() })
     }
 
-    /// The low-rank update for 2-D input rows.
+    /// The low-rank update for 2-D input rows (the scale applied to the rank-wide product, the
+    /// smallest tensor on the way).
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x.matmul(&self.a.as_tensor().t()?)?.matmul(&self.b.as_tensor().t()?)? * self.scale)?)
+        Ok((x.matmul(&self.a.as_tensor().t()?)? * self.scale)?.matmul(&self.b.as_tensor().t()?)?)
     }
 }
 

@@ -125,17 +125,7 @@ fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.to_dtype(dtype)?.broadcast_mul(w)?)
-}
-
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+    Ok(crate::ops::rms_norm(x, w, eps)?)
 }
 
 impl CausalLm {
@@ -253,8 +243,8 @@ impl CausalLm {
         let q = qp.forward(&h, adapters)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = kp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let v = vp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = (q.broadcast_mul(&st.cos)? + rotate_half(&q)?.broadcast_mul(&st.sin)?)?;
-        let k = (k.broadcast_mul(&st.cos)? + rotate_half(&k)?.broadcast_mul(&st.sin)?)?;
+        let q = crate::ops::rope(&q, &st.cos, &st.sin)?;
+        let k = crate::ops::rope(&k, &st.cos, &st.sin)?;
         let (k, v) = match cache {
             Some(c) => {
                 let kv = match &c.layers[li] {
@@ -278,8 +268,8 @@ impl CausalLm {
                 // Grouped-query attention without repeating K/V: the `rep` query heads that
                 // share a KV head are stacked along the query axis.
                 let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-                let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?.broadcast_add(&st.bias)?;
-                let probs = softmax(&scores)?.reshape((b, nkv, rep * t, total))?;
+                let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?;
+                let probs = masked_softmax(&scores, &st.bias)?.reshape((b, nkv, rep * t, total))?;
                 probs.matmul(&v)?.reshape((b, nh, t, hd))?
             }
         };
@@ -491,6 +481,11 @@ impl CausalLm {
         super::lora::save(path, cfg, &list)
     }
 
+    /// The LoRA adapter of projection `proj` (in `ALL_TARGETS` order) of layer `layer`, if any.
+    pub fn adapter(&self, layer: usize, proj: usize) -> Option<&Adapter> {
+        self.layers.get(layer)?.proj.get(proj)?.lora.as_ref()
+    }
+
     fn lora_adapters(&self) -> Vec<(String, &Adapter)> {
         let mut out = Vec::new();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -605,11 +600,13 @@ fn proj_name(layer: usize, proj: usize) -> String {
     format!("model.layers.{layer}.{sub}.{}", ALL_TARGETS[proj])
 }
 
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 {
-        Ok(crate::ops::softmax_last_dim(x)?)
+/// `softmax(scores + bias)`, in f32 (the fused op of `crate::ops` where it applies).
+fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if scores.dtype() == DType::F32 {
+        Ok(crate::ops::masked_softmax(scores, bias)?)
     } else {
-        Ok(candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype())?)
+        let s = scores.broadcast_add(bias)?.to_dtype(DType::F32)?;
+        Ok(candle_nn::ops::softmax(&s, D::Minus1)?.to_dtype(scores.dtype())?)
     }
 }
 

@@ -30,6 +30,36 @@ struct QLayer {
     o: QMatrix,
     gate_up: QMatrix,
     down: QMatrix,
+    /// LoRA updates kept beside the quantized weights, in `ALL_TARGETS` order (q k v o gate up
+    /// down); see [`QModel::set_adapters`].
+    lora: [Option<LowRank>; 7],
+}
+
+/// A LoRA update beside a quantized weight, `y += scale · B (A x)` in f32: the adapters of a
+/// policy under training change at every step while its base weights do not, so the base is
+/// quantized once and only these (a few MB) are copied per step.
+#[derive(Debug, Clone)]
+struct LowRank {
+    /// A [rank, in] and `scale · Bᵀ` [rank, out], row-major: both products then run along
+    /// contiguous rows (a dot product per rank, then one scaled row added per rank).
+    a: Vec<f32>,
+    bt: Vec<f32>,
+    rank: usize,
+}
+
+impl LowRank {
+    /// Adds the update of every row of `x` (rows of `k` values) to columns `col..col + out` of
+    /// `y` (rows of `stride` values).
+    fn add_to(&self, x: &[f32], k: usize, y: &mut [f32], stride: usize, col: usize) {
+        let out = self.bt.len() / self.rank;
+        x.par_chunks(k).zip(y.par_chunks_mut(stride)).with_min_len(ROWS_PER_TASK).for_each(|(x, y)| {
+            let y = &mut y[col..col + out];
+            for (a, bt) in self.a.chunks_exact(k).zip(self.bt.chunks_exact(out)) {
+                let t = crate::ops::dot(a, x);
+                y.iter_mut().zip(bt).for_each(|(y, b)| *y = t.mul_add(*b, *y));
+            }
+        });
+    }
 }
 
 /// A quantized Qwen2/Llama-family decoder for generation and scoring without gradients.
@@ -142,6 +172,7 @@ impl QModel {
                 o: mat(tensor(&format!("{p}.attn_output.weight"))?, false)?,
                 gate_up: fuse(&[&gate, &up])?,
                 down: mat(tensor(&format!("{p}.ffn_down.weight"))?, false)?,
+                lora: Default::default(),
             });
         }
         let norm = vec_f32(&tensor("output_norm.weight")?.dequantize(&Device::Cpu)?)?;
@@ -209,12 +240,42 @@ impl QModel {
                 o: mat(take(&format!("{p}.self_attn.o_proj.weight"))?)?,
                 gate_up: fuse(&[&gate, &up])?,
                 down: mat(take(&format!("{p}.mlp.down_proj.weight"))?)?,
+                lora: Default::default(),
             });
         }
         let embed = mat(take("model.embed_tokens.weight")?)?;
         let head = if cfg.tie_embeddings { None } else { Some(mat(take("lm_head.weight")?)?) };
         let norm = vec_f32(&take("model.norm.weight")?)?;
         Self::assemble(cfg, embed, head, norm, layers)
+    }
+
+    /// Apply `model`'s LoRA adapters (as they are now) beside this model's quantized weights,
+    /// replacing any set before; a projection without an adapter gets none. This model must be
+    /// `model`'s base, quantized (`QModel::from_causal(model, …)` leaves adapters out): the
+    /// cheap way to generate with a policy whose adapters change at every step.
+    pub fn set_adapters(&mut self, model: &CausalLm) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, qd, kvd, inter) =
+            (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        // (in, out) of q k v o gate up down.
+        let shapes = [(h, qd), (h, kvd), (h, kvd), (qd, h), (h, inter), (h, inter), (inter, h)];
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            for (p, &(d_in, d_out)) in shapes.iter().enumerate() {
+                layer.lora[p] = match model.adapter(l, p) {
+                    None => None,
+                    Some(ad) => {
+                        let (rank, a_in) = ad.a.as_tensor().dims2()?;
+                        let (b_out, b_rank) = ad.b.as_tensor().dims2()?;
+                        if rank == 0 || (a_in, b_out, b_rank) != (d_in, d_out, rank) {
+                            bail!("layer {l} projection {p}: adapter A {rank}×{a_in}, B {b_out}×{b_rank} do not fit {d_out}×{d_in}");
+                        }
+                        let bt = (ad.b.as_tensor().t()? * ad.scale)?.contiguous()?;
+                        Some(LowRank { a: vec_f32(ad.a.as_tensor())?, bt: vec_f32(&bt)?, rank })
+                    }
+                };
+            }
+        }
+        Ok(())
     }
 
     fn assemble(
@@ -322,6 +383,11 @@ impl QModel {
             acts.requantize(&normed, rows, h);
             layer.qkv.matmul(&acts, &mut qkv);
             let w = qd + 2 * kvd;
+            for (p, col) in [(0, 0), (1, qd), (2, qd + kvd)] {
+                if let Some(lr) = &layer.lora[p] {
+                    lr.add_to(&normed, h, &mut qkv, w, col);
+                }
+            }
             qkv.par_chunks_mut(w).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, row)| {
                 if let Some(b) = &layer.qkv_bias {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
@@ -383,10 +449,18 @@ impl QModel {
             });
             acts.requantize(&attn, rows, qd);
             layer.o.matmul(&acts, &mut proj);
+            if let Some(lr) = &layer.lora[3] {
+                lr.add_to(&attn, qd, &mut proj, h, 0);
+            }
             add_rows(&mut x, &proj, h);
             rms_norm_rows(&x, &layer.mlp_norm, cfg.rms_norm_eps, &mut normed);
             acts.requantize(&normed, rows, h);
             layer.gate_up.matmul(&acts, &mut gu);
+            for (p, col) in [(4, 0), (5, inter)] {
+                if let Some(lr) = &layer.lora[p] {
+                    lr.add_to(&normed, h, &mut gu, 2 * inter, col);
+                }
+            }
             hidden.par_chunks_mut(inter).zip(gu.par_chunks(2 * inter)).with_min_len(ROWS_PER_TASK).for_each(
                 |(hidden, gu)| {
                     let (g, u) = gu.split_at(inter);
@@ -397,6 +471,9 @@ impl QModel {
             );
             acts.requantize(&hidden, rows, inter);
             layer.down.matmul(&acts, &mut proj);
+            if let Some(lr) = &layer.lora[6] {
+                lr.add_to(&hidden, inter, &mut proj, h, 0);
+            }
             add_rows(&mut x, &proj, h);
         }
         for s in seqs.iter_mut() {
