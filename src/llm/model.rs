@@ -1,7 +1,8 @@
 //! The decoder-only transformer shared by the Qwen2 and Llama families, written with
 //! differentiable ops only (candle-nn's fused `softmax_last_dim`, `rms_norm` and `rope` have no
-//! backward pass and would silently cut the graph): RMSNorm, rotate-half RoPE at per-sequence
-//! positions, grouped-query attention with an additive mask, SwiGLU MLP, tied or separate head.
+//! backward pass and would silently cut the graph; `crate::ops` has fused ones that do):
+//! RMSNorm, rotate-half RoPE at per-sequence positions, grouped-query attention with an additive
+//! mask, SwiGLU MLP, tied or separate head.
 //!
 //! `forward` returns the final hidden states at every position (GRPO scores every completion
 //! token); `logits` applies the head to any subset of them. Generation owns its [`KvCache`].

@@ -106,8 +106,7 @@ const ROWS_PER_TASK: usize = 8;
 /// RMSNorm of every row of `x` (rows of `w.len()` values) into `out`.
 fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     x.par_chunks(w.len()).zip(out.par_chunks_mut(w.len())).with_min_len(ROWS_PER_TASK).for_each(|(x, out)| {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-        let inv = 1.0 / (ms + eps as f32).sqrt();
+        let inv = crate::ops::rms_inv(x, eps as f32);
         for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
             *o = v * inv * g;
         }
