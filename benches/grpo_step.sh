@@ -82,7 +82,8 @@ for p in phases:
 for p, what in (("completion", "completion tokens (mean)"), ("packed", "packed row tokens (mean)")):
     print(f"| {what} | {mean['base'][p]:.1f} | {mean['new'][p]:.1f} | |")
 # The two binaries sample different completions (different lengths): the step scaled to the
-# baseline's work, generation by completion tokens and the passes by packed-row tokens.
+# baseline's work, generation by completion tokens and the passes by packed-row tokens (one row
+# per group: with pretrain.shuffle_per_completion=true nothing is packed and this line is off).
 b, n = mean["base"], mean["new"]
 same = n["generate"] * b["completion"] / n["completion"] + (n["step"] - n["generate"]) * b["packed"] / n["packed"]
 print(f"| step at the baseline's token counts | {b['step']:.2f} | {same:.2f} | {b['step'] / same:.2f}× |")
