@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::LlmConfig;
 use super::lora::{Adapter, LoraConfig, ALL_TARGETS};
@@ -125,10 +125,6 @@ fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
     w.remove(name).with_context(|| format!("weights lack tensor '{name}'"))
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(crate::ops::rms_norm(x, w, eps)?)
-}
-
 impl CausalLm {
     /// Build from a Hugging Face–named weight map (see [`super::weights`]).
     pub fn from_weights(cfg: LlmConfig, mut w: Weights, dtype: DType, device: &Device) -> Result<Self> {
@@ -240,7 +236,7 @@ impl CausalLm {
         let rep = nh / nkv;
         let layer = &self.layers[li];
         let [qp, kp, vp, op, gp, up, dp] = &layer.proj;
-        let h = rms_norm(x, &layer.input_norm, cfg.rms_norm_eps)?;
+        let h = crate::ops::rms_norm(x, &layer.input_norm, cfg.rms_norm_eps)?;
         let q = qp.forward(&h, adapters)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = kp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let v = vp.forward(&h, adapters)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -270,13 +266,13 @@ impl CausalLm {
                 // share a KV head are stacked along the query axis.
                 let qg = (q * scale)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
                 let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, total))?;
-                let probs = masked_softmax(&scores, &st.bias)?.reshape((b, nkv, rep * t, total))?;
+                let probs = crate::ops::masked_softmax(&scores, &st.bias)?.reshape((b, nkv, rep * t, total))?;
                 probs.matmul(&v)?.reshape((b, nh, t, hd))?
             }
         };
         let att = att.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         let x = (x + op.forward(&att, adapters)?)?;
-        let h = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
+        let h = crate::ops::rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
         let g = gp.forward(&h, adapters)?.silu()?;
         let u = up.forward(&h, adapters)?;
         Ok((&x + dp.forward(&(g * u)?, adapters)?)?)
@@ -311,7 +307,7 @@ impl CausalLm {
                 x = x.detach();
             }
         }
-        let x = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let x = crate::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(x.reshape((st.b, st.t, self.cfg.hidden_size))?)
     }
 
@@ -340,7 +336,7 @@ impl CausalLm {
     ) -> Result<Tensor> {
         let st = self.prepare(positions, bias, 0)?;
         let (x, _) = self.layers_detached(&ids.flatten_all()?, &st, adapters, false)?;
-        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?.detach();
+        let h = crate::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?.detach();
         Ok(h.reshape((st.b, st.t, self.cfg.hidden_size))?)
     }
 
@@ -359,7 +355,7 @@ impl CausalLm {
         let ids = ids.flatten_all()?;
         let (x, inputs) = self.layers_detached(&ids, &st, adapters, true)?;
         let last = Var::from_tensor(&x)?;
-        let h = rms_norm(last.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
+        let h = crate::ops::rms_norm(last.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
         let hidden = h.reshape((st.b, st.t, self.cfg.hidden_size))?;
         Ok((hidden, Checkpoints { inputs, ids, st, adapters, last }))
     }
@@ -599,16 +595,6 @@ impl CausalLm {
 fn proj_name(layer: usize, proj: usize) -> String {
     let sub = if proj < 4 { "self_attn" } else { "mlp" };
     format!("model.layers.{layer}.{sub}.{}", ALL_TARGETS[proj])
-}
-
-/// `softmax(scores + bias)`, in f32 (the fused op of `crate::ops` where it applies).
-fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if scores.dtype() == DType::F32 {
-        Ok(crate::ops::masked_softmax(scores, bias)?)
-    } else {
-        let s = scores.broadcast_add(bias)?.to_dtype(DType::F32)?;
-        Ok(candle_nn::ops::softmax(&s, D::Minus1)?.to_dtype(scores.dtype())?)
-    }
 }
 
 fn rope_tables(cfg: &LlmConfig, max_pos: usize, dev: &Device) -> Result<(Tensor, Tensor)> {

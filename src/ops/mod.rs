@@ -27,7 +27,24 @@ pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> R
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    use candle_core::Tensor;
+    use candle_core::{Device, Shape, Tensor, Var};
+
+    /// A CPU tensor of `shape` whose element i (row-major) is `f(i)`.
+    pub fn filled(shape: impl Into<Shape>, f: impl Fn(usize) -> f32) -> Tensor {
+        let shape = shape.into();
+        let v: Vec<f32> = (0..shape.elem_count()).map(f).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// [`filled`] as a variable (its gradient is computed).
+    pub fn var(shape: impl Into<Shape>, f: impl Fn(usize) -> f32) -> Var {
+        Var::from_tensor(&filled(shape, f)).unwrap()
+    }
+
+    /// The f32 bit patterns of every element, for exact comparisons.
+    pub fn bits(a: &Tensor) -> Vec<u32> {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
 
     /// Equal within 1e-5 absolute, element by element.
     pub fn grads_close(a: &Tensor, b: &Tensor) {

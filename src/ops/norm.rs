@@ -108,21 +108,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::test_util::*;
-    use candle_core::{Device, Var};
 
     #[test]
     fn fused_rms_norm_matches_the_composite_ops_with_gradients() {
-        let dev = Device::Cpu;
-        let (rows, n) = (6, 37);
-        let x = Var::from_vec(
-            (0..rows * n).map(|i| ((i * 13 % 23) as f32 - 11.0) * 0.21).collect::<Vec<f32>>(),
-            (2, 3, n),
-            &dev,
-        )
-        .unwrap();
-        let w = Var::from_vec((0..n).map(|i| 0.5 + (i % 7) as f32 * 0.2).collect::<Vec<f32>>(), n, &dev).unwrap();
-        let m = Tensor::from_vec((0..rows * n).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<f32>>(), (2, 3, n), &dev)
-            .unwrap();
+        let n = 37;
+        let x = var((2, 3, n), |i| ((i * 13 % 23) as f32 - 11.0) * 0.21);
+        let w = var(n, |i| 0.5 + (i % 7) as f32 * 0.2);
+        let m = filled((2, 3, n), |i| (i % 5) as f32 - 2.0);
         let eps = 1e-5;
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
         let inv = (x.as_tensor().sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + eps)

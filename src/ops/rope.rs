@@ -7,11 +7,13 @@ use super::contiguous_f32;
 
 /// Rotate-half RoPE, `x · cos + rotate_half(x) · sin` with `rotate_half([x₁, x₂]) = [−x₂, x₁]`,
 /// for x [b, h, t, d] and the tables [b, 1, t, d]: one pass each way instead of the composite's
-/// six (two halves, a negation, a concatenation, two products and a sum).
-struct Rope;
+/// six (two halves, a negation, a concatenation, two products and a sum). With `inverse`, the
+/// transpose of that rotation: the backward pass, `g · cos + [g₂ · sin₂, −g₁ · sin₁]`.
+struct Rope {
+    inverse: bool,
+}
 
-/// Row `x` (d values) rotated by one position's `cos`/`sin` rows into `out`; with `inverse`, the
-/// transpose (the backward pass): `g · cos + [g₂ · sin₂, −g₁ · sin₁]`.
+/// Row `x` (d values) rotated by one position's `cos`/`sin` rows into `out` (see [`Rope`]).
 fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], inverse: bool) {
     let half = x.len() / 2;
     for i in 0..half {
@@ -26,33 +28,13 @@ fn rope_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], inverse: bool)
     }
 }
 
-fn rope_apply(
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    s3: &CpuStorage,
-    l3: &Layout,
-    inverse: bool,
-) -> Result<(CpuStorage, Shape)> {
-    let x = contiguous_f32(s1, l1, "rope input")?;
-    let cos = contiguous_f32(s2, l2, "rope cos")?;
-    let sin = contiguous_f32(s3, l3, "rope sin")?;
-    let (b, h, t, d) = l1.shape().dims4()?;
-    if l2.dims() != [b, 1, t, d] || l3.dims() != [b, 1, t, d] || d % 2 != 0 {
-        candle_core::bail!("rope: tables {:?} / {:?} for input {:?}", l2.dims(), l3.dims(), l1.dims());
-    }
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(64).for_each(|(r, (o, x))| {
-        let p = (r / (h * t) * t + r % t) * d;
-        rope_row(x, &cos[p..p + d], &sin[p..p + d], o, inverse);
-    });
-    Ok((CpuStorage::F32(out), l1.shape().clone()))
-}
-
 impl CustomOp3 for Rope {
     fn name(&self) -> &'static str {
-        "curec-rope"
+        if self.inverse {
+            "curec-rope-grad"
+        } else {
+            "curec-rope"
+        }
     }
 
     fn cpu_fwd(
@@ -64,7 +46,19 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        rope_apply(s1, l1, s2, l2, s3, l3, false)
+        let x = contiguous_f32(s1, l1, "rope input")?;
+        let cos = contiguous_f32(s2, l2, "rope cos")?;
+        let sin = contiguous_f32(s3, l3, "rope sin")?;
+        let (b, h, t, d) = l1.shape().dims4()?;
+        if l2.dims() != [b, 1, t, d] || l3.dims() != [b, 1, t, d] || d % 2 != 0 {
+            candle_core::bail!("rope: tables {:?} / {:?} for input {:?}", l2.dims(), l3.dims(), l1.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().with_min_len(64).for_each(|(r, (o, x))| {
+            let p = (r / (h * t) * t + r % t) * d;
+            rope_row(x, &cos[p..p + d], &sin[p..p + d], o, self.inverse);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
     fn bwd(
@@ -75,27 +69,8 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &RopeGrad)?), None, None))
-    }
-}
-
-struct RopeGrad;
-
-impl CustomOp3 for RopeGrad {
-    fn name(&self) -> &'static str {
-        "curec-rope-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        rope_apply(s1, l1, s2, l2, s3, l3, true)
+        let transposed = Rope { inverse: !self.inverse };
+        Ok((Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &transposed)?), None, None))
     }
 }
 
@@ -103,7 +78,7 @@ impl CustomOp3 for RopeGrad {
 /// gradient), differentiable in `x`. In f32 on the CPU one fused op; elsewhere the composite.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope);
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false });
     }
     let half = x.dim(D::Minus1)? / 2;
     let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
@@ -114,27 +89,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::test_util::*;
-    use candle_core::{Device, Var};
 
     #[test]
     fn fused_rope_equals_the_composite_ops_with_gradients() {
-        let dev = Device::Cpu;
         let (b, h, t, d) = (2, 3, 5, 8);
-        let x = Var::from_vec(
-            (0..b * h * t * d).map(|i| ((i * 11 % 31) as f32 - 15.0) * 0.13).collect::<Vec<f32>>(),
-            (b, h, t, d),
-            &dev,
-        )
-        .unwrap();
-        let ang: Vec<f32> = (0..b * t * d).map(|i| (i % 17) as f32 * 0.37).collect();
-        let cos = Tensor::from_vec(ang.iter().map(|a| a.cos()).collect::<Vec<f32>>(), (b, 1, t, d), &dev).unwrap();
-        let sin = Tensor::from_vec(ang.iter().map(|a| a.sin()).collect::<Vec<f32>>(), (b, 1, t, d), &dev).unwrap();
-        let m = Tensor::from_vec(
-            (0..b * h * t * d).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<f32>>(),
-            (b, h, t, d),
-            &dev,
-        )
-        .unwrap();
+        let x = var((b, h, t, d), |i| ((i * 11 % 31) as f32 - 15.0) * 0.13);
+        let ang = |i: usize| (i % 17) as f32 * 0.37;
+        let cos = filled((b, 1, t, d), |i| ang(i).cos());
+        let sin = filled((b, 1, t, d), |i| ang(i).sin());
+        let m = filled((b, h, t, d), |i| (i % 7) as f32 - 3.0);
         let fused = rope(x.as_tensor(), &cos, &sin).unwrap();
         let xt = x.as_tensor();
         let rotated =
@@ -142,9 +105,6 @@ mod tests {
                 .unwrap();
         let composite = (xt.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap();
         // The same products and sums in the same order: equal to the bit.
-        let bits = |a: &Tensor| -> Vec<u32> {
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
         assert_eq!(bits(&fused), bits(&composite));
         let g1 = (fused * &m).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (composite * &m).unwrap().sum_all().unwrap().backward().unwrap();

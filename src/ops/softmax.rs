@@ -144,13 +144,14 @@ impl candle_core::CustomOp2 for MaskedSoftmax {
 }
 
 /// `softmax(scores + bias)` over the last dimension, differentiable in `scores`; `scores` is
-/// [b, h, t, k] and `bias` [b, 1, t, k] (broadcast over heads, never differentiated).
+/// [b, h, t, k] and `bias` [b, 1, t, k] (broadcast over heads, never differentiated). In f32 on
+/// the CPU one fused op; elsewhere the composite ops, the softmax in f32 whatever the dtype.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if scores.device().is_cpu() && scores.dtype() == candle_core::DType::F32 {
-        scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax)
-    } else {
-        candle_nn::ops::softmax(&scores.broadcast_add(bias)?, D::Minus1)
+        return scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax);
     }
+    let summed = scores.broadcast_add(bias)?.to_dtype(candle_core::DType::F32)?;
+    candle_nn::ops::softmax(&summed, D::Minus1)?.to_dtype(scores.dtype())
 }
 
 /// Per-row cross-entropy −log softmax(logits)[target]; the gradient is (softmax − one-hot) · g.
@@ -241,15 +242,13 @@ pub fn token_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::test_util::*;
-    use candle_core::{Device, Var};
+    use candle_core::Device;
 
     #[test]
     fn fused_softmax_and_cross_entropy_match_composite_ops_with_gradients() {
         let dev = Device::Cpu;
-        let x =
-            Var::from_vec((0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect::<Vec<f32>>(), (2, 3, 4), &dev)
-                .unwrap();
-        let w = Tensor::from_vec((0..24).map(|i| (i % 5) as f32).collect::<Vec<f32>>(), (2, 3, 4), &dev).unwrap();
+        let x = var((2, 3, 4), |i| ((i * 7 % 11) as f32 - 5.0) * 0.3);
+        let w = filled((2, 3, 4), |i| (i % 5) as f32);
         let fused = softmax_last_dim(x.as_tensor()).unwrap();
         let reference = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
         grads_close(&fused, &reference);
@@ -257,8 +256,7 @@ mod tests {
         let g2 = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
         grads_close(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
 
-        let logits =
-            Var::from_vec((0..15).map(|i| ((i * 5 % 7) as f32) * 0.4).collect::<Vec<f32>>(), (3, 5), &dev).unwrap();
+        let logits = var((3, 5), |i| ((i * 5 % 7) as f32) * 0.4);
         let t = Tensor::new(&[4u32, 0, 2], &dev).unwrap();
         let a = cross_entropy(logits.as_tensor(), &t).unwrap();
         let b = candle_nn::loss::cross_entropy(logits.as_tensor(), &t).unwrap();
@@ -270,41 +268,24 @@ mod tests {
 
     #[test]
     fn masked_softmax_equals_add_then_softmax_with_gradients() {
-        let dev = Device::Cpu;
         let (b, h, t, k) = (2, 3, 5, 7);
-        let x = Var::from_vec(
-            (0..b * h * t * k).map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.37).collect::<Vec<f32>>(),
-            (b, h, t, k),
-            &dev,
-        )
-        .unwrap();
+        let x = var((b, h, t, k), |i| ((i * 13 % 29) as f32 - 14.0) * 0.37);
         // Causal with a different key masked per row; row (1, 4) fully masked (finite, as in
         // the model's padding rows).
-        let bias: Vec<f32> = (0..b * t * k)
-            .map(|i| {
-                let (bi, r, j) = (i / (t * k), i / k % t, i % k);
-                if (bi == 1 && r == 4) || j > r + 2 || j == (r + bi) % k {
-                    crate::llm::model::MASKED
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let bias = Tensor::from_vec(bias, (b, 1, t, k), &dev).unwrap();
-        let w = Tensor::from_vec(
-            (0..b * h * t * k).map(|i| (i % 5) as f32 - 2.0).collect::<Vec<f32>>(),
-            (b, h, t, k),
-            &dev,
-        )
-        .unwrap();
+        let bias = filled((b, 1, t, k), |i| {
+            let (bi, r, j) = (i / (t * k), i / k % t, i % k);
+            if (bi == 1 && r == 4) || j > r + 2 || j == (r + bi) % k {
+                crate::llm::model::MASKED
+            } else {
+                0.0
+            }
+        });
+        let w = filled((b, h, t, k), |i| (i % 5) as f32 - 2.0);
         let fused = masked_softmax(x.as_tensor(), &bias).unwrap();
         let added = x.as_tensor().broadcast_add(&bias).unwrap();
         let one_pass = softmax_last_dim(&added).unwrap();
         let composite = candle_nn::ops::softmax(&added, D::Minus1).unwrap();
         // The same arithmetic as the separate add and softmax: equal to the bit.
-        let bits = |a: &Tensor| -> Vec<u32> {
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-        };
         assert_eq!(bits(&fused), bits(&one_pass));
         grads_close(&fused, &composite);
         let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
