@@ -90,7 +90,8 @@ fn lora_adapters_beside_the_quantized_base_follow_the_f32_model_with_adapters() 
         let h = m.forward(&t, &p, None, None, true).unwrap();
         let want: Vec<Vec<f32>> = m.logits(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let mut q = QModel::from_causal(&m, Quantize::Q8).unwrap();
-        let base = mean_abs_diff(&q_logits(&q, &ids), &want);
+        let base_logits = q_logits(&q, &ids);
+        let base = mean_abs_diff(&base_logits, &want);
         q.set_adapters(&m).unwrap();
         let got = q_logits(&q, &ids);
         let with = mean_abs_diff(&got, &want);
@@ -99,6 +100,9 @@ fn lora_adapters_beside_the_quantized_base_follow_the_f32_model_with_adapters() 
         let v = q.cfg.vocab_size;
         let agree = want.iter().enumerate().filter(|(i, w)| argmax(w) == argmax(&got[i * v..(i + 1) * v])).count();
         assert!(agree >= want.len() - 1, "{fam:?}: argmax agrees at {agree} of {} positions", want.len());
+        // Taking them off gives the base model back, to the bit (GRPO's quantized reference).
+        q.clear_adapters();
+        assert_eq!(q_logits(&q, &ids), base_logits, "{fam:?}: the base after clear_adapters");
     }
 }
 

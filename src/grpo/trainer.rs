@@ -205,7 +205,8 @@ pub struct Grpo {
     /// Frozen initial weights (full fine-tuning); with LoRA the reference is the model with
     /// adapters off.
     reference: Option<CausalLm>,
-    /// The reference quantized (with `quantized_reference`), made at its first use.
+    /// The reference quantized (with `quantized_reference` and all weights training), made at
+    /// its first use; with LoRA the policy's quantized base serves.
     reference_q: Option<QModel>,
     /// Whether the trainable variables are LoRA adapters (the base weights then stay fixed).
     lora: bool,
@@ -383,10 +384,20 @@ impl Grpo {
         let ref_model = self.reference.as_ref().unwrap_or(model);
         let reference = if self.cfg.beta > 0.0 && self.cfg.quantized_reference && model.device().is_cpu() {
             let t0 = Instant::now();
-            if self.reference_q.is_none() {
-                self.reference_q = Some(quantize_model(ref_model, false)?);
-            }
-            let q = self.reference_q.as_ref().expect("made above");
+            let q = match self.policy_q.as_mut() {
+                // LoRA: the reference is the policy's base, already quantized for the rollouts;
+                // its adapters come off here and go back on at the next step's rollouts.
+                Some(base) if self.lora => {
+                    base.clear_adapters();
+                    &*base
+                }
+                _ => {
+                    if self.reference_q.is_none() {
+                        self.reference_q = Some(quantize_model(ref_model, false)?);
+                    }
+                    self.reference_q.as_ref().expect("made above")
+                }
+            };
             let dev = model.device();
             let out = chunks
                 .iter()

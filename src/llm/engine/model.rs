@@ -277,6 +277,13 @@ impl QModel {
         Ok(())
     }
 
+    /// Take every adapter set by [`Self::set_adapters`] off: the base model again.
+    pub fn clear_adapters(&mut self) {
+        for layer in &mut self.layers {
+            layer.lora = Default::default();
+        }
+    }
+
     fn assemble(
         cfg: LlmConfig,
         embed: QMatrix,
