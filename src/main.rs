@@ -362,7 +362,8 @@ enum BenchWhat {
         repeats: usize,
     },
     /// Correction dataflow without the LLM (a fixed-cost stand-in generator): source, state
-    /// folding and snapshots on 1 worker and on `--workers`.
+    /// folding and snapshots on `--workers` (× `--processes`); in one process without `--out`,
+    /// also on 1 worker as the baseline. `per_worker_per_s` is the run on the topology given.
     Replay {
         #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
         interactions: usize,
@@ -378,8 +379,22 @@ enum BenchWhat {
         /// Busy time of the stand-in per interaction.
         #[arg(long, default_value_t = 0)]
         cost_ns: u64,
+        /// Timely worker threads (per process).
         #[arg(short = 'w', long, default_value_t = 2, value_parser = positive)]
         workers: usize,
+        /// Timely processes: run the same command once per process, each with its `--process`.
+        #[arg(long, default_value_t = 1, value_parser = positive)]
+        processes: usize,
+        /// This process's index, 0..processes.
+        #[arg(long, default_value_t = 0)]
+        process: usize,
+        /// One `host:port` per process (default localhost:2101, localhost:2102, …).
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Leave a run directory here (data/, snapshots/, bench.json) that `curec ingest --from`
+        /// accepts; the run is then timed once, on the topology given.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// SASRec training steps on a prepared dataset's windows: the full pass against the one
     /// that computes the last block only at the targets (`speedup`), in one process.
@@ -664,7 +679,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{v}");
         }
         Command::Bench {
-            what: BenchWhat::Replay { interactions, users, items, slice, snapshot_every, cost_ns, workers },
+            what:
+                BenchWhat::Replay {
+                    interactions,
+                    users,
+                    items,
+                    slice,
+                    snapshot_every,
+                    cost_ns,
+                    workers,
+                    processes,
+                    process,
+                    hostfile,
+                    out,
+                },
         } => {
             anyhow::ensure!(
                 users > 0 && items > 0 && slice > 0 && snapshot_every > 0,
@@ -679,7 +707,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cost_ns,
                 seed: 2024,
             };
-            println!("{}", curec::replay::bench::replay_throughput(&spec, workers)?);
+            let mut topology = curec::replay::Topology { threads: workers, processes, process, hosts: Vec::new() };
+            topology.validate()?;
+            if let Some(h) = &hostfile {
+                topology.hosts = curec::replay::Topology::read_hostfile(h, processes)?;
+            }
+            println!("{}", curec::replay::bench::replay_throughput(&spec, &topology, out.as_deref())?);
         }
         Command::Replay { job, out, workers, processes, process, hostfile, no_update, no_correction, mut sets } => {
             if let Some(w) = workers {

@@ -417,6 +417,111 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(!o.status.success() && e.contains("bad-op.csv:2:") && e.contains("'remove'"), "{e}");
 }
 
+/// Two free localhost ports, written as a timely host file at `path`.
+fn hostfile(path: &Path) {
+    let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports: Vec<u16> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
+    drop(ls);
+    std::fs::write(path, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v);
+    v.sort();
+    v
+}
+
+/// The bench contract: `curec bench replay --out` prints `per_worker_per_s`, leaves a run that
+/// `curec ingest --from` accepts, and 2 processes × 1 worker leave the same snapshot files as 1
+/// process × 2 workers.
+#[test]
+fn bench_replay_leaves_a_run_that_ingest_accepts_and_processes_change_no_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = ["--interactions", "20000", "--users", "500", "--items", "300", "--slice", "2000"];
+    let bench = |out: &Path, extra: &[&str]| -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_curec"));
+        c.args(["bench", "replay", "--snapshot-every", "3", "--out", out.to_str().unwrap()]).args(size).args(extra);
+        c.env("CUREC_LOG", "warn");
+        c
+    };
+    let one = tmp.path().join("one");
+    let o = bench(&one, &["-w", "2"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(line["per_worker_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    assert_eq!(line["run"]["peers"], 2);
+
+    let two = tmp.path().join("two");
+    let hosts = tmp.path().join("hosts");
+    hostfile(&hosts);
+    let procs: Vec<_> = (0..2)
+        .map(|i| {
+            bench(&two, &["-w", "1", "--processes", "2", "--process", &i.to_string()])
+                .args(["--hostfile", hosts.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, child) in procs.into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "process {i}: {}", String::from_utf8_lossy(&o.stderr));
+        let l: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!((l["processes"].as_u64(), l["process"].as_u64()), (Some(2), Some(i as u64)));
+    }
+    let (fa, fb) = (files_under(&one.join("snapshots")), files_under(&two.join("snapshots")));
+    assert_eq!(fa, fb, "the same snapshot files");
+    assert!(fa.iter().any(|f| f.ends_with("manifest.json")) && fa.len() > 10, "{fa:?}");
+    for f in &fa {
+        assert!(read(&one.join("snapshots").join(f)) == read(&two.join("snapshots").join(f)), "{}", f.display());
+    }
+    // The final snapshot holds every interaction and a pattern per user that had one.
+    let (last, dir) = snapshot::newest(&one.join("snapshots")).unwrap();
+    assert_eq!(last, 9);
+    let m = snapshot::manifest(&dir).unwrap();
+    assert_eq!(m["interactions"], 20000);
+    assert_eq!(m["patterns"], 500);
+
+    // Ingest into the bench run: the stand-in writes the texts.
+    let file = tmp.path().join("new.csv");
+    std::fs::write(
+        &file,
+        "user,item,timestamp,rating\n1,5,30000,5\nnewcomer,7,30001,5\n2,new-item,30002,5\n3,8,100,5\n",
+    )
+    .unwrap();
+    let v = ingest_ok(&one, &file, &[]);
+    assert_eq!(
+        (&v["interactions"], &v["new_users"], &v["new_items"], &v["late"], &v["duplicates"]),
+        (&json!(4), &json!(1), &json!(1), &json!(1), &json!(0)),
+        "{v}"
+    );
+    let (e, dir) = snapshot::newest(&one.join("snapshots")).unwrap();
+    assert_eq!(e, 10);
+    assert_eq!(snapshot::manifest(&dir).unwrap()["interactions"], 20004);
+    let v = ingest_ok(&one, &file, &[]);
+    assert_eq!((&v["interactions"], &v["duplicates"]), (&json!(0), &json!(4)), "{v}");
+    // A bench run has no LLM to train, and its --out is not written over.
+    let o = curec_cli(&["ingest", "--from", one.to_str().unwrap(), file.to_str().unwrap(), "--grpo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--grpo") && err.trim().lines().count() == 1, "{err}");
+    let o = bench(&one, &["-w", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("already holds a bench run"), "{err}");
+}
+
 #[test]
 fn replay_and_ingest_errors_are_one_line() {
     let tmp = tempfile::tempdir().unwrap();

@@ -227,9 +227,16 @@ pub fn read_dataset(dir: &Path) -> Result<Dataset, DataError> {
     Ok(read_dataset_and_log(dir)?.0)
 }
 
-/// [`read_dataset`] and the interactions it was built from (with timestamps and ratings), from
-/// one read of `interactions.parquet`.
-pub fn read_dataset_and_log(dir: &Path) -> Result<(Dataset, Vec<Interaction>), DataError> {
+/// A prepared directory's id maps and interactions, without the dataset's split checks (what
+/// `curec ingest` needs: every interaction, whatever its split).
+pub struct Log {
+    pub users: Vec<String>,
+    pub items: Vec<ItemRow>,
+    pub interactions: Vec<Interaction>,
+}
+
+/// Read [`Log`]: ids checked against users/items.parquet.
+pub fn read_log(dir: &Path) -> Result<Log, DataError> {
     if !dir.join(STATS).is_file() {
         return Err(DataError::file(dir, "not a prepared dataset (no stats.json): run `curec prepare` first"));
     }
@@ -245,6 +252,13 @@ pub fn read_dataset_and_log(dir: &Path) -> Result<(Dataset, Vec<Interaction>), D
             ));
         }
     }
+    Ok(Log { users, items, interactions: xs })
+}
+
+/// [`read_dataset`] and the interactions it was built from (with timestamps and ratings), from
+/// one read of `interactions.parquet`.
+pub fn read_dataset_and_log(dir: &Path) -> Result<(Dataset, Vec<Interaction>), DataError> {
+    let Log { users, items, interactions: xs } = read_log(dir)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
     let stats: serde_json::Value =
         std::fs::read_to_string(dir.join(STATS)).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();

@@ -1,21 +1,35 @@
 //! `curec bench replay`: throughput of the correction dataflow without the LLM: a synthetic log
 //! (seeded users, items and times) through the source, both state operators, the stand-in
-//! corrector and snapshots, on 1 and N workers in the same process.
+//! corrector and snapshots, on the workers of a [`Topology`] (threads, and timely processes).
+//!
+//! Without `--out` (one process) the same log also runs on 1 worker first, as the baseline of the
+//! speed-up. With `--out` it runs once, on the topology given, and leaves a run directory that
+//! `curec ingest --from` accepts: `data/` (the synthetic log as a prepared dataset, every
+//! interaction in the train split), `snapshots/` (every `snapshot_every` epochs and the last),
+//! `bench.json` (this line). The manifests name the stand-in as the run's corrector, so an ingest
+//! into it runs the same stand-in. Snapshot files depend on the workers over all processes only:
+//! 2 processes of 1 worker and 1 process of 2 workers write the same bytes.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use rand::Rng;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use super::policy::Corrector;
 use super::snapshot::{Board, State};
 use super::source::key;
 use super::standin::StandIn;
-use super::Event;
+use super::{Event, ReplayConfig};
+use crate::config::JobConfig;
+use crate::data::dataset::Split;
+use crate::data::preprocess::{Interaction, ItemRow, PrepareConfig, Prepared};
+use crate::data::{prepared, ItemInfo};
 use crate::rec::nn::rng_for;
 
 pub struct BenchSpec {
@@ -48,9 +62,104 @@ pub fn synthetic(spec: &BenchSpec) -> Vec<(u64, Vec<Event>)> {
     out
 }
 
-/// One timed run on `workers` threads; snapshots go to a temporary directory.
-pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) -> Result<Value> {
-    let dir = tempfile_dir()?;
+/// The synthetic log as a prepared dataset in `dir` (every interaction in the train split, ratings
+/// of 5, items titled by their id), so that `curec ingest` can check new rows against it.
+pub fn write_data(dir: &Path, spec: &BenchSpec, epochs: &[(u64, Vec<Event>)]) -> Result<()> {
+    let users: Vec<String> = (0..spec.users).map(|u| u.to_string()).collect();
+    let items: Vec<ItemRow> = (0..spec.items)
+        .map(|i| ItemRow {
+            raw_id: i.to_string(),
+            info: ItemInfo { title: format!("item {i}"), text: format!("synthetic item {i}") },
+        })
+        .collect();
+    let mut xs: Vec<Interaction> = epochs
+        .iter()
+        .flat_map(|(_, es)| es.iter())
+        .map(|e| Interaction { user: e.user, item: e.item, timestamp: e.timestamp, rating: 5.0, split: Split::Train })
+        .collect();
+    // Grouped by user, each user's interactions in time order (as `curec prepare` writes them).
+    xs.sort_by_key(|x| (x.user, x.timestamp));
+    let n = xs.len();
+    let p = Prepared { users, items, interactions: xs, counts: Default::default() };
+    let stats = json!({
+        "dataset": "bench-replay",
+        "config": PrepareConfig::default(),
+        "interactions": n,
+        "bench": {"interactions": spec.interactions, "users": spec.users, "items": spec.items, "seed": spec.seed},
+    });
+    prepared::write_dir(dir, &p, &stats)?;
+    Ok(())
+}
+
+/// The identity a bench run's manifests carry: what `curec ingest` needs to continue it with the
+/// same stand-in. The prepared log is `data/` in the run directory (so the manifests do not
+/// depend on where the run is).
+pub fn identity(spec: &BenchSpec) -> Value {
+    let replay = ReplayConfig {
+        slice: spec.slice as u64,
+        snapshot_every: spec.snapshot_every,
+        history_kept: HISTORY_KEPT,
+        reasons_kept: REASONS_KEPT,
+        standin_cost_ns: spec.cost_ns,
+        workers: 0,
+        ..Default::default()
+    };
+    let defaults = JobConfig::default();
+    let config = json!({
+        "corrector": STANDIN,
+        "replay": replay,
+        "features": defaults.features,
+        "grpo": defaults.grpo,
+        "lora": defaults.lora,
+        "model": STANDIN,
+        "adapter": null,
+        "reward_model": null,
+        "data": "data",
+        "seed": spec.seed,
+        "bench": {"interactions": spec.interactions, "users": spec.users, "items": spec.items},
+    });
+    let hash: String =
+        Sha256::digest(config.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    json!({"hash": hash, "config": config})
+}
+
+/// The `corrector` a bench run's identity names.
+pub const STANDIN: &str = "stand-in";
+const HISTORY_KEPT: usize = 10;
+const REASONS_KEPT: usize = 20;
+
+/// The stand-in of a run whose identity names it (`None`: the run corrects with the LLM).
+pub fn standin_factory(identity: &Value) -> Option<CorrectorFactory> {
+    let c = &identity["config"];
+    if c["corrector"].as_str() != Some(STANDIN) {
+        return None;
+    }
+    let cost = Duration::from_nanos(c["replay"]["standin_cost_ns"].as_u64().unwrap_or(0));
+    let seed = c["seed"].as_u64().unwrap_or(0);
+    Some(Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) }))
+}
+
+/// One timed run on the workers of `topology`. Snapshots go into `out` (a run directory, see the
+/// module docs) or into a temporary directory removed afterwards.
+pub fn run_once(
+    spec: &BenchSpec,
+    epochs: &[(u64, Vec<Event>)],
+    topology: &Topology,
+    out: Option<&Path>,
+) -> Result<Value> {
+    let (root, temporary) = match out {
+        Some(o) => {
+            let root = o.join("snapshots");
+            if std::fs::read_dir(&root).is_ok_and(|mut d| d.next().is_some()) {
+                bail!("{}: already holds a bench run; use a new --out or delete it", root.display());
+            }
+            if topology.is_first() {
+                write_data(&o.join("data"), spec, epochs)?;
+            }
+            (root, false)
+        }
+        None => (tempfile_dir()?, true),
+    };
     let order: Vec<u64> = epochs.iter().map(|(t, _)| *t).collect();
     let snaps: BTreeSet<u64> = order
         .iter()
@@ -59,11 +168,13 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
         .map(|(_, t)| *t)
         .collect();
     let n_snaps = snaps.len();
+    let identity = identity(spec);
+    let factory = standin_factory(&identity).expect("a bench identity names the stand-in");
     let board = Arc::new(Board::new(
-        dir.clone(),
-        workers,
+        root.clone(),
+        topology.peers(),
         snaps,
-        json!({"bench": true}),
+        identity,
         (0..spec.users).map(|u| u.to_string()).collect(),
         (0..spec.items).map(|i| i.to_string()).collect(),
         json!({}),
@@ -72,23 +183,26 @@ pub fn run_once(spec: &BenchSpec, epochs: &[(u64, Vec<Event>)], workers: usize) 
     ));
     let initial = Arc::new(Initial {
         state: State::default(),
-        history_kept: 10,
-        reasons_kept: 20,
+        history_kept: HISTORY_KEPT,
+        reasons_kept: REASONS_KEPT,
         freeze: false,
         attach_reasons: false,
         single_policy: false,
     });
-    let (cost, seed) = (Duration::from_nanos(spec.cost_ns), spec.seed);
-    let factory: CorrectorFactory =
-        Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) });
-    let out = run_dataflow(epochs.to_vec(), initial, factory, board, &Topology::threads(workers))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let per_s = spec.interactions as f64 / out.seconds;
+    let run = run_dataflow(epochs.to_vec(), initial, factory, board, topology);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let run = run?;
+    let per_s = spec.interactions as f64 / run.seconds;
     Ok(json!({
-        "workers": workers,
-        "seconds": out.seconds,
-        "interactions_per_s": per_s,
-        "interactions_per_s_per_worker": per_s / workers as f64,
+        "workers": topology.threads,
+        "processes": topology.processes,
+        "process": topology.process,
+        "peers": topology.peers(),
+        "seconds": run.seconds,
+        "per_s": per_s,
+        "per_worker_per_s": per_s / topology.peers() as f64,
         "snapshots": n_snaps,
     }))
 }
@@ -100,16 +214,24 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-/// 1 worker, then `workers`, on the same log; the JSON line carries both and their ratio.
-pub fn replay_throughput(spec: &BenchSpec, workers: usize) -> Result<Value> {
+/// The bench's JSON line: the run on `topology` (its `per_worker_per_s` at the top level), and,
+/// in one process without `out`, the same log on 1 worker first as the speed-up's baseline.
+pub fn replay_throughput(spec: &BenchSpec, topology: &Topology, out: Option<&Path>) -> Result<Value> {
     let epochs = synthetic(spec);
-    // Warm-up (allocator, page faults) outside the timing.
-    let small = BenchSpec { interactions: spec.interactions.min(20_000), ..*spec };
-    run_once(&small, &synthetic(&small), 1)?;
-    let one = run_once(spec, &epochs, 1)?;
-    let many = if workers > 1 { Some(run_once(spec, &epochs, workers)?) } else { None };
-    let speedup = many.as_ref().map(|m| one["seconds"].as_f64().unwrap_or(0.0) / m["seconds"].as_f64().unwrap_or(1.0));
-    Ok(json!({
+    let baseline = out.is_none() && topology.processes == 1;
+    if topology.processes == 1 {
+        // Warm-up (allocator, page faults) outside the timing.
+        let small = BenchSpec { interactions: spec.interactions.min(20_000), ..*spec };
+        run_once(&small, &synthetic(&small), &Topology::threads(1), None)?;
+    }
+    let one = if baseline && topology.threads > 1 {
+        Some(run_once(spec, &epochs, &Topology::threads(1), None)?)
+    } else {
+        None
+    };
+    let run = run_once(spec, &epochs, topology, out)?;
+    let speedup = one.as_ref().map(|o| o["seconds"].as_f64().unwrap_or(0.0) / run["seconds"].as_f64().unwrap_or(1.0));
+    let v = json!({
         "bench": "replay-dataflow",
         "interactions": spec.interactions,
         "users": spec.users,
@@ -118,8 +240,18 @@ pub fn replay_throughput(spec: &BenchSpec, workers: usize) -> Result<Value> {
         "epochs": epochs.len(),
         "snapshot_every": spec.snapshot_every,
         "standin_cost_ns": spec.cost_ns,
+        "workers": topology.threads,
+        "processes": topology.processes,
+        "process": topology.process,
+        "per_worker_per_s": run["per_worker_per_s"],
+        "seconds": run["seconds"],
+        "run": run,
         "one_worker": one,
-        "n_workers": many,
         "speedup": speedup,
-    }))
+        "out": out.map(|o| o.display().to_string()),
+    });
+    if let Some(o) = out.filter(|_| topology.is_first()) {
+        crate::jobs::write_json(&o.join("bench.json"), &v)?;
+    }
+    Ok(v)
 }

@@ -141,6 +141,7 @@ pub fn run_dataflow(
     let epochs = Arc::new(epochs);
     let b = board.clone();
     let config = topology.config()?;
+    let quiet = (topology.processes > 1).then(StdoutToStderr::new);
     let guards = timely::execute(config, move |worker| -> std::result::Result<Option<Collected>, String> {
         let (index, peers) = (worker.index(), worker.peers());
         let mut input = InputHandle::new();
@@ -203,7 +204,9 @@ pub fn run_dataflow(
         }
         Ok((index == 0).then_some(c))
     })
-    .map_err(|e| anyhow!("starting the timely workers ({topology:?}): {e}"))?;
+    .map_err(|e| anyhow!("starting the timely workers ({topology:?}): {e}"));
+    drop(quiet);
+    let guards = guards?;
     let mut first = None;
     for r in guards.join() {
         match r {
@@ -220,4 +223,43 @@ pub fn run_dataflow(
         snapshots: c.written,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// While a cluster connects, timely prints "awaiting connections" on stdout, where `curec`'s
+/// commands print their JSON line; for that time stdout goes to stderr (restored on drop).
+struct StdoutToStderr(Option<i32>);
+
+#[cfg(not(unix))]
+impl StdoutToStderr {
+    fn new() -> Self {
+        Self(None)
+    }
+}
+
+#[cfg(unix)]
+impl StdoutToStderr {
+    fn new() -> Self {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: plain descriptor calls on the process's own stdout/stderr; the saved copy is
+        // restored and closed exactly once, in `drop`.
+        let saved = unsafe { libc::dup(1) };
+        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+            return Self(None);
+        }
+        Self(Some(saved))
+    }
+}
+
+#[cfg(unix)]
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        if let Some(saved) = self.0.take() {
+            // SAFETY: `saved` is the descriptor `new` duplicated and nothing else closed it.
+            unsafe {
+                libc::dup2(saved, 1);
+                libc::close(saved);
+            }
+        }
+    }
 }

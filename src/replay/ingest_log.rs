@@ -96,16 +96,17 @@ impl Known {
     /// cannot collide with it, so a small ingest into a large log stays cheap).
     pub fn load(
         log: &[crate::data::preprocess::Interaction],
-        ds: &Dataset,
+        raw_users: &[String],
+        raw_items: &[crate::data::preprocess::ItemRow],
         run: &Path,
         upto: u64,
         users: &HashSet<&str>,
     ) -> Result<Known> {
         let mut k = Known::default();
         for x in log {
-            let u = ds.users[x.user as usize].as_str();
+            let u = raw_users[x.user as usize].as_str();
             if users.contains(u) {
-                k.add(u, &ds.items[x.item as usize].raw_id, x.timestamp);
+                k.add(u, &raw_items[x.item as usize].raw_id, x.timestamp);
             }
         }
         for (_, last, path) in logs(run)? {

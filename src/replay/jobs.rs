@@ -410,11 +410,22 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         j
     };
     let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);
-    let rm = PathBuf::from(identity["config"]["reward_model"].as_str().context("snapshot manifest: no reward model")?);
-    let model = identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string();
-    let adapter: Option<PathBuf> = identity["config"]["adapter"].as_str().map(PathBuf::from);
+    // A `curec bench replay --out` run: the stand-in corrects, and its log is in the run.
+    let standin = super::bench::standin_factory(&identity);
+    let data = if standin.is_some() { run.join(data) } else { data };
+    let llm = match standin {
+        Some(_) if grpo => {
+            bail!("--grpo: {} is a `curec bench replay` run (stand-in corrector, no LLM)", run.display())
+        }
+        Some(_) => None,
+        None => Some((
+            PathBuf::from(identity["config"]["reward_model"].as_str().context("snapshot manifest: no reward model")?),
+            identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string(),
+            identity["config"]["adapter"].as_str().map(PathBuf::from),
+        )),
+    };
     // One read of the prepared log: the dataset and the interactions dedup and lateness check.
-    let (ds, log) = prepared::read_dataset_and_log(&data)?;
+    let prepared::Log { users, items, interactions: log } = prepared::read_log(&data)?;
     let (rows, file_info) = ingest_log::read_file(file)?;
     if rows.is_empty() {
         bail!("{}: no interactions to ingest", file.display());
@@ -426,7 +437,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         .map(|r| r as f32)
         .unwrap_or(crate::data::preprocess::PrepareConfig::default().rating_above);
     let file_users: std::collections::HashSet<&str> = rows.iter().map(|r| r.user.as_str()).collect();
-    let mut known = ingest_log::Known::load(&log, &ds, run, last, &file_users)?;
+    let mut known = ingest_log::Known::load(&log, &users, &items, run, last, &file_users)?;
     drop(log);
     let admitted = ingest_log::admit(rows, &mut known, rating_above);
     let counts = json!({
@@ -449,8 +460,7 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         return Ok(v);
     }
     // Id maps: the dataset's, then those grown by earlier ingests, then new ones.
-    let mut users: Vec<String> = ds.users.clone();
-    let mut items: Vec<ItemRow> = ds.items.clone();
+    let (mut users, mut items) = (users, items);
     let grown = &manifest["grown"];
     for u in grown["users"].as_array().into_iter().flatten() {
         users.push(u.as_str().unwrap_or_default().to_string());
@@ -520,31 +530,38 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         epoch_logger(run.join("epochs.jsonl"), order.len(), 0),
     ));
     let state = State::load(&dir, cfg.replay.reasons_kept)?;
-    let setup = LlmSetup {
-        model,
-        adapter,
-        features: cfg.features.clone(),
-        grpo: cfg.grpo.clone(),
-        lora: cfg.lora.clone(),
-        replay: cfg.replay.clone(),
-        items,
-        train: grpo || cfg.replay.grpo_on_ingest,
-        resume: Some(dir.clone()),
-        cache_dir: run.to_path_buf(),
-        total_steps: order.len(),
-        fresh_schedule: true,
+    let (factory, llm_corrects) = match (standin, llm) {
+        (Some(f), _) => (f, false),
+        (None, Some((rm, model, adapter))) => {
+            let setup = LlmSetup {
+                model,
+                adapter,
+                features: cfg.features.clone(),
+                grpo: cfg.grpo.clone(),
+                lora: cfg.lora.clone(),
+                replay: cfg.replay.clone(),
+                items,
+                train: grpo || cfg.replay.grpo_on_ingest,
+                resume: Some(dir.clone()),
+                cache_dir: run.to_path_buf(),
+                total_steps: order.len(),
+                fresh_schedule: true,
+            };
+            (llm_factory(setup, rm, data.clone()), true)
+        }
+        (None, None) => unreachable!("a run without the stand-in names its LLM"),
     };
     let initial = Arc::new(Initial {
         state,
         history_kept: cfg.replay.history_kept,
         reasons_kept: cfg.replay.reasons_kept,
         freeze: false,
-        attach_reasons: true,
-        single_policy: true,
+        attach_reasons: llm_corrects,
+        single_policy: llm_corrects,
     });
     let slices = order.len();
     let topology = Topology::threads(workers);
-    let outcome = run_dataflow(grouped, initial, llm_factory(setup, rm.clone(), data.clone()), board, &topology)?;
+    let outcome = run_dataflow(grouped, initial, factory, board, &topology)?;
     let (_, newest) = snapshot::newest(&root).context("the ingest wrote no snapshot")?;
     // The run now reads its features from the newest snapshot.
     if run.join("config.toml").is_file() {
