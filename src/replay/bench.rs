@@ -18,7 +18,6 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use rand::Rng;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use super::policy::Corrector;
@@ -118,9 +117,7 @@ pub fn identity(spec: &BenchSpec) -> Value {
         "seed": spec.seed,
         "bench": {"interactions": spec.interactions, "users": spec.users, "items": spec.items},
     });
-    let hash: String =
-        Sha256::digest(config.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    json!({"hash": hash, "config": config})
+    json!({"hash": super::jobs::identity_hash(&config), "config": config})
 }
 
 /// The `corrector` a bench run's identity names.

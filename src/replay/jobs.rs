@@ -51,7 +51,8 @@ fn stages(cfg: &JobConfig) -> Result<Stages> {
     Ok(Stages { data, reward_model, model, adapter })
 }
 
-fn identity_hash(v: &Value) -> String {
+/// The short hash that names a run's identity in its manifests.
+pub(crate) fn identity_hash(v: &Value) -> String {
     Sha256::digest(v.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
@@ -385,6 +386,13 @@ pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Opt
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra).map(Some)
 }
 
+/// Who writes an ingest's texts: the run's LLM against its reward model, or, in a run left by
+/// `curec bench replay --out`, the bench's stand-in.
+enum Writer {
+    StandIn(CorrectorFactory),
+    Llm { reward_model: PathBuf, model: String, adapter: Option<PathBuf> },
+}
+
 /// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
 /// the same operators from the run's newest snapshot; GRPO only with `replay.grpo_on_ingest`.
 pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
@@ -411,18 +419,20 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
     };
     let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);
     // A `curec bench replay --out` run: the stand-in corrects, and its log is in the run.
-    let standin = super::bench::standin_factory(&identity);
-    let data = if standin.is_some() { run.join(data) } else { data };
-    let llm = match standin {
+    let (writer, data) = match super::bench::standin_factory(&identity) {
         Some(_) if grpo => {
             bail!("--grpo: {} is a `curec bench replay` run (stand-in corrector, no LLM)", run.display())
         }
-        Some(_) => None,
-        None => Some((
-            PathBuf::from(identity["config"]["reward_model"].as_str().context("snapshot manifest: no reward model")?),
-            identity["config"]["model"].as_str().context("snapshot manifest: no model")?.to_string(),
-            identity["config"]["adapter"].as_str().map(PathBuf::from),
-        )),
+        Some(f) => (Writer::StandIn(f), run.join(data)),
+        None => {
+            let c = &identity["config"];
+            let writer = Writer::Llm {
+                reward_model: PathBuf::from(c["reward_model"].as_str().context("snapshot manifest: no reward model")?),
+                model: c["model"].as_str().context("snapshot manifest: no model")?.to_string(),
+                adapter: c["adapter"].as_str().map(PathBuf::from),
+            };
+            (writer, data)
+        }
     };
     // One read of the prepared log: the dataset and the interactions dedup and lateness check.
     let prepared::Log { users, items, interactions: log } = prepared::read_log(&data)?;
@@ -530,9 +540,9 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
         epoch_logger(run.join("epochs.jsonl"), order.len(), 0),
     ));
     let state = State::load(&dir, cfg.replay.reasons_kept)?;
-    let (factory, llm_corrects) = match (standin, llm) {
-        (Some(f), _) => (f, false),
-        (None, Some((rm, model, adapter))) => {
+    let (factory, llm_corrects) = match writer {
+        Writer::StandIn(f) => (f, false),
+        Writer::Llm { reward_model, model, adapter } => {
             let setup = LlmSetup {
                 model,
                 adapter,
@@ -547,9 +557,8 @@ pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Re
                 total_steps: order.len(),
                 fresh_schedule: true,
             };
-            (llm_factory(setup, rm, data.clone()), true)
+            (llm_factory(setup, reward_model, data.clone()), true)
         }
-        (None, None) => unreachable!("a run without the stand-in names its LLM"),
     };
     let initial = Arc::new(Initial {
         state,
