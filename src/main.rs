@@ -239,17 +239,8 @@ enum Command {
         /// Timely worker threads (per process).
         #[arg(short = 'w', long)]
         workers: Option<usize>,
-        /// Timely processes: run the same command once per process, each with its `--process`
-        /// (the stages before the correction must be complete; the first process writes the run).
-        #[arg(long, default_value_t = 1, value_parser = positive)]
-        processes: usize,
-        /// This process's index, 0..processes.
-        #[arg(long, default_value_t = 0)]
-        process: usize,
-        /// One `host:port` per process, in process order (timely's host file); default
-        /// localhost:2101, localhost:2102, …
-        #[arg(long)]
-        hostfile: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: Cluster,
         /// "w/o Update": GRPO steps, but patterns and reasons are not rewritten during the replay.
         #[arg(long)]
         no_update: bool,
@@ -305,6 +296,36 @@ enum ModelAction {
     },
     /// List the pinned models and whether they are cached.
     List,
+}
+
+/// Timely's cluster options, shared by the commands that run the correction dataflow.
+#[derive(clap::Args)]
+struct Cluster {
+    /// Timely processes: run the same command once per process, each with its `--process`
+    /// (`curec replay`: the stages before the correction must be complete; process 0 writes the
+    /// run).
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    processes: usize,
+    /// This process's index, 0..processes.
+    #[arg(long, default_value_t = 0)]
+    process: usize,
+    /// One `host:port` per process, in process order (timely's host file); default
+    /// localhost:2101, localhost:2102, …
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// The topology of `threads` workers per process on these processes (the host file read).
+    fn topology(&self, threads: usize) -> anyhow::Result<curec::replay::Topology> {
+        let mut t =
+            curec::replay::Topology { threads, processes: self.processes, process: self.process, hosts: Vec::new() };
+        t.validate()?;
+        if let Some(h) = &self.hostfile {
+            t.hosts = curec::replay::Topology::read_hostfile(h, self.processes)?;
+        }
+        Ok(t)
+    }
 }
 
 #[derive(Subcommand)]
@@ -382,15 +403,8 @@ enum BenchWhat {
         /// Timely worker threads (per process).
         #[arg(short = 'w', long, default_value_t = 2, value_parser = positive)]
         workers: usize,
-        /// Timely processes: run the same command once per process, each with its `--process`.
-        #[arg(long, default_value_t = 1, value_parser = positive)]
-        processes: usize,
-        /// This process's index, 0..processes.
-        #[arg(long, default_value_t = 0)]
-        process: usize,
-        /// One `host:port` per process (default localhost:2101, localhost:2102, …).
-        #[arg(long)]
-        hostfile: Option<PathBuf>,
+        #[command(flatten)]
+        cluster: Cluster,
         /// Leave a run directory here (data/, snapshots/, bench.json) that `curec ingest --from`
         /// accepts; the run is then timed once, on the topology given.
         #[arg(long)]
@@ -680,19 +694,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench {
             what:
-                BenchWhat::Replay {
-                    interactions,
-                    users,
-                    items,
-                    slice,
-                    snapshot_every,
-                    cost_ns,
-                    workers,
-                    processes,
-                    process,
-                    hostfile,
-                    out,
-                },
+                BenchWhat::Replay { interactions, users, items, slice, snapshot_every, cost_ns, workers, cluster, out },
         } => {
             anyhow::ensure!(
                 users > 0 && items > 0 && slice > 0 && snapshot_every > 0,
@@ -707,14 +709,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cost_ns,
                 seed: 2024,
             };
-            let mut topology = curec::replay::Topology { threads: workers, processes, process, hosts: Vec::new() };
-            topology.validate()?;
-            if let Some(h) = &hostfile {
-                topology.hosts = curec::replay::Topology::read_hostfile(h, processes)?;
-            }
+            let topology = cluster.topology(workers)?;
             println!("{}", curec::replay::bench::replay_throughput(&spec, &topology, out.as_deref())?);
         }
-        Command::Replay { job, out, workers, processes, process, hostfile, no_update, no_correction, mut sets } => {
+        Command::Replay { job, out, workers, cluster, no_update, no_correction, mut sets } => {
             if let Some(w) = workers {
                 sets.push(format!("replay.workers={w}"));
             }
@@ -725,14 +723,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sets.push("replay.correct=false".into());
             }
             let cfg = JobConfig::load(Some(&job), &sets)?;
-            let mut topology =
-                curec::replay::Topology { threads: cfg.replay.workers, processes, process, hosts: Vec::new() };
-            topology.validate()?;
-            if let Some(h) = &hostfile {
-                topology.hosts = curec::replay::Topology::read_hostfile(h, processes)?;
-            }
+            let topology = cluster.topology(cfg.replay.workers)?;
             let Some(m) = curec::replay::replay_on(&cfg, &out, &topology)? else {
-                println!("process {process} of {processes}: the dataflow is done; process 0 writes the run");
+                println!(
+                    "process {} of {}: the dataflow is done; process 0 writes the run",
+                    cluster.process, cluster.processes
+                );
                 return Ok(());
             };
             println!("{}\n{}", jobs::table_header(), jobs::table_row(&m));
