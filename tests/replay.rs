@@ -53,6 +53,34 @@ fn same_state(a: &Path, b: &Path, what: &str) {
     }
 }
 
+/// Two timely processes on localhost: a host file with two free ports written at `hostfile`,
+/// then `command(i) --hostfile <hostfile>` for process i = 0, 1, run together; both must succeed.
+fn two_processes(hostfile: &Path, command: impl Fn(usize) -> Command) -> Vec<Output> {
+    let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let ports: Vec<u16> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
+    drop(ls);
+    std::fs::write(hostfile, format!("# two processes\n127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|i| {
+            command(i)
+                .args(["--hostfile", hostfile.to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .enumerate()
+        .map(|(i, child)| {
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "process {i}: {}", String::from_utf8_lossy(&o.stderr));
+            o
+        })
+        .collect()
+}
+
 /// Run the state-sensitive stand-in dataflow over `epochs` from `state` into `root` (`freeze`:
 /// records meet the initial state, as in "w/o Update").
 fn standin_run(
@@ -184,32 +212,13 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     // with two workers.
     let p = c.base.join("p");
     let hostfile = c.base.join("hosts");
-    let ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    std::fs::write(&hostfile, format!("# two processes\n127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
-    let procs: Vec<_> = (0..2)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_curec"))
-                .args(["replay", job, "--out", p.to_str().unwrap(), "-w", "1", "--processes", "2"])
-                .args(["--process", &i.to_string(), "--hostfile", hostfile.to_str().unwrap()])
-                .env("CUREC_LOG", "warn")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for (i, child) in procs.into_iter().enumerate() {
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "process {i}: {}", String::from_utf8_lossy(&o.stderr));
-        if i == 1 {
-            assert!(String::from_utf8_lossy(&o.stdout).contains("process 1 of 2"), "process 1 says it is done");
-        }
-    }
+    let outs = two_processes(&hostfile, |i| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_curec"));
+        cmd.args(["replay", job, "--out", p.to_str().unwrap(), "-w", "1", "--processes", "2"]);
+        cmd.args(["--process", &i.to_string()]).env("CUREC_LOG", "warn");
+        cmd
+    });
+    assert!(String::from_utf8_lossy(&outs[1].stdout).contains("process 1 of 2"), "process 1 says it is done");
     let dp = final_snapshot(&p);
     same_state(&da, &dp, "2 processes × 1 worker vs 1 process × 2 workers");
     for f in ["policy/trainable.safetensors", "policy/optimizer.safetensors"] {
@@ -417,14 +426,6 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(!o.status.success() && e.contains("bad-op.csv:2:") && e.contains("'remove'"), "{e}");
 }
 
-/// Two free localhost ports, written as a timely host file at `path`.
-fn hostfile(path: &Path) {
-    let ls: Vec<_> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let ports: Vec<u16> = ls.iter().map(|l| l.local_addr().unwrap().port()).collect();
-    drop(ls);
-    std::fs::write(path, format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1])).unwrap();
-}
-
 /// Every file under `dir`, relative, sorted.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     fn walk(root: &Path, d: &Path, out: &mut Vec<PathBuf>) {
@@ -464,21 +465,10 @@ fn bench_replay_leaves_a_run_that_ingest_accepts_and_processes_change_no_byte() 
     assert_eq!(line["run"]["peers"], 2);
 
     let two = tmp.path().join("two");
-    let hosts = tmp.path().join("hosts");
-    hostfile(&hosts);
-    let procs: Vec<_> = (0..2)
-        .map(|i| {
-            bench(&two, &["-w", "1", "--processes", "2", "--process", &i.to_string()])
-                .args(["--hostfile", hosts.to_str().unwrap()])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for (i, child) in procs.into_iter().enumerate() {
-        let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "process {i}: {}", String::from_utf8_lossy(&o.stderr));
+    let outs = two_processes(&tmp.path().join("hosts"), |i| {
+        bench(&two, &["-w", "1", "--processes", "2", "--process", &i.to_string()])
+    });
+    for (i, o) in outs.iter().enumerate() {
         let l: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!((l["processes"].as_u64(), l["process"].as_u64()), (Some(2), Some(i as u64)));
     }
