@@ -283,6 +283,11 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let nc: Value = serde_json::from_slice(&read(&c.base.join("nc/metrics.json"))).unwrap();
     assert_eq!(nc["variant"], "no-correction");
+    // Replay runs carry their per-user ranks, so `curec compare` pairs two variants user by user.
+    let o = curec_cli(&["compare", a.to_str().unwrap(), c.base.join("nc").to_str().unwrap()]);
+    let cmp = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "compare of two replay variants: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(cmp.contains("ndcg@10"), "compare prints the paired ndcg@10: {cmp}");
 
     // Ingest: a known user, a new user and a new item.
     let data = c.base.join("data");

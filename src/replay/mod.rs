@@ -89,6 +89,9 @@ pub struct ReplayConfig {
     pub max_new_tokens_update: usize,
     /// Tokens for each sampled reason in the GRPO step.
     pub max_new_tokens_reason: usize,
+    /// A sampled reason with fewer words than this (e.g. an empty answer) scores below every
+    /// written reason of its group in the GRPO step, so stopping at once is never rewarded.
+    pub min_reason_words: usize,
     /// Cap on prompts per GRPO step (the slice's records beyond it still update the state).
     pub max_groups_per_step: usize,
     /// Stand-in generator only: busy work per record, in nanoseconds (the bench's fixed cost).
@@ -113,6 +116,7 @@ impl Default for ReplayConfig {
             workers: 1,
             max_new_tokens_update: 128,
             max_new_tokens_reason: 64,
+            min_reason_words: 3,
             max_groups_per_step: 0,
             standin_cost_ns: 0,
         }
