@@ -132,6 +132,12 @@ pub fn metrics_json(ev: &Evaluation, resamples: usize, seed: u64) -> Map<String,
 /// comparisons between runs (`curec compare`).
 pub const RANKS: &str = "ranks.json";
 
+/// Write `ranks.json` into `out`: each user's rank of the held-out item on test and valid (what
+/// `curec compare` reads).
+pub fn write_ranks(out: &Path, test: &Evaluation, valid: &Evaluation) -> anyhow::Result<()> {
+    write_json(&out.join(RANKS), &json!({"test": test.ranks, "valid": valid.ranks}))
+}
+
 /// `curec train`: fit with early stopping, evaluate on test, write `model.safetensors`,
 /// `config.toml`, `history.json`, `ranks.json` and `metrics.json` into `out`; returns the metrics.
 pub fn train(kind: ModelKind, data_dir: &Path, run_dir: &Path, cfg: &JobConfig) -> anyhow::Result<Value> {
@@ -160,7 +166,7 @@ pub fn train(kind: ModelKind, data_dir: &Path, run_dir: &Path, cfg: &JobConfig) 
     let valid = eval::evaluate(model.as_ref(), &ds, Split::Valid, cfg.train.eval_batch)?;
     let metrics = run_metrics(kind, &ds, data_dir, &test, &valid, &report, cfg);
     write_json(&out.join("history.json"), &json!(report.history))?;
-    write_json(&out.join(RANKS), &json!({"test": test.ranks, "valid": valid.ranks}))?;
+    write_ranks(out, &test, &valid)?;
     write_text(&out.join("config.toml"), &cfg.to_toml())?;
     write_json(&out.join("metrics.json"), &metrics)?;
     staged.commit()?;

@@ -57,9 +57,9 @@ pub(crate) fn identity_hash(v: &Value) -> String {
 }
 
 /// The reward model of `run` evaluated with the features in `features` (test and valid splits).
-/// Test metrics, valid metrics, the config used, and the per-user ranks (`ranks.json`'s content,
-/// so `curec compare` pairs replay runs with trained ones).
-type Evaluated = (Map<String, Value>, Map<String, Value>, Value, Value);
+/// Test metrics, valid metrics and the config used, then both evaluations (for `ranks.json`, so
+/// `curec compare` pairs replay runs with trained ones).
+type Evaluated = (Map<String, Value>, Map<String, Value>, Value, (eval::Evaluation, eval::Evaluation));
 
 fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<Evaluated> {
     let TrainedRun { ds, mut cfg, .. } = TrainedRun::open(run, Some(data))?;
@@ -69,8 +69,7 @@ fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<Evaluated> 
     let test = eval::evaluate(&m, &ds, Split::Test, cfg.train.eval_batch)?;
     let valid = eval::evaluate(&m, &ds, Split::Valid, cfg.train.eval_batch)?;
     let (n, seed) = (cfg.train.bootstrap, cfg.train.seed);
-    let ranks = json!({"test": test.ranks, "valid": valid.ranks});
-    Ok((metrics_json(&test, n, seed), metrics_json(&valid, n, seed), serde_json::to_value(&cfg)?, ranks))
+    Ok((metrics_json(&test, n, seed), metrics_json(&valid, n, seed), serde_json::to_value(&cfg)?, (test, valid)))
 }
 
 /// Copy the embedding caches of `from` into `to` where `to` has none (texts are keyed by hash).
@@ -98,7 +97,7 @@ fn write_run(
     extra: Value,
 ) -> Result<Value> {
     seed_caches(out, features)?;
-    let (test, valid, cfg, ranks) = evaluate_with(rm, data, features)?;
+    let (test, valid, cfg, evaluations) = evaluate_with(rm, data, features)?;
     let mut m = Map::new();
     m.insert("model".into(), json!("curec"));
     m.insert("variant".into(), json!(variant));
@@ -124,7 +123,7 @@ fn write_run(
     std::fs::copy(rm.join("model.safetensors"), &tmp)
         .with_context(|| format!("{}: cannot copy the reward model", rm.display()))?;
     std::fs::rename(&tmp, &weights)?;
-    write_json(&out.join(crate::jobs::RANKS), &ranks)?;
+    crate::jobs::write_ranks(out, &evaluations.0, &evaluations.1)?;
     write_json(&out.join("metrics.json"), &m)?;
     Ok(m)
 }
