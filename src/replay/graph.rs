@@ -18,7 +18,7 @@ use super::snapshot::{Board, State};
 use super::snapshot_op::{snapshot_operator, Collected};
 use super::state_op::state_operator;
 use super::user_state::UserState;
-use super::{Event, Update, UpdateKind};
+use super::{Event, Tick, Update, UpdateKind};
 
 /// Builds worker `index`'s corrector (`None`: this worker holds no policy).
 pub type CorrectorFactory = Arc<dyn Fn(usize, usize) -> Result<Option<Box<dyn Corrector>>> + Send + Sync>;
@@ -137,7 +137,6 @@ pub fn run_dataflow(
     if board.peers() != topology.peers() {
         return Err(anyhow!("snapshot board for {} workers, topology of {}", board.peers(), topology.peers()));
     }
-    let order: Arc<Vec<u64>> = Arc::new(epochs.iter().map(|(t, _)| *t).collect());
     let epochs = Arc::new(epochs);
     let b = board.clone();
     let config = topology.config()?;
@@ -145,6 +144,7 @@ pub fn run_dataflow(
     let guards = timely::execute(config, move |worker| -> std::result::Result<Option<Collected>, String> {
         let (index, peers) = (worker.index(), worker.peers());
         let mut input = InputHandle::new();
+        let mut tick_input = InputHandle::new();
         let collected = Rc::new(RefCell::new(Collected::default()));
         // This worker's first failure: its operators stop working and report it instead of
         // their snapshot parts, so that no snapshot is completed without them.
@@ -169,24 +169,43 @@ pub fn run_dataflow(
             initial.freeze,
             initial.attach_reasons,
         );
-        let (order, board, single) = (order.clone(), b.clone(), initial.single_policy);
+        let (board, single) = (b.clone(), initial.single_policy);
         let out = collected.clone();
         worker.dataflow::<u64, _, _>(|scope| {
             let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
             let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
             let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
             let events = input.to_stream(scope);
-            let (annotated, r_users) =
-                state_operator(events, patterns, users, board.clone(), index, failure.clone(), "UserState");
-            let (annotated, r_items) =
-                state_operator(annotated, reasons, items, board.clone(), index, failure.clone(), "ItemState");
+            let ticks = tick_input.to_stream(scope);
+            let (annotated, r_users) = state_operator(
+                events,
+                patterns,
+                ticks.clone(),
+                users,
+                board.clone(),
+                index,
+                failure.clone(),
+                "UserState",
+            );
+            let (annotated, r_items) = state_operator(
+                annotated,
+                reasons,
+                ticks.clone(),
+                items,
+                board.clone(),
+                index,
+                failure.clone(),
+                "ItemState",
+            );
             let (updates, r_policy) =
-                policy_operator(annotated, corrector, single, order, board.clone(), failure.clone());
+                policy_operator(annotated, ticks, corrector, single, board.clone(), failure.clone());
             updates.connect_loop(handle);
-            snapshot_operator(r_users.concat(r_items).concat(r_policy), board, out);
+            snapshot_operator(r_users.concat(r_items).concat(r_policy), board.clone(), out);
         });
         for (t, evs) in epochs.iter() {
             input.advance_to(*t);
+            tick_input.advance_to(*t);
+            tick_input.send(Tick { epoch: *t, snapshot: board.is_snapshot(*t) });
             for (i, e) in evs.iter().enumerate() {
                 if i % peers == index {
                     input.send::<Event>(e.clone());
@@ -194,6 +213,7 @@ pub fn run_dataflow(
             }
         }
         input.close();
+        tick_input.close();
         while worker.step() {}
         if let Some(e) = failure.take() {
             return Err(e);

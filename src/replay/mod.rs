@@ -158,6 +158,17 @@ pub struct Event {
     pub retract: bool,
 }
 
+/// The source's word to every operator of its worker that epoch `epoch` exists (every epoch
+/// with records gets one) and whether a snapshot is written after it. Ticks travel on their own
+/// input, worker-local, and give the operators the capability to report at that epoch, so epochs
+/// and snapshots need not be known when the dataflow starts (`curec serve` feeds batches as they
+/// come).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tick {
+    pub epoch: u64,
+    pub snapshot: bool,
+}
+
 /// An item's reason list, oldest first (a ring: the newest joins at the back, the oldest leaves
 /// at the front).
 pub type ReasonList = std::collections::VecDeque<Reason>;

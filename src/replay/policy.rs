@@ -1,5 +1,5 @@
 //! The policy operator: holds an epoch's annotated records until its input frontier has passed
-//! the epoch, then hands them (sorted by key) to the [`Corrector`] in one batch, emits the state
+//! the epoch (every epoch the source's [`Tick`]s announce, in order), then hands them (sorted by key) to the [`Corrector`] in one batch, emits the state
 //! rewrites into the feedback loop, reports the epoch's metrics through the dataflow, and at
 //! snapshot epochs saves the policy. With one policy (the LLM being trained) every record goes to worker 0 and the GRPO
 //! steps apply in epoch order; a stateless corrector (the stand-in) runs keyed by user.
@@ -12,14 +12,14 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use super::snapshot::{part_report, Board, Part, Report, ReportCap};
-use super::{Annotated, Update};
+use super::snapshot::{part_report, Board, Part, Report};
+use super::{Annotated, Tick, Update};
 
 /// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
 /// progress log, so that snapshots are the same bytes run after run.
@@ -84,25 +84,26 @@ pub trait Corrector {
 #[allow(clippy::type_complexity)]
 pub fn policy_operator<'s>(
     records: Stream<'s, u64, Vec<Annotated>>,
+    ticks: Stream<'s, u64, Vec<Tick>>,
     mut corrector: Option<Box<dyn Corrector>>,
     single: bool,
-    epochs: Arc<Vec<u64>>,
     board: Arc<Board>,
     failure: Rc<RefCell<Option<String>>>,
 ) -> (Stream<'s, u64, Vec<Update>>, Stream<'s, u64, Vec<Report>>) {
     let pact = Exchange::new(move |a: &Annotated| if single { 0 } else { a.event.user as u64 });
     let mut builder = OperatorBuilder::new("Policy".to_owned(), records.scope());
     let mut input = builder.new_input(records, pact);
+    let mut ticks = builder.new_input(ticks, Pipeline);
     let (out_updates, updates_stream) = builder.new_output::<Vec<Update>>();
     let (out_reports, reports_stream) = builder.new_output::<Vec<Report>>();
     let mut out_updates = OutputBuilder::from(out_updates);
     let mut out_reports = OutputBuilder::from(out_reports);
     builder.build(move |mut caps| {
-        // The reports' capability sits at the next epoch to finish; the updates' one is dropped
-        // (capabilities only for stashed records, see the state operators).
-        let mut report_cap = ReportCap::new(std::mem::take(&mut caps), epochs.first());
+        // Capabilities only for stashed records (see the state operators) and, on the reports
+        // output, for the epochs the ticks announced and not yet finished.
+        caps.clear();
         let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Annotated>)> = BTreeMap::new();
-        let mut next = 0usize;
+        let mut epochs: BTreeMap<u64, (Capability<u64>, bool)> = BTreeMap::new();
         move |frontiers| {
             let mut output = out_updates.activate();
             let mut reports = out_reports.activate();
@@ -112,9 +113,15 @@ pub fn policy_operator<'s>(
                     slot.1.extend(data.flat_map(|d| d.drain(..)));
                 }
             });
-            let limit = frontiers[0].frontier().iter().min().copied();
-            while let Some(&t) = epochs.get(next).filter(|&&t| limit.is_none_or(|b| t < b)) {
-                next += 1;
+            ticks.for_each_stamp(|c, data| {
+                for tick in data.flat_map(|d| d.drain(..)) {
+                    let e = epochs.entry(tick.epoch).or_insert_with(|| (c.delayed(&tick.epoch, 1), false));
+                    e.1 |= tick.snapshot;
+                }
+            });
+            let limit = [&frontiers[0], &frontiers[1]].iter().filter_map(|f| f.frontier().iter().min().copied()).min();
+            while let Some(t) = epochs.keys().next().copied().filter(|&t| limit.is_none_or(|b| t < b)) {
+                let (report_cap, snapshot) = epochs.remove(&t).expect("the first epoch");
                 let (cap, mut recs) = match stash.remove(&t) {
                     Some((c, r)) => (Some(c), r),
                     None => (None, Vec::new()),
@@ -142,7 +149,7 @@ pub fn policy_operator<'s>(
                     }
                 }
                 out.push(Report::Metrics { metrics, seconds: started.elapsed().as_secs_f64() });
-                if board.is_snapshot(t) {
+                if snapshot {
                     out.push(part_report(t, &failure, "saving the policy", || {
                         if let Some(c) = corrector.as_mut() {
                             c.save(&board.shard_dir(t)?)?;
@@ -150,10 +157,7 @@ pub fn policy_operator<'s>(
                         Ok(Part::default())
                     }));
                 }
-                if let Some(cap) = report_cap.at() {
-                    reports.session(cap).give_iterator(out.into_iter());
-                }
-                report_cap.advance(epochs.get(next));
+                reports.session(&report_cap).give_iterator(out.into_iter());
             }
         }
     });

@@ -9,7 +9,7 @@
 //! without one is incomplete and ignored (and removed) on resume.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +20,6 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, UInt32Array};
 use arrow_schema::DataType;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use timely::dataflow::operators::Capability;
 
 pub use crate::features::store::{kind_files, part_path, PARTITIONS};
 
@@ -345,36 +344,6 @@ pub fn part_report(
     }
 }
 
-/// The capability an operator holds on its reports output: at the epoch of its next report, none
-/// once it has no more to make, so that it holds back only the snapshot operator.
-pub struct ReportCap(Option<Capability<u64>>);
-
-impl ReportCap {
-    /// From the operator's initial capabilities (the reports output is the last one; the others
-    /// are dropped) and the epoch of its first report.
-    pub fn new(mut caps: Vec<Capability<u64>>, first: Option<&u64>) -> Self {
-        let mut cap = caps.pop();
-        match (&mut cap, first) {
-            (Some(c), Some(e)) => c.downgrade(e),
-            _ => cap = None,
-        }
-        Self(cap)
-    }
-
-    /// The capability to stamp the current report with.
-    pub fn at(&self) -> Option<&Capability<u64>> {
-        self.0.as_ref()
-    }
-
-    /// Move on to the epoch of the next report, or let go.
-    pub fn advance(&mut self, next: Option<&u64>) {
-        match (&mut self.0, next) {
-            (Some(c), Some(e)) => c.downgrade(e),
-            _ => self.0 = None,
-        }
-    }
-}
-
 /// What a snapshot holds and where it goes: the run's identity, the id maps, the epochs to
 /// snapshot and the metrics of the epochs before this run. Read-only: the workers' parts and
 /// metrics reach the snapshot operator through the dataflow, not through this value.
@@ -411,10 +380,6 @@ impl Board {
         on_epoch: EpochHook,
     ) -> Self {
         Self { root, peers, snapshots, identity, raw_users, raw_items, extra, keep: 2, done, on_epoch }
-    }
-
-    pub fn pending_snapshots(&self) -> VecDeque<u64> {
-        self.snapshots.iter().copied().collect()
     }
 
     pub fn is_snapshot(&self, e: u64) -> bool {
