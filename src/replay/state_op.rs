@@ -52,7 +52,7 @@ fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
 ///
 /// The reports get their own output so that the capability held for a snapshot epoch (a report
 /// is stamped with its epoch) never holds back the records, and so the feedback loop.
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn state_operator<'s, S: KeyedState>(
     records: Stream<'s, u64, Vec<S::In>>,
     updates: Stream<'s, u64, Vec<Update>>,
