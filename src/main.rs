@@ -410,6 +410,30 @@ enum BenchWhat {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Ingestion's incremental cost: the synthetic log of `bench replay` replayed into a
+    /// temporary run, then `--batches` batches of `--new` interactions ingested one-shot (as
+    /// `curec ingest`) and into a resident session (as `curec serve`); prints the timings and
+    /// `replay_over_resident` / `replay_over_one_shot` (how many batches cost one replay).
+    Ingest {
+        #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
+        interactions: usize,
+        #[arg(long, default_value_t = 100_000, value_parser = positive)]
+        users: usize,
+        #[arg(long, default_value_t = 50_000, value_parser = positive)]
+        items: usize,
+        /// Interactions per time slice (epoch), of the replay and of the ingests.
+        #[arg(long, default_value_t = 100_000, value_parser = positive)]
+        slice: usize,
+        /// Interactions per ingested batch.
+        #[arg(long, default_value_t = 1000, value_parser = positive)]
+        new: usize,
+        /// Batches timed each way (the medians are compared).
+        #[arg(long, default_value_t = 5, value_parser = positive)]
+        batches: usize,
+        /// Timely worker threads.
+        #[arg(short = 'w', long, default_value_t = 1, value_parser = positive)]
+        workers: usize,
+    },
     /// SASRec training steps on a prepared dataset's windows: the full pass against the one
     /// that computes the last block only at the targets (`speedup`), in one process.
     Sasrec {
@@ -711,6 +735,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let topology = cluster.topology(workers)?;
             println!("{}", curec::replay::bench::replay_throughput(&spec, &topology, out.as_deref())?);
+        }
+        Command::Bench { what: BenchWhat::Ingest { interactions, users, items, slice, new, batches, workers } } => {
+            let spec = curec::replay::bench::BenchSpec {
+                interactions,
+                users,
+                items,
+                slice,
+                snapshot_every: 10,
+                cost_ns: 0,
+                seed: 2024,
+            };
+            let dir = std::env::temp_dir().join(format!("curec-bench-ingest-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let v = curec::replay::bench_ingest::ingest_cost(&spec, new, batches, workers, &dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            println!("{}", v?);
         }
         Command::Replay { job, out, workers, cluster, no_update, no_correction, mut sets } => {
             if let Some(w) = workers {

@@ -536,3 +536,91 @@ fn replay_and_ingest_errors_are_one_line() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("slices"), "{e}");
 }
+
+/// `curec serve`'s resident session (one dataflow kept up, batches fed as they come) ends in the
+/// same snapshot, byte for byte, as the same batches ingested one-shot by `curec ingest`: new
+/// users and items (with a title from the file), late rows, duplicates, the rating filter and a
+/// retraction included.
+#[test]
+fn a_resident_session_writes_the_same_bytes_as_one_shot_ingests() {
+    use curec::replay::ingest_log::read_file;
+    use curec::replay::session::{Rows, Session};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let o = curec_cli(&[
+        "bench",
+        "replay",
+        "--interactions",
+        "20000",
+        "--users",
+        "500",
+        "--items",
+        "300",
+        "--slice",
+        "2000",
+        "--snapshot-every",
+        "3",
+        "-w",
+        "2",
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in files_under(&a) {
+        std::fs::create_dir_all(b.join(&f).parent().unwrap()).unwrap();
+        std::fs::copy(a.join(&f), b.join(&f)).unwrap();
+    }
+    let batch1 = tmp.path().join("batch1.csv");
+    std::fs::write(
+        &batch1,
+        "user,item,timestamp,rating,title,text\n1,5,30000,5,,\nnewcomer,7,30001,5,,\n\
+         2,new-item,30002,5,New Item (2026),A new item\n3,8,100,5,,\n",
+    )
+    .unwrap();
+    let batch2 = tmp.path().join("batch2.csv");
+    std::fs::write(
+        &batch2,
+        "user,item,timestamp,rating,op\n1,5,30000,5,add\nnewcomer,9,30010,5,add\n4,11,30011,2,add\n\
+         2,new-item,30012,5,delete\nlate,12,50,5,add\n",
+    )
+    .unwrap();
+    let one_shot = [ingest_ok(&a, &batch1, &["-w", "2"]), ingest_ok(&a, &batch2, &["-w", "2"])];
+
+    let mut s = Session::open_resident(&b, Some(2)).unwrap();
+    let rows = |f: &Path| {
+        let (rows, info) = read_file(f).unwrap();
+        Rows { rows, info }
+    };
+    let resident = [s.ingest(rows(&batch1), false).unwrap(), s.ingest(rows(&batch2), true).unwrap()];
+    s.close().unwrap();
+    for (o, r) in one_shot.iter().zip(&resident) {
+        for k in ["interactions", "new_users", "new_items", "duplicates", "late", "retracted", "filtered", "slices"] {
+            assert_eq!(o[k], r[k], "{k}: one-shot {o}, resident {r}");
+        }
+    }
+    assert_eq!(
+        (&resident[1]["duplicates"], &resident[1]["retracted"], &resident[1]["filtered"], &resident[1]["new_users"]),
+        (&json!(1), &json!(1), &json!(1), &json!(1)),
+        "{}",
+        resident[1]
+    );
+    assert!(resident[0]["snapshot"].is_null(), "no snapshot without a checkpoint: {}", resident[0]);
+    let (ea, da) = snapshot::newest(&a.join("snapshots")).unwrap();
+    let (eb, db) = snapshot::newest(&b.join("snapshots")).unwrap();
+    assert_eq!(ea, eb, "the same epochs");
+    assert_eq!(resident[1]["snapshot"], json!(db.display().to_string()));
+    let (fa, fb) = (files_under(&da), files_under(&db));
+    assert_eq!(fa, fb);
+    for f in &fa {
+        assert!(read(&da.join(f)) == read(&db.join(f)), "{}", f.display());
+    }
+    let (ia, ib) = (files_under(&a.join("ingested")), files_under(&b.join("ingested")));
+    assert_eq!(ia, ib);
+    assert_eq!(ia.len(), 2, "{ia:?}");
+    for f in &ia {
+        assert!(read(&a.join("ingested").join(f)) == read(&b.join("ingested").join(f)), "{}", f.display());
+    }
+    // The new item kept the file's title.
+    let m = snapshot::manifest(&db).unwrap();
+    assert_eq!(m["grown"]["info"]["new-item"][0], "New Item (2026)", "{m}");
+}

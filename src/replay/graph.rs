@@ -8,9 +8,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::vec::Filter;
-use timely::dataflow::operators::{Concat, ConnectLoop, Feedback};
-use timely::dataflow::InputHandle;
+use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
 
 use super::item_state::ItemState;
 use super::policy::{policy_operator, Corrector, EpochMetrics};
@@ -100,7 +101,7 @@ impl Topology {
         Ok(())
     }
 
-    fn config(&self) -> Result<timely::Config> {
+    pub(crate) fn config(&self) -> Result<timely::Config> {
         self.validate()?;
         if self.processes <= 1 {
             return Ok(timely::Config::process(self.threads));
@@ -123,6 +124,100 @@ impl Topology {
     }
 }
 
+/// One worker's dataflow, built by [`build_worker`]: its inputs (events, and the ticks that
+/// announce each epoch to this worker's operators), what its snapshot operator collects (worker
+/// 0's is the run's), its first failure, and a probe on the operators' reports.
+pub(crate) struct WorkerDataflow {
+    pub events: InputHandle<u64, CapacityContainerBuilder<Vec<Event>>>,
+    pub ticks: InputHandle<u64, CapacityContainerBuilder<Vec<Tick>>>,
+    pub collected: Rc<RefCell<Collected>>,
+    pub failure: Rc<RefCell<Option<String>>>,
+    pub probe: ProbeHandle<u64>,
+}
+
+impl WorkerDataflow {
+    /// Feed epoch `t`: its tick (a snapshot after it or not) and this worker's share of `events`
+    /// (every `peers`-th from `index`).
+    pub fn feed(&mut self, t: u64, events: &[Event], snapshot: bool, index: usize, peers: usize) {
+        self.events.advance_to(t);
+        self.ticks.advance_to(t);
+        self.ticks.send(Tick { epoch: t, snapshot });
+        for (i, e) in events.iter().enumerate() {
+            if i % peers == index {
+                self.events.send(e.clone());
+            }
+        }
+    }
+
+    /// The first failure, this worker's or one the snapshot operator collected.
+    pub fn error(&self) -> Option<String> {
+        self.failure.borrow().clone().or_else(|| self.collected.borrow().error.clone())
+    }
+}
+
+/// Build the correction dataflow on `worker`.
+pub(crate) fn build_worker(
+    worker: &mut timely::worker::Worker,
+    initial: &Initial,
+    factory: &CorrectorFactory,
+    board: &Arc<Board>,
+) -> WorkerDataflow {
+    let (index, peers) = (worker.index(), worker.peers());
+    let mut input = InputHandle::new();
+    let mut tick_input = InputHandle::new();
+    let collected = Rc::new(RefCell::new(Collected::default()));
+    // This worker's first failure: its operators stop working and report it instead of
+    // their snapshot parts, so that no snapshot is completed without them.
+    let (corrector, failure) = match factory(index, peers) {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(format!("loading the corrector on worker {index}: {e:#}"))),
+    };
+    let failure = Rc::new(RefCell::new(failure));
+    let users = UserState::new(
+        &initial.state.users,
+        index,
+        peers,
+        initial.history_kept,
+        initial.freeze,
+        initial.attach_reasons,
+    );
+    let items = ItemState::new(
+        &initial.state.items,
+        index,
+        peers,
+        initial.reasons_kept,
+        initial.freeze,
+        initial.attach_reasons,
+    );
+    let single = initial.single_policy;
+    let out = collected.clone();
+    let probe = worker.dataflow::<u64, _, _>(|scope| {
+        let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
+        let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
+        let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
+        let events = input.to_stream(scope);
+        let ticks = tick_input.to_stream(scope);
+        let (annotated, r_users) =
+            state_operator(events, patterns, ticks.clone(), users, board.clone(), index, failure.clone(), "UserState");
+        let (annotated, r_items) = state_operator(
+            annotated,
+            reasons,
+            ticks.clone(),
+            items,
+            board.clone(),
+            index,
+            failure.clone(),
+            "ItemState",
+        );
+        let (updates, r_policy) = policy_operator(annotated, ticks, corrector, single, board.clone(), failure.clone());
+        updates.connect_loop(handle);
+        let (probe, reports) = r_users.concat(r_items).concat(r_policy).probe();
+        snapshot_operator(reports, board.clone(), out);
+        probe
+    });
+    WorkerDataflow { events: input, ticks: tick_input, collected, failure, probe }
+}
+
 /// Run the epochs `(epoch, events)` (in epoch order) through the dataflow on the workers of
 /// `topology`. Every process passes the same epochs; each worker feeds its share. The outcome's
 /// metrics and snapshots are worker 0's (empty in the other processes).
@@ -138,87 +233,21 @@ pub fn run_dataflow(
         return Err(anyhow!("snapshot board for {} workers, topology of {}", board.peers(), topology.peers()));
     }
     let epochs = Arc::new(epochs);
-    let b = board.clone();
     let config = topology.config()?;
     let quiet = (topology.processes > 1).then(StdoutToStderr::new);
     let guards = timely::execute(config, move |worker| -> std::result::Result<Option<Collected>, String> {
         let (index, peers) = (worker.index(), worker.peers());
-        let mut input = InputHandle::new();
-        let mut tick_input = InputHandle::new();
-        let collected = Rc::new(RefCell::new(Collected::default()));
-        // This worker's first failure: its operators stop working and report it instead of
-        // their snapshot parts, so that no snapshot is completed without them.
-        let (corrector, failure) = match factory(index, peers) {
-            Ok(c) => (c, None),
-            Err(e) => (None, Some(format!("loading the corrector on worker {index}: {e:#}"))),
-        };
-        let failure = Rc::new(RefCell::new(failure));
-        let users = UserState::new(
-            &initial.state.users,
-            index,
-            peers,
-            initial.history_kept,
-            initial.freeze,
-            initial.attach_reasons,
-        );
-        let items = ItemState::new(
-            &initial.state.items,
-            index,
-            peers,
-            initial.reasons_kept,
-            initial.freeze,
-            initial.attach_reasons,
-        );
-        let (board, single) = (b.clone(), initial.single_policy);
-        let out = collected.clone();
-        worker.dataflow::<u64, _, _>(|scope| {
-            let (handle, cycle) = scope.feedback::<Vec<Update>>(1);
-            let patterns = cycle.clone().filter(|u: &Update| u.kind == UpdateKind::Pattern);
-            let reasons = cycle.filter(|u: &Update| u.kind == UpdateKind::Reason);
-            let events = input.to_stream(scope);
-            let ticks = tick_input.to_stream(scope);
-            let (annotated, r_users) = state_operator(
-                events,
-                patterns,
-                ticks.clone(),
-                users,
-                board.clone(),
-                index,
-                failure.clone(),
-                "UserState",
-            );
-            let (annotated, r_items) = state_operator(
-                annotated,
-                reasons,
-                ticks.clone(),
-                items,
-                board.clone(),
-                index,
-                failure.clone(),
-                "ItemState",
-            );
-            let (updates, r_policy) =
-                policy_operator(annotated, ticks, corrector, single, board.clone(), failure.clone());
-            updates.connect_loop(handle);
-            snapshot_operator(r_users.concat(r_items).concat(r_policy), board.clone(), out);
-        });
+        let mut df = build_worker(worker, &initial, &factory, &board);
         for (t, evs) in epochs.iter() {
-            input.advance_to(*t);
-            tick_input.advance_to(*t);
-            tick_input.send(Tick { epoch: *t, snapshot: board.is_snapshot(*t) });
-            for (i, e) in evs.iter().enumerate() {
-                if i % peers == index {
-                    input.send::<Event>(e.clone());
-                }
-            }
+            df.feed(*t, evs, board.is_snapshot(*t), index, peers);
         }
-        input.close();
-        tick_input.close();
+        df.events.close();
+        df.ticks.close();
         while worker.step() {}
-        if let Some(e) = failure.take() {
+        if let Some(e) = df.failure.take() {
             return Err(e);
         }
-        let c = collected.take();
+        let c = df.collected.take();
         if let Some(e) = c.error {
             return Err(e);
         }

@@ -93,26 +93,28 @@ impl Known {
 
     /// What the prepared log `log` of `ds` (every split) and the run's ingests completed by
     /// snapshot epoch `upto` hold for `users` (the users of the file being ingested: the rest
-    /// cannot collide with it, so a small ingest into a large log stays cheap).
+    /// cannot collide with it, so a small ingest into a large log stays cheap), or for every
+    /// user (`None`: a resident session, whose later batches may hold anyone).
     pub fn load(
         log: &[crate::data::preprocess::Interaction],
         raw_users: &[String],
         raw_items: &[crate::data::preprocess::ItemRow],
         run: &Path,
         upto: u64,
-        users: &HashSet<&str>,
+        users: Option<&HashSet<&str>>,
     ) -> Result<Known> {
+        let wanted = |u: &str| users.is_none_or(|s| s.contains(u));
         let mut k = Known::default();
         for x in log {
             let u = raw_users[x.user as usize].as_str();
-            if users.contains(u) {
+            if wanted(u) {
                 k.add(u, &raw_items[x.item as usize].raw_id, x.timestamp);
             }
         }
         for (_, last, path) in logs(run)? {
             if last <= upto {
                 for r in read_log(&path)? {
-                    if !users.contains(r.user.as_str()) {
+                    if !wanted(r.user.as_str()) {
                         continue;
                     }
                     if r.retract {

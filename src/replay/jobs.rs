@@ -6,7 +6,7 @@
 //! newest snapshot, so `curec eval --run` and `curec recommend --model-dir` work on it) and
 //! `model.safetensors` (the reward model's weights, copied).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,11 +20,11 @@ use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use super::ingest_log;
 use super::llm_corrector::{LlmCorrector, LlmSetup};
 use super::policy::{Corrector, EpochMetrics};
+use super::session::{Rows, Session};
 use super::snapshot::{self, Board, State};
 use super::source::{self, by_epoch};
 use super::Event;
 use crate::config::JobConfig;
-use crate::data::preprocess::ItemRow;
 use crate::data::{prepared, Dataset, Split};
 use crate::eval;
 use crate::jobs::{build_curec, metrics_json, write_json, write_text, TrainedRun};
@@ -73,7 +73,7 @@ fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<Evaluated> 
 }
 
 /// Copy the embedding caches of `from` into `to` where `to` has none (texts are keyed by hash).
-fn seed_caches(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn seed_caches(from: &Path, to: &Path) -> Result<()> {
     for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with("embeddings-") && name.ends_with(".parquet") && !to.join(&name).exists() {
@@ -129,7 +129,7 @@ fn write_run(
 }
 
 /// Prints the live line per epoch and appends it (with timings) to `epochs.jsonl`.
-fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> snapshot::EpochHook {
+pub(super) fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> snapshot::EpochHook {
     let t0 = Instant::now();
     let count = Mutex::new(0usize);
     Box::new(move |m: &EpochMetrics, epoch_secs: f64| {
@@ -194,7 +194,7 @@ fn snapshot_epochs(order: &[u64], every: u64) -> BTreeSet<u64> {
     s
 }
 
-fn llm_factory(setup: LlmSetup, rm: PathBuf, data: PathBuf) -> CorrectorFactory {
+pub(super) fn llm_factory(setup: LlmSetup, rm: PathBuf, data: PathBuf) -> CorrectorFactory {
     Arc::new(move |index: usize, _peers: usize| -> Result<Option<Box<dyn Corrector>>> {
         if index != 0 {
             return Ok(None);
@@ -388,214 +388,22 @@ pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Opt
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra).map(Some)
 }
 
-/// Who writes an ingest's texts: the run's LLM against its reward model, or, in a run left by
-/// `curec bench replay --out`, the bench's stand-in.
-enum Writer {
-    StandIn(CorrectorFactory),
-    Llm { reward_model: PathBuf, model: String, adapter: Option<PathBuf> },
-}
-
 /// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
-/// the same operators from the run's newest snapshot; GRPO only with `replay.grpo_on_ingest`.
+/// the same operators from the run's newest snapshot, and a snapshot after them; GRPO only with
+/// `replay.grpo_on_ingest`. Only the dedup keys of the file's users are loaded.
 pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
     let t0 = Instant::now();
-    let root = run.join("snapshots");
-    let (last, dir) = snapshot::newest(&root)
+    snapshot::newest(&run.join("snapshots"))
         .with_context(|| format!("{}: no complete snapshot (run `curec replay` first)", run.display()))?;
-    let manifest = snapshot::manifest(&dir)?;
-    let identity = manifest["identity"].clone();
-    let cfg: JobConfig = {
-        let c = &identity["config"];
-        let mut j = JobConfig {
-            replay: serde_json::from_value(c["replay"].clone()).context("snapshot manifest: bad replay config")?,
-            features: serde_json::from_value(c["features"].clone())
-                .context("snapshot manifest: bad features config")?,
-            grpo: serde_json::from_value(c["grpo"].clone()).context("snapshot manifest: bad grpo config")?,
-            lora: serde_json::from_value(c["lora"].clone()).context("snapshot manifest: bad lora config")?,
-            ..Default::default()
-        };
-        j.train.seed = c["seed"].as_u64().unwrap_or(j.train.seed);
-        // The identity leaves the worker count out (results do not depend on it).
-        j.replay.workers = j.replay.workers.max(1);
-        j
-    };
-    let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);
-    // A `curec bench replay --out` run: the stand-in corrects, and its log is in the run.
-    let (writer, data) = match super::bench::standin_factory(&identity) {
-        Some(_) if grpo => {
-            bail!("--grpo: {} is a `curec bench replay` run (stand-in corrector, no LLM)", run.display())
-        }
-        Some(f) => (Writer::StandIn(f), run.join(data)),
-        None => {
-            let c = &identity["config"];
-            let writer = Writer::Llm {
-                reward_model: PathBuf::from(c["reward_model"].as_str().context("snapshot manifest: no reward model")?),
-                model: c["model"].as_str().context("snapshot manifest: no model")?.to_string(),
-                adapter: c["adapter"].as_str().map(PathBuf::from),
-            };
-            (writer, data)
-        }
-    };
-    // One read of the prepared log: the dataset and the interactions dedup and lateness check.
-    let prepared::Log { users, items, interactions: log } = prepared::read_log(&data)?;
-    let (rows, file_info) = ingest_log::read_file(file)?;
+    let (rows, info) = ingest_log::read_file(file)?;
     if rows.is_empty() {
         bail!("{}: no interactions to ingest", file.display());
     }
-    // The prepare step's rating filter: ratings at or below it are not positives.
-    let stats: Value = crate::jobs::read_json(&data.join("stats.json")).unwrap_or_default();
-    let rating_above = stats["config"]["rating_above"]
-        .as_f64()
-        .map(|r| r as f32)
-        .unwrap_or(crate::data::preprocess::PrepareConfig::default().rating_above);
-    let file_users: std::collections::HashSet<&str> = rows.iter().map(|r| r.user.as_str()).collect();
-    let mut known = ingest_log::Known::load(&log, &users, &items, run, last, &file_users)?;
-    drop(log);
-    let admitted = ingest_log::admit(rows, &mut known, rating_above);
-    let counts = json!({
-        "duplicates": admitted.duplicates,
-        "filtered": admitted.filtered,
-        "late": admitted.late,
-        "retracted": admitted.retracted,
-        "unmatched": admitted.unmatched,
-        "rerated": admitted.rerated,
-    });
-    if admitted.rows.is_empty() {
-        // Nothing new (e.g. the same file again): no epoch, no snapshot.
-        let mut v = json!({
-            "interactions": 0, "new_users": 0, "new_items": 0,
-            "seconds": t0.elapsed().as_secs_f64(), "slices": 0, "snapshot": dir.display().to_string(),
-        });
-        if let (Some(m), Some(c)) = (v.as_object_mut(), counts.as_object()) {
-            m.extend(c.clone());
-        }
-        return Ok(v);
-    }
-    // Id maps: the dataset's, then those grown by earlier ingests, then new ones.
-    let (mut users, mut items) = (users, items);
-    let grown = &manifest["grown"];
-    for u in grown["users"].as_array().into_iter().flatten() {
-        users.push(u.as_str().unwrap_or_default().to_string());
-    }
-    // Titles and texts of grown items: from the file that brought them, else the raw id.
-    let mut grown_info: Map<String, Value> = grown["info"].as_object().cloned().unwrap_or_default();
-    let info_of = |raw: &str, grown_info: &Map<String, Value>| -> crate::data::ItemInfo {
-        match grown_info.get(raw).and_then(Value::as_array) {
-            Some(v) if v.len() == 2 => crate::data::ItemInfo {
-                title: v[0].as_str().unwrap_or(raw).to_string(),
-                text: v[1].as_str().unwrap_or(raw).to_string(),
-            },
-            _ => crate::data::ItemInfo { title: raw.to_string(), text: raw.to_string() },
-        }
-    };
-    for i in grown["items"].as_array().into_iter().flatten() {
-        let raw = i.as_str().unwrap_or_default().to_string();
-        items.push(ItemRow { raw_id: raw.clone(), info: info_of(&raw, &grown_info) });
-    }
-    let mut uid: HashMap<String, u32> = users.iter().enumerate().map(|(i, u)| (u.clone(), i as u32)).collect();
-    let mut iid: HashMap<String, u32> = items.iter().enumerate().map(|(i, r)| (r.raw_id.clone(), i as u32)).collect();
-    let (mut new_users, mut new_items) = (Vec::new(), Vec::new());
-    let done_before = manifest["interactions"].as_u64().unwrap_or(0);
-    let mut events = Vec::with_capacity(admitted.rows.len());
-    for (n, ingest_log::NewRow { user: u, item: i, timestamp: ts, retract, .. }) in
-        admitted.rows.iter().cloned().enumerate()
-    {
-        let user = *uid.entry(u.clone()).or_insert_with(|| {
-            users.push(u.clone());
-            new_users.push(u.clone());
-            users.len() as u32 - 1
-        });
-        let item = *iid.entry(i.clone()).or_insert_with(|| {
-            if let Some(info) = file_info.get(&i) {
-                grown_info.insert(i.clone(), json!([info.title, info.text]));
-            }
-            items.push(ItemRow { raw_id: i.clone(), info: info_of(&i, &grown_info) });
-            new_items.push(i.clone());
-            items.len() as u32 - 1
-        });
-        // Keys of ingested records: above every position a train sequence can have.
-        let key = ((user as u64) << 32) | (0x8000_0000 | ((done_before + n as u64) & 0x7fff_ffff));
-        events.push(Event { key, user, item, timestamp: ts, retract });
-    }
-    let n_events = events.len();
-    let ep = source::epochs(&events, &cfg.replay, last + 1)?;
-    let grouped = by_epoch(events, &ep);
-    let order: Vec<u64> = grouped.iter().map(|(t, _)| *t).collect();
-    let workers = workers.unwrap_or(cfg.replay.workers);
-    let all_users =
-        grown["users"].as_array().cloned().unwrap_or_default().into_iter().chain(new_users.iter().map(|u| json!(u)));
-    let all_items =
-        grown["items"].as_array().cloned().unwrap_or_default().into_iter().chain(new_items.iter().map(|i| json!(i)));
-    let grown_now =
-        json!({"users": all_users.collect::<Vec<_>>(), "items": all_items.collect::<Vec<_>>(), "info": grown_info});
-    ingest_log::write_log(run, last, order[0], *order.last().expect("at least one slice"), &admitted.rows)?;
-    let done = snapshot::read_metrics(&dir.join(snapshot::METRICS))?;
-    let board = Arc::new(Board::new(
-        root.clone(),
-        workers,
-        snapshot_epochs(&order, cfg.replay.snapshot_every),
-        identity.clone(),
-        users.clone(),
-        items.iter().map(|i| i.raw_id.clone()).collect(),
-        json!({ "grown": grown_now }),
-        done,
-        epoch_logger(run.join("epochs.jsonl"), order.len(), 0),
-    ));
-    let state = State::load(&dir, cfg.replay.reasons_kept)?;
-    let (factory, llm_corrects) = match writer {
-        Writer::StandIn(f) => (f, false),
-        Writer::Llm { reward_model, model, adapter } => {
-            let setup = LlmSetup {
-                model,
-                adapter,
-                features: cfg.features.clone(),
-                grpo: cfg.grpo.clone(),
-                lora: cfg.lora.clone(),
-                replay: cfg.replay.clone(),
-                items,
-                train: grpo || cfg.replay.grpo_on_ingest,
-                resume: Some(dir.clone()),
-                cache_dir: run.to_path_buf(),
-                total_steps: order.len(),
-                fresh_schedule: true,
-            };
-            (llm_factory(setup, reward_model, data.clone()), true)
-        }
-    };
-    let initial = Arc::new(Initial {
-        state,
-        history_kept: cfg.replay.history_kept,
-        reasons_kept: cfg.replay.reasons_kept,
-        freeze: false,
-        attach_reasons: llm_corrects,
-        single_policy: llm_corrects,
-    });
-    let slices = order.len();
-    let topology = Topology::threads(workers);
-    let outcome = run_dataflow(grouped, initial, factory, board, &topology)?;
-    let (_, newest) = snapshot::newest(&root).context("the ingest wrote no snapshot")?;
-    // The run now reads its features from the newest snapshot.
-    if run.join("config.toml").is_file() {
-        let mut run_cfg = JobConfig::load(Some(&run.join("config.toml")), &[])?;
-        run_cfg.curec.features = Some(newest.clone());
-        seed_caches(run, &newest)?;
-        write_text(&run.join("config.toml"), &run_cfg.to_toml())?;
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let mut v = json!({
-        "interactions": n_events - admitted.retracted,
-        "new_users": new_users.len(),
-        "new_items": new_items.len(),
-        "seconds": seconds,
-        "dataflow_seconds": outcome.seconds,
-        "slices": slices,
-        "slice_seconds": outcome.epoch_seconds,
-        "seconds_per_interaction": outcome.epoch_seconds.iter().sum::<f64>() / n_events as f64,
-        "seconds_per_slice": outcome.epoch_seconds.iter().sum::<f64>() / slices.max(1) as f64,
-        "snapshot": newest.display().to_string(),
-    });
-    if let (Some(m), Some(c)) = (v.as_object_mut(), counts.as_object()) {
-        m.extend(c.clone());
-    }
+    let users: HashSet<String> = rows.iter().map(|r| r.user.clone()).collect();
+    let only: HashSet<&str> = users.iter().map(String::as_str).collect();
+    let mut session = Session::open(run, workers, grpo, Some(&only))?;
+    let mut v = session.ingest(Rows { rows, info }, true)?;
+    session.close()?;
+    v["seconds"] = json!(t0.elapsed().as_secs_f64());
     Ok(v)
 }

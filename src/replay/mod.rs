@@ -25,12 +25,15 @@
 //! records in key order, so the results do not depend on the number of workers.
 
 pub mod bench;
+pub mod bench_ingest;
 pub mod graph;
 pub mod ingest_log;
 pub mod item_state;
 pub mod jobs;
 pub mod llm_corrector;
 pub mod policy;
+pub mod resident;
+pub mod session;
 pub mod shared;
 pub mod snapshot;
 pub mod snapshot_op;

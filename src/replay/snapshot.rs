@@ -344,6 +344,12 @@ pub fn part_report(
     }
 }
 
+struct Names {
+    raw_users: Vec<String>,
+    raw_items: Vec<String>,
+    extra: Value,
+}
+
 /// What a snapshot holds and where it goes: the run's identity, the id maps, the epochs to
 /// snapshot and the metrics of the epochs before this run. Read-only: the workers' parts and
 /// metrics reach the snapshot operator through the dataflow, not through this value.
@@ -353,10 +359,9 @@ pub struct Board {
     snapshots: BTreeSet<u64>,
     /// Run identity for the manifests (config hash, seed, …).
     identity: Value,
-    raw_users: Vec<String>,
-    raw_items: Vec<String>,
-    /// Keys added to every manifest (e.g. the id maps grown by ingestion).
-    extra: Value,
+    /// The raw ids and the keys added to every manifest (e.g. the id maps grown by ingestion):
+    /// they grow between the batches of a resident dataflow ([`Board::set_names`]).
+    names: std::sync::RwLock<Names>,
     keep: usize,
     /// Metrics of the epochs before this run (from the snapshot resumed from).
     done: Vec<EpochMetrics>,
@@ -379,7 +384,21 @@ impl Board {
         done: Vec<EpochMetrics>,
         on_epoch: EpochHook,
     ) -> Self {
-        Self { root, peers, snapshots, identity, raw_users, raw_items, extra, keep: 2, done, on_epoch }
+        let names = std::sync::RwLock::new(Names { raw_users, raw_items, extra });
+        Self { root, peers, snapshots, identity, names, keep: 2, done, on_epoch }
+    }
+
+    /// Raw ids added, and the new manifest keys, for the snapshots after the next batch (a
+    /// resident dataflow grows them before feeding the batch that uses them).
+    pub fn grow_names(&self, users: &[String], items: &[String], extra: Value) {
+        let mut n = self.names.write().unwrap_or_else(|p| p.into_inner());
+        n.raw_users.extend_from_slice(users);
+        n.raw_items.extend_from_slice(items);
+        n.extra = extra;
+    }
+
+    fn names(&self) -> std::sync::RwLockReadGuard<'_, Names> {
+        self.names.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn is_snapshot(&self, e: u64) -> bool {
@@ -430,14 +449,15 @@ impl Board {
         let pats = by_partition(&sh.patterns, |r| r.0);
         let hist = by_partition(&sh.history, |r| r.0);
         let rs = by_partition(&sh.reasons, |r| r.0);
+        let names = self.names();
         for &k in owned {
             if sh.users {
-                let raw = &self.raw_users;
+                let raw = &names.raw_users;
                 store::write_pattern_columns(&part_path(dir, "patterns", k), &pats[k], |r| (r.0, r.1, &*r.2), raw)?;
                 write_history(&part_path(dir, "history", k), &hist[k])?;
             }
             if sh.items {
-                let raw = &self.raw_items;
+                let raw = &names.raw_items;
                 store::write_reason_columns(&part_path(dir, "reasons", k), &rs[k], |r| (r.2, r.0, r.1, &*r.3), raw)?;
             }
         }
@@ -468,17 +488,18 @@ impl Board {
         let upto: Vec<EpochMetrics> = metrics.iter().filter(|m| m.epoch <= e).cloned().collect();
         let interactions: u64 = upto.iter().map(|m| m.interactions).sum();
         write_metrics(&dir.join(METRICS), &upto)?;
+        let names = self.names();
         let mut manifest = json!({
             "epoch": e,
             "watermark": e,
             "interactions": interactions,
             "patterns": patterns,
             "reasons": reasons,
-            "users": self.raw_users.len(),
-            "items": self.raw_items.len(),
+            "users": names.raw_users.len(),
+            "items": names.raw_items.len(),
             "identity": self.identity,
         });
-        if let (Some(m), Some(x)) = (manifest.as_object_mut(), self.extra.as_object()) {
+        if let (Some(m), Some(x)) = (manifest.as_object_mut(), names.extra.as_object()) {
             m.extend(x.clone());
         }
         crate::jobs::write_json(&dir.join(MANIFEST), &manifest)?;
