@@ -30,6 +30,8 @@ struct Batch {
     until: u64,
 }
 
+type Slot = Mutex<Option<Receiver<Arc<Batch>>>>;
+
 /// What a batch did (worker 0's view, summed over the workers).
 #[derive(Debug, Default, Clone)]
 pub struct BatchOutcome {
@@ -64,8 +66,8 @@ impl Resident {
             bail!("snapshot board for {} workers, engine of {}", board.peers(), topology.peers());
         }
         let (feeds, receivers): (Vec<_>, Vec<_>) = (0..topology.peers()).map(|_| channel::<Arc<Batch>>()).unzip();
-        let receivers: Arc<Vec<Mutex<Option<Receiver<Arc<Batch>>>>>> =
-            Arc::new(receivers.into_iter().map(|r| Mutex::new(Some(r))).collect());
+        // Each worker takes its own receiver once.
+        let receivers: Arc<Vec<Slot>> = Arc::new(receivers.into_iter().map(|r| Mutex::new(Some(r))).collect());
         let (ack_tx, acks) = channel();
         let ack_tx = Mutex::new(ack_tx);
         let config = topology.config()?;
