@@ -275,6 +275,11 @@ enum Command {
         /// Milliseconds the ingest worker waits for more rows after the first pending one.
         #[arg(long, default_value_t = 500)]
         ingest_delay_ms: u64,
+        /// Milliseconds ingested batches may stay in the resident dataflow's memory before a
+        /// checkpoint (a snapshot; recommendations then see them). 0: a checkpoint after every
+        /// batch. Acknowledged rows are durable in the write-ahead log either way.
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every_ms: u64,
     },
     /// Run a job file: prepare the data if needed, then train and evaluate every listed model.
     Run {
@@ -791,11 +796,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let v = curec::replay::ingest(&from, &file, workers, grpo)?;
             println!("{v}");
         }
-        Command::Serve { run, addr, ingest_delay_ms } => {
+        Command::Serve { run, addr, ingest_delay_ms, checkpoint_every_ms } => {
             curec::serve::serve(&curec::serve::ServeOptions {
                 run,
                 addr,
                 ingest_delay: std::time::Duration::from_millis(ingest_delay_ms),
+                checkpoint_every: std::time::Duration::from_millis(checkpoint_every_ms),
             })?;
         }
         Command::Bench { what: BenchWhat::Serve { run, clients, seconds, k, rows_per_post } } => {

@@ -26,9 +26,14 @@ impl Drop for Server {
 }
 
 fn start(run: &Path, delay_ms: u64) -> Server {
+    start_with(run, delay_ms, &[])
+}
+
+fn start_with(run: &Path, delay_ms: u64, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_curec"))
         .args(["serve", "--run", run.to_str().unwrap(), "--addr", "127.0.0.1:0"])
         .args(["--ingest-delay-ms", &delay_ms.to_string()])
+        .args(extra)
         .env("CUREC_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -318,6 +323,38 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     assert_eq!(v["recommendations"]["errors"], 0, "{v}");
     assert_eq!(v["ingestion"]["errors"], 0, "{v}");
     assert_eq!(std::fs::read_to_string(run.join("serve/applied")).unwrap(), applied, "the bench wrote to the run");
+
+    // Checkpoints a minute apart: an ingested batch lives in the resident dataflow only (no
+    // snapshot, `applied` unmoved); kill -9 then loses nothing (the next start ingests it again
+    // from the log), a checkpoint interval that passes writes the snapshot the recommendations
+    // read, and SIGTERM checkpoints what is in memory before the exit.
+    let applied = |run: &Path| std::fs::read_to_string(run.join("serve/applied")).unwrap().trim().to_string();
+    let before = snapshots(&run);
+    let s = start_with(&run, 100, &["--checkpoint-every-ms", "60000"]);
+    let row = |user: &str, ts: i64| json!([{"user": user, "item": i0, "timestamp": ts, "rating": 5}]).to_string();
+    assert_eq!(post(&s, &row("mem-user", 2_000_000_300)).1["seq"], json!(4));
+    wait_ingested(&s, 1.0);
+    assert_eq!((applied(&run).as_str(), snapshots(&run)), ("3", before), "a checkpoint before its time");
+    assert_eq!(get(&s, "/v1/users/mem-user/recommendations").0, 404, "served before its checkpoint");
+    let mut s = s;
+    s.child.kill().unwrap(); // SIGKILL
+    s.child.wait().unwrap();
+    drop(s);
+    let s = start_with(&run, 100, &["--checkpoint-every-ms", "300"]);
+    let t0 = Instant::now();
+    while get(&s, "/v1/users/mem-user/recommendations").0 != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "mem-user not served after its checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(applied(&run), "4");
+    assert!(snapshots(&run) > before, "no snapshot at the checkpoint");
+    terminate(s);
+    let s = start_with(&run, 100, &["--checkpoint-every-ms", "60000"]);
+    assert_eq!(post(&s, &row("term-mem", 2_000_000_400)).1["seq"], json!(5));
+    wait_ingested(&s, 1.0);
+    terminate(s);
+    assert_eq!(applied(&run), "5", "SIGTERM did not checkpoint");
+    assert_eq!(cli_recs(&run, "term-mem", 2).len(), 2);
 }
 
 #[test]

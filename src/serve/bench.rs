@@ -145,7 +145,7 @@ pub fn run(b: &ServeBench) -> Result<Value> {
         };
         let worker = {
             let app = app.clone();
-            std::thread::spawn(move || app.ingest_worker(Duration::from_millis(200)))
+            std::thread::spawn(move || app.ingest_worker(Duration::from_millis(200), Duration::ZERO))
         };
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

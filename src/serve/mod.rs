@@ -35,6 +35,7 @@ use axum::Router;
 use serde_json::{json, Value};
 
 use crate::jobs::{Query as RecQuery, Recommendation, Recommender};
+use crate::replay::session::{Rows, Session};
 use metrics::Metrics;
 use wal::{Entry, Row, Wal};
 
@@ -55,6 +56,8 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// How long the ingest worker waits for more rows after the first pending one.
     pub ingest_delay: Duration,
+    /// How long ingested batches may stay in memory only (zero: a checkpoint after each).
+    pub checkpoint_every: Duration,
 }
 
 /// What the handlers share.
@@ -160,18 +163,49 @@ impl App {
         self.recommender.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The ingest worker: waits for acknowledged entries, ingests them in one batch, records
-    /// them as applied and swaps in a fresh recommender. Returns when the service stops and
-    /// the queue is empty.
-    pub fn ingest_worker(self: &Arc<Self>, delay: Duration) {
+    /// The ingest worker: waits for acknowledged entries and puts them, batch by batch, through
+    /// a resident session (the replay's dataflow kept up from the run's newest snapshot). A
+    /// checkpoint (a snapshot, the log's `applied` mark moved, and a fresh recommender that
+    /// serves the new users, items and histories) follows every batch when `checkpoint_every` is
+    /// zero, else once that long has passed since the first batch after the last one (waiting for
+    /// no new batch), and always before the service stops. Returns when the service stops and the
+    /// queue is empty.
+    pub fn ingest_worker(self: &Arc<Self>, delay: Duration, checkpoint_every: Duration) {
+        let mut w = IngestWorker { session: None, uncheckpointed: Vec::new(), dirty_since: None };
         loop {
             let batch: Vec<Entry> = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 while q.0.is_empty() && !q.1 {
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                    match w.dirty_since {
+                        // Batches in memory only: wake for their checkpoint.
+                        Some(t0) => {
+                            let left = checkpoint_every.saturating_sub(t0.elapsed());
+                            if left.is_zero() {
+                                break;
+                            }
+                            q = self.wake.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0;
+                        }
+                        None => q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
+                    }
                 }
-                if q.0.is_empty() || self.halted.load(std::sync::atomic::Ordering::Relaxed) {
-                    return; // stopping, nothing left (or halted)
+                if self.halted.load(std::sync::atomic::Ordering::Relaxed) {
+                    return; // the benchmark's copy: nothing more is ingested or checkpointed
+                }
+                if q.0.is_empty() {
+                    let stopping = q.1;
+                    drop(q);
+                    if w.dirty_since.is_some() {
+                        self.checkpoint(&mut w);
+                    }
+                    if stopping {
+                        if let Some(s) = w.session.take() {
+                            if let Err(e) = s.close() {
+                                tracing::error!("closing the ingest dataflow: {e:#}");
+                            }
+                        }
+                        return;
+                    }
+                    continue;
                 }
                 if !q.1 {
                     // Let a burst of requests gather into one ingest.
@@ -182,56 +216,91 @@ impl App {
             };
             let rows: u64 = batch.iter().map(|e| e.rows.len() as u64).sum();
             let t0 = Instant::now();
-            match self.ingest(&batch) {
+            let checkpoint = checkpoint_every.is_zero();
+            match self.ingest(&mut w, &batch, checkpoint) {
                 Ok(v) => {
                     let n = v["interactions"].as_u64().unwrap_or(0);
                     self.metrics.ingest(rows, n, t0.elapsed().as_secs_f64(), true);
                     tracing::info!(
-                        "ingested {rows} rows ({n} new interactions) in {:.1} s",
+                        "ingested {rows} rows ({n} new interactions) in {:.3} s",
                         t0.elapsed().as_secs_f64()
                     );
+                    w.uncheckpointed.extend(batch);
+                    if checkpoint {
+                        self.checkpointed(&mut w);
+                    } else {
+                        w.dirty_since.get_or_insert_with(Instant::now);
+                    }
                 }
                 Err(e) => {
-                    // The entries stay in the log (not applied): a restart retries them.
+                    // The entries stay in the log (not applied): a restart retries them. The
+                    // dataflow may be half-way through the batch: it is dropped, and the next
+                    // batch starts one from the newest snapshot, after the batches since it.
                     self.metrics.ingest(rows, 0, t0.elapsed().as_secs_f64(), false);
                     tracing::error!("ingest failed, the rows stay in the log for the next start: {e:#}");
+                    w.session = None;
                 }
             }
         }
     }
 
-    fn ingest(&self, batch: &[Entry]) -> Result<Value> {
-        let last = batch.last().map(|e| e.seq).unwrap_or(0);
-        let file = wal::dir(&self.run).join(format!("ingest-{last}.csv"));
-        {
-            let mut w = csv::Writer::from_path(&file).with_context(|| format!("{}: cannot write", file.display()))?;
-            w.write_record(["user", "item", "timestamp", "rating", "title", "text", "op"])?;
-            for r in batch.iter().flat_map(|e| &e.rows) {
-                w.write_record([
-                    r.user.as_str(),
-                    r.item.as_str(),
-                    &r.timestamp.to_string(),
-                    &r.rating.to_string(),
-                    r.title.as_deref().unwrap_or(""),
-                    r.text.as_deref().unwrap_or(""),
-                    if r.delete { "delete" } else { "add" },
-                ])?;
+    /// Put one batch through the session (opened, and caught up with the batches it lost after
+    /// a failure, when there is none), with a snapshot after it when `checkpoint`.
+    fn ingest(&self, w: &mut IngestWorker, batch: &[Entry], checkpoint: bool) -> Result<Value> {
+        if w.session.is_none() {
+            let mut s = Session::open_resident(&self.run, None)?;
+            for e in &w.uncheckpointed {
+                s.ingest(rows_of(&self.run, std::slice::from_ref(e))?, false)?;
             }
-            w.flush()?;
+            w.session = Some(s);
         }
-        let v = crate::replay::jobs::ingest(&self.run, &file, None, false);
-        let _ = std::fs::remove_file(&file);
-        let v = v?;
-        wal::set_applied(&self.run, last)?;
-        let fresh = Recommender::open(&self.run)?;
-        let old = self.recommender().lock().unwrap_or_else(|p| p.into_inner()).states();
-        let (computed, carried) = fresh.warm(Some(&old))?;
-        tracing::debug!("user states: {computed} computed, {carried} carried over");
-        let (u, i) = fresh.sizes();
-        self.metrics.sizes(u, i);
-        *self.recommender.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Mutex::new(fresh));
-        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(v)
+        let s = w.session.as_mut().expect("opened above");
+        s.ingest(rows_of(&self.run, batch)?, checkpoint)
+    }
+
+    /// A snapshot of the session's state now, then what follows one.
+    fn checkpoint(&self, w: &mut IngestWorker) {
+        let t0 = Instant::now();
+        let r = match w.session.as_mut() {
+            Some(s) => s.checkpoint().map(|_| ()),
+            None => Err(anyhow::anyhow!("no ingest dataflow (an earlier batch failed)")),
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!("checkpoint in {:.3} s", t0.elapsed().as_secs_f64());
+                self.checkpointed(w);
+            }
+            Err(e) => {
+                tracing::error!("checkpoint failed, the rows stay in the log for the next start: {e:#}");
+                w.session = None;
+                w.dirty_since = None;
+            }
+        }
+    }
+
+    /// After a snapshot covering every batch so far: the log's `applied` mark, and a fresh
+    /// recommender that reads the new snapshot.
+    fn checkpointed(&self, w: &mut IngestWorker) {
+        let last = w.uncheckpointed.last().map(|e| e.seq);
+        w.uncheckpointed.clear();
+        w.dirty_since = None;
+        let r = (|| -> Result<()> {
+            if let Some(last) = last {
+                wal::set_applied(&self.run, last)?;
+            }
+            let fresh = Recommender::open(&self.run)?;
+            let old = self.recommender().lock().unwrap_or_else(|p| p.into_inner()).states();
+            let (computed, carried) = fresh.warm(Some(&old))?;
+            tracing::debug!("user states: {computed} computed, {carried} carried over");
+            let (u, i) = fresh.sizes();
+            self.metrics.sizes(u, i);
+            *self.recommender.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Mutex::new(fresh));
+            *self.report.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::error!("after the checkpoint: {e:#}");
+        }
     }
 
     /// Stop the worker after its current ingest, leaving the queue in the log (for a restart).
@@ -247,6 +316,39 @@ impl App {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
         self.wake.notify_all();
     }
+}
+
+/// The ingest worker's own state: the resident session (none before the first batch and after
+/// a failure), the entries put through it since the last checkpoint, and since when.
+struct IngestWorker {
+    session: Option<Session>,
+    uncheckpointed: Vec<Entry>,
+    dirty_since: Option<Instant>,
+}
+
+/// A batch's rows as `curec ingest` reads them (the same rules for ids, ops, titles and texts):
+/// written as the CSV a client could have sent, and read back.
+fn rows_of(run: &Path, batch: &[Entry]) -> Result<Rows> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["user", "item", "timestamp", "rating", "title", "text", "op"])?;
+    for r in batch.iter().flat_map(|e| &e.rows) {
+        w.write_record([
+            r.user.as_str(),
+            r.item.as_str(),
+            &r.timestamp.to_string(),
+            &r.rating.to_string(),
+            r.title.as_deref().unwrap_or(""),
+            r.text.as_deref().unwrap_or(""),
+            if r.delete { "delete" } else { "add" },
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let file = wal::dir(run).join(format!("ingest-{}.csv", batch.last().map_or(0, |e| e.seq)));
+    std::fs::write(&file, bytes).with_context(|| format!("{}: cannot write", file.display()))?;
+    let read = crate::replay::ingest_log::read_file(&file);
+    let _ = std::fs::remove_file(&file);
+    let (rows, info) = read?;
+    Ok(Rows { rows, info })
 }
 
 /// The ranking thread: takes the first waiting request, then every request queued behind it (up
@@ -526,8 +628,8 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     let app = App::open(&opts.run)?;
     let worker = {
         let app = app.clone();
-        let delay = opts.ingest_delay;
-        std::thread::Builder::new().name("curec-ingest".into()).spawn(move || app.ingest_worker(delay))?
+        let (delay, every) = (opts.ingest_delay, opts.checkpoint_every);
+        std::thread::Builder::new().name("curec-ingest".into()).spawn(move || app.ingest_worker(delay, every))?
     };
     app.wake.notify_all();
     let rt = tokio::runtime::Builder::new_multi_thread()
