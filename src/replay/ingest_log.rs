@@ -60,35 +60,64 @@ pub fn read_file(path: &Path) -> Result<(Vec<NewRow>, HashMap<String, ItemInfo>)
     Ok((rows, info))
 }
 
-/// Which interactions the run already holds: (user, item, timestamp) by raw id, the (user, item)
-/// pairs that are positives now (not retracted), and the newest timestamp per user.
+/// Which interactions the run already holds: (user, item, timestamp), the (user, item) pairs that
+/// are positives now (not retracted), and the newest timestamp per user. Raw ids are interned
+/// (the prepared log's ids first), so a resident session holds millions of keys compactly.
 #[derive(Default)]
 pub struct Known {
-    seen: HashSet<(String, String, i64)>,
+    users: Interner,
+    items: Interner,
+    seen: HashSet<(u32, u32, i64)>,
     /// Retractions already applied, by (user, item, timestamp of the retraction).
-    retractions: HashSet<(String, String, i64)>,
-    positive: HashSet<(String, String)>,
-    newest: HashMap<String, i64>,
+    retractions: HashSet<(u32, u32, i64)>,
+    positive: HashSet<(u32, u32)>,
+    newest: HashMap<u32, i64>,
+}
+
+/// Raw id → dense id.
+#[derive(Default)]
+struct Interner(HashMap<String, u32>);
+
+impl Interner {
+    fn id(&mut self, raw: &str) -> u32 {
+        if let Some(&i) = self.0.get(raw) {
+            return i;
+        }
+        let i = self.0.len() as u32;
+        self.0.insert(raw.to_string(), i);
+        i
+    }
 }
 
 impl Known {
-    fn add(&mut self, user: &str, item: &str, ts: i64) {
-        self.seen.insert((user.to_string(), item.to_string(), ts));
-        self.positive.insert((user.to_string(), item.to_string()));
-        let n = self.newest.entry(user.to_string()).or_insert(ts);
+    fn ids(&mut self, user: &str, item: &str) -> (u32, u32) {
+        (self.users.id(user), self.items.id(item))
+    }
+
+    fn add_ids(&mut self, u: u32, i: u32, ts: i64) {
+        self.seen.insert((u, i, ts));
+        self.positive.insert((u, i));
+        let n = self.newest.entry(u).or_insert(ts);
         *n = (*n).max(ts);
     }
 
+    fn add(&mut self, user: &str, item: &str, ts: i64) {
+        let (u, i) = self.ids(user, item);
+        self.add_ids(u, i, ts);
+    }
+
     fn retract(&mut self, user: &str, item: &str, ts: i64) -> bool {
-        let held = self.positive.remove(&(user.to_string(), item.to_string()));
+        let (u, i) = self.ids(user, item);
+        let held = self.positive.remove(&(u, i));
         if held {
-            self.retractions.insert((user.to_string(), item.to_string(), ts));
+            self.retractions.insert((u, i, ts));
         }
         held
     }
 
-    fn holds(&self, user: &str, item: &str) -> bool {
-        self.positive.contains(&(user.to_string(), item.to_string()))
+    fn holds(&mut self, user: &str, item: &str) -> bool {
+        let (u, i) = self.ids(user, item);
+        self.positive.contains(&(u, i))
     }
 
     /// What the prepared log `log` of `ds` (every split) and the run's ingests completed by
@@ -105,10 +134,17 @@ impl Known {
     ) -> Result<Known> {
         let wanted = |u: &str| users.is_none_or(|s| s.contains(u));
         let mut k = Known::default();
+        // The prepared log's dense ids are the interner's first ids.
+        for u in raw_users {
+            k.users.id(u);
+        }
+        for i in raw_items {
+            k.items.id(&i.raw_id);
+        }
+        let keep: Vec<bool> = raw_users.iter().map(|u| wanted(u)).collect();
         for x in log {
-            let u = raw_users[x.user as usize].as_str();
-            if wanted(u) {
-                k.add(u, &raw_items[x.item as usize].raw_id, x.timestamp);
+            if keep[x.user as usize] {
+                k.add_ids(x.user, x.item, x.timestamp);
             }
         }
         for (_, last, path) in logs(run)? {
@@ -150,8 +186,9 @@ pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitte
     rows.sort_by_key(|(pos, r)| (r.timestamp, *pos));
     for (_, mut r) in rows {
         // A delete, or a rating below the filter for a pair the log holds: a retraction.
+        let (u, i) = known.ids(&r.user, &r.item);
         if r.retract || (r.rating <= rating_above && known.holds(&r.user, &r.item)) {
-            if known.retractions.contains(&(r.user.clone(), r.item.clone(), r.timestamp)) {
+            if known.retractions.contains(&(u, i, r.timestamp)) {
                 a.duplicates += 1;
             } else if known.retract(&r.user, &r.item, r.timestamp) {
                 r.retract = true;
@@ -166,7 +203,7 @@ pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitte
             a.filtered += 1;
             continue;
         }
-        if known.seen.contains(&(r.user.clone(), r.item.clone(), r.timestamp)) {
+        if known.seen.contains(&(u, i, r.timestamp)) {
             a.duplicates += 1;
             continue;
         }
@@ -174,10 +211,10 @@ pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitte
             a.rerated += 1;
             continue;
         }
-        if known.newest.get(&r.user).is_some_and(|&n| r.timestamp < n) {
+        if known.newest.get(&u).is_some_and(|&n| r.timestamp < n) {
             a.late += 1;
         }
-        known.add(&r.user, &r.item, r.timestamp);
+        known.add_ids(u, i, r.timestamp);
         a.rows.push(r);
     }
     a
