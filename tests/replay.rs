@@ -624,3 +624,58 @@ fn a_resident_session_writes_the_same_bytes_as_one_shot_ingests() {
     let m = snapshot::manifest(&db).unwrap();
     assert_eq!(m["grown"]["info"]["new-item"][0], "New Item (2026)", "{m}");
 }
+
+/// A corrector that panics (a bug, not an error it returns) fails the resident dataflow's batch
+/// with an error instead of leaving the caller, or the other worker, waiting for it forever.
+#[test]
+fn a_resident_dataflow_reports_a_panicking_worker_instead_of_hanging() {
+    use curec::replay::policy::EpochOutput;
+    use curec::replay::resident::Resident;
+    use curec::replay::{Annotated, EpochMetrics, Event};
+    struct PanicsAtEpoch1;
+    impl Corrector for PanicsAtEpoch1 {
+        fn epoch(&mut self, epoch: u64, _: Vec<Annotated>) -> anyhow::Result<EpochOutput> {
+            assert!(epoch != 1, "a corrector bug (this panic is expected by the test)");
+            Ok(EpochOutput { updates: Vec::new(), metrics: EpochMetrics { epoch, ..Default::default() } })
+        }
+        fn save(&mut self, _: &Path) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let board = Arc::new(Board::new(
+        tmp.path().to_path_buf(),
+        2,
+        BTreeSet::new(),
+        json!({"test": 1}),
+        (0..4).map(|u| format!("u{u}")).collect(),
+        (0..4).map(|i| format!("i{i}")).collect(),
+        json!({}),
+        Vec::new(),
+        Box::new(|_, _| {}),
+    ));
+    let initial = Arc::new(Initial {
+        state: State::default(),
+        history_kept: 5,
+        reasons_kept: 3,
+        freeze: false,
+        attach_reasons: false,
+        single_policy: false,
+    });
+    let factory: CorrectorFactory =
+        Arc::new(|_, _| -> anyhow::Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(PanicsAtEpoch1))) });
+    let ev = |k: u64| Event { key: k, user: (k % 4) as u32, item: 1, timestamp: k as i64, retract: false };
+    let mut r = Resident::start(initial, factory, board, 2, 0).unwrap();
+    let ok = r.apply(vec![(0, vec![ev(1), ev(2), ev(3), ev(4)])], false).unwrap();
+    assert_eq!(ok.metrics.len(), 1);
+    // Only worker 1 (user 1's) panics; worker 0 would wait for its progress forever. The batch
+    // and the join run on a thread, so that a hang fails the test instead of stalling it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let err = r.apply(vec![(1, vec![ev(5)])], false).map(|_| ()).map_err(|e| format!("{e:#}"));
+        drop(r); // joins the workers
+        let _ = tx.send(err);
+    });
+    let err = rx.recv_timeout(Duration::from_secs(60)).expect("the resident dataflow hung after a worker panicked");
+    assert!(err.as_ref().is_err_and(|e| e.contains("panicked")), "{err:?}");
+}

@@ -140,10 +140,14 @@ pub(super) fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize
         let eta = secs / *n as f64 * left as f64;
         let tps = m.generated_tokens as f64 / epoch_secs.max(1e-9);
         let f = |x: Option<f64>| x.map_or("—".into(), |v| format!("{v:.4}"));
+        // A resident session (`total_epochs` 0) has no end to count down to.
+        let (of, eta) = match total_epochs {
+            0 => (String::new(), String::new()),
+            t => (format!(" ({}/{t})", done_before + *n), format!(", ETA {eta:.0} s")),
+        };
         tracing::info!(
-            "epoch {} ({}/{total_epochs}): {} interactions, {} reasons, reward {}, kl {}, {tps:.0} tok/s, ETA {eta:.0} s",
+            "epoch {}{of}: {} interactions, {} reasons, reward {}, kl {}, {tps:.0} tok/s{eta}",
             m.epoch,
-            done_before + *n,
             m.interactions,
             m.reasons_written,
             f(m.mean_reward()),

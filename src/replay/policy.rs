@@ -138,7 +138,8 @@ pub fn policy_operator<'s>(
                             metrics = o.metrics;
                             metrics.epoch = t;
                             if let Some(at) = &cap {
-                                output.session(at).give_iterator(o.updates.into_iter());
+                                let mut updates = o.updates;
+                                output.session(at).give_container(&mut updates);
                             }
                         }
                         Err(e) => {

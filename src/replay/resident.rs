@@ -10,7 +10,8 @@
 //! epoch further, so that the rewrites of that epoch are folded before the state operators write
 //! their parts. Closing the engine closes the inputs and joins the workers.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,6 +50,19 @@ pub struct Resident {
     acks: Receiver<std::result::Result<BatchOutcome, String>>,
     guards: Option<WorkerGuards<std::result::Result<(), String>>>,
     next: u64,
+    /// Set by a worker that panics, so that the others and the caller stop waiting for it.
+    dead: Arc<AtomicBool>,
+}
+
+/// Sets its flag when dropped by a panicking thread.
+struct PanicFlag(Arc<AtomicBool>);
+
+impl Drop for PanicFlag {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Resident {
@@ -71,7 +85,11 @@ impl Resident {
         let (ack_tx, acks) = channel();
         let ack_tx = Mutex::new(ack_tx);
         let config = topology.config()?;
+        let dead = Arc::new(AtomicBool::new(false));
+        let dead_w = dead.clone();
         let guards = timely::execute(config, move |worker| -> std::result::Result<(), String> {
+            let _flag = PanicFlag(dead_w.clone());
+            let dead = || dead_w.load(Ordering::Relaxed);
             let (index, peers) = (worker.index(), worker.peers());
             let rx = receivers[index].lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("worker started twice")?;
             let mut df = build_worker(worker, &initial, &factory, &board);
@@ -91,7 +109,14 @@ impl Resident {
                         || df.error().is_some()
                         || last.is_none_or(|l| df.collected.borrow().metrics.last().is_some_and(|m| m.epoch >= l))
                 };
-                worker.step_while(|| df.probe.less_than(&batch.until) || !finished(&df));
+                worker.step_while(|| !dead() && (df.probe.less_than(&batch.until) || !finished(&df)));
+                if dead() {
+                    // Timely would step a dataflow with a dead peer forever after we return.
+                    for id in worker.installed_dataflows() {
+                        worker.drop_dataflow(id);
+                    }
+                    return Err("another timely worker panicked".into());
+                }
                 if index == 0 {
                     let c = df.collected.borrow();
                     let answer = match df.error() {
@@ -111,12 +136,17 @@ impl Resident {
             let (failure, collected) = (df.failure.clone(), df.collected.clone());
             df.events.close();
             df.ticks.close();
-            while worker.step() {}
+            while !dead() && worker.step() {}
+            if dead() {
+                for id in worker.installed_dataflows() {
+                    worker.drop_dataflow(id);
+                }
+            }
             let error = failure.take().or_else(|| collected.borrow().error.clone());
             error.map_or(Ok(()), Err)
         })
         .map_err(|e| anyhow!("starting the timely workers: {e}"))?;
-        Ok(Self { feeds, acks, guards: Some(guards), next: first })
+        Ok(Self { feeds, acks, guards: Some(guards), next: first, dead })
     }
 
     /// The first epoch the next batch may use.
@@ -137,7 +167,14 @@ impl Resident {
         for f in &self.feeds {
             f.send(batch.clone()).map_err(|_| anyhow!("the dataflow has stopped"))?;
         }
-        let answer = self.acks.recv().map_err(|_| anyhow!("the dataflow has stopped"))?;
+        let answer = loop {
+            match self.acks.recv_timeout(std::time::Duration::from_millis(200)) {
+                Ok(a) => break a,
+                Err(RecvTimeoutError::Timeout) if !self.dead.load(Ordering::Relaxed) => {}
+                Err(_) if self.dead.load(Ordering::Relaxed) => bail!("a timely worker panicked (logged above)"),
+                Err(_) => bail!("the dataflow has stopped"),
+            }
+        };
         self.next = until;
         let outcome = answer.map_err(|e| anyhow!(e))?;
         if snapshot && outcome.snapshot.is_none() {

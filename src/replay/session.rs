@@ -65,6 +65,8 @@ pub struct Session {
     writer: Writer,
     board: Option<Arc<Board>>,
     engine: Option<Resident>,
+    /// Opened for batch after batch ([`Session::open_resident`]).
+    resident: bool,
 }
 
 /// Rows of one batch and the item titles and texts that came with them.
@@ -165,6 +167,7 @@ impl Session {
             writer,
             board: None,
             engine: None,
+            resident: false,
         })
     }
 
@@ -172,6 +175,7 @@ impl Session {
     /// that the first batch costs what the others do.
     pub fn open_resident(run: &Path, workers: Option<usize>) -> Result<Self> {
         let mut s = Self::open(run, workers, false, None)?;
+        s.resident = true;
         let grown = json!({ "grown": {"users": s.grown_users, "items": s.grown_items, "info": s.grown_info} });
         s.start(1, grown)?;
         Ok(s)
@@ -327,7 +331,7 @@ impl Session {
             raw_items,
             extra,
             done,
-            epoch_logger(self.run.join("epochs.jsonl"), slices, 0),
+            epoch_logger(self.run.join("epochs.jsonl"), if self.resident { 0 } else { slices }, 0),
         ));
         let state = State::load(&self.base_dir, self.cfg.replay.reasons_kept)?;
         let (factory, llm_corrects) = match self.writer.clone() {

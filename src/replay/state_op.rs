@@ -131,7 +131,8 @@ pub fn state_operator<'s, S: KeyedState>(
                 if let Some((c, mut r)) = recs.remove(&t) {
                     r.sort_by_key(|r| S::order(r));
                     let out = state.annotate(r);
-                    output.session(&c).give_iterator(out.into_iter());
+                    let mut out = out;
+                    output.session(&c).give_container(&mut out);
                 }
             }
             while let Some(e) = first(&pending).filter(|&e| ready(e + 1)) {
