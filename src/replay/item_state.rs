@@ -112,8 +112,8 @@ impl KeyedState for ItemState {
         records
     }
 
-    fn shard(&self) -> Shard {
-        reason_shard(&self.items)
+    fn shard(&self, keep: &dyn Fn(u32) -> bool) -> Shard {
+        reason_shard(&self.items, keep)
     }
 }
 

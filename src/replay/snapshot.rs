@@ -126,9 +126,24 @@ pub struct Part {
     pub reasons: usize,
 }
 
-pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
+/// The partition of a user's or an item's rows.
+fn part_of(key: u32) -> usize {
+    key as usize % PARTITIONS
+}
+
+/// The keys of `map` in the order the snapshot writes them: by partition, then by key.
+fn write_order<V>(map: &IdMap<V>, keep: &dyn Fn(u32) -> bool) -> Vec<u32> {
+    let mut keys: Vec<u32> = map.keys().copied().filter(|&k| keep(k)).collect();
+    keys.sort_unstable_by_key(|&k| (part_of(k), k));
+    keys
+}
+
+/// The user state's rows (of the users `keep` accepts), in write order (so that sorting them
+/// again costs one pass).
+pub fn pattern_shard(users: &IdMap<UserEntry>, keep: &dyn Fn(u32) -> bool) -> Shard {
     let mut sh = Shard { users: true, ..Default::default() };
-    for (&u, e) in users {
+    for u in write_order(users, keep) {
+        let e = &users[&u];
         if let Some((ts, t)) = &e.pattern {
             sh.patterns.push((u, *ts, t.clone()));
         }
@@ -137,19 +152,26 @@ pub fn pattern_shard(users: &IdMap<UserEntry>) -> Shard {
     sh
 }
 
-pub fn reason_shard(items: &IdMap<Arc<ReasonList>>) -> Shard {
+/// The item state's rows (of the items `keep` accepts), in write order: each item's list by
+/// (timestamp, user), ties in list order.
+pub fn reason_shard(items: &IdMap<Arc<ReasonList>>, keep: &dyn Fn(u32) -> bool) -> Shard {
     let mut sh = Shard { items: true, ..Default::default() };
-    for (&i, l) in items {
-        sh.reasons.extend(l.iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
+    for i in write_order(items, keep) {
+        let at = sh.reasons.len();
+        sh.reasons.extend(items[&i].iter().map(|r| (i, r.timestamp, r.user, r.text.0.clone())));
+        sh.reasons[at..].sort_by_key(|r| (r.1, r.2));
     }
     sh
 }
 
-/// `rows` split into [`PARTITIONS`] lists by `key % PARTITIONS`, in their order.
-fn by_partition<T: Clone>(rows: &[T], key: impl Fn(&T) -> u32) -> Vec<Vec<T>> {
-    let mut out = vec![Vec::new(); PARTITIONS];
-    for r in rows {
-        out[key(r) as usize % PARTITIONS].push(r.clone());
+/// Where each partition's rows are in `rows` (sorted by partition): [`PARTITIONS`] ranges.
+fn partition_ranges<T>(rows: &[T], key: impl Fn(&T) -> u32) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::with_capacity(PARTITIONS);
+    let mut start = 0;
+    for k in 0..PARTITIONS {
+        let end = start + rows[start..].partition_point(|r| part_of(key(r)) == k);
+        out.push(start..end);
+        start = end;
     }
     out
 }
@@ -428,37 +450,47 @@ impl Board {
         PARTITIONS.is_multiple_of(self.peers)
     }
 
-    /// A state operator's part of snapshot `e`: in direct mode it writes the partitions worker
-    /// `index` owns (patterns and history, or reasons), else it hands the rows over.
-    pub fn part(&self, e: u64, shard: Shard, index: usize) -> Result<Part> {
+    /// A state operator's part of snapshot `e` (`shard` makes its rows of the keys a filter
+    /// accepts): in direct mode it writes the partitions worker `index` owns (patterns and
+    /// history, or reasons) one at a time, so that only one partition's rows are in memory at
+    /// once; else it hands all its rows over.
+    pub fn part(&self, e: u64, shard: impl Fn(&dyn Fn(u32) -> bool) -> Shard, index: usize) -> Result<Part> {
         if !self.direct() {
-            return Ok(Part { shard: Some(shard), ..Default::default() });
+            return Ok(Part { shard: Some(shard(&|_| true)), ..Default::default() });
         }
         let dir = self.shard_dir(e)?;
-        let owned: Vec<usize> = (0..PARTITIONS).filter(|k| k % self.peers == index).collect();
-        self.write_partitions(&dir, shard, &owned)
+        let mut total = Part::default();
+        for k in (0..PARTITIONS).filter(|k| k % self.peers == index) {
+            let p = self.write_partitions(&dir, shard(&|key| part_of(key) == k), &[k])?;
+            total.patterns += p.patterns;
+            total.reasons += p.reasons;
+        }
+        Ok(total)
     }
 
     /// Write partitions `owned` of the kinds `shard` holds (users: patterns and history; items:
     /// reasons), sorted by key.
     fn write_partitions(&self, dir: &Path, mut sh: Shard, owned: &[usize]) -> Result<Part> {
-        sh.patterns.sort_by_key(|r| r.0);
-        sh.reasons.sort_by_key(|r| (r.0, r.1, r.2));
-        sh.history.sort_unstable();
-        // One pass per kind puts every row in its partition (rows stay sorted within each).
-        let pats = by_partition(&sh.patterns, |r| r.0);
-        let hist = by_partition(&sh.history, |r| r.0);
-        let rs = by_partition(&sh.reasons, |r| r.0);
+        // Sorted by partition, then by key: each partition is a run, its rows in key order (the
+        // shards come in that order already, so these sorts are one pass each).
+        sh.patterns.sort_by_key(|r| (part_of(r.0), r.0));
+        sh.reasons.sort_by_key(|r| (part_of(r.0), r.0, r.1, r.2));
+        sh.history.sort_unstable_by_key(|r| (part_of(r.0), *r));
+        let pats = partition_ranges(&sh.patterns, |r| r.0);
+        let hist = partition_ranges(&sh.history, |r| r.0);
+        let rs = partition_ranges(&sh.reasons, |r| r.0);
         let names = self.names();
         for &k in owned {
             if sh.users {
                 let raw = &names.raw_users;
-                store::write_pattern_columns(&part_path(dir, "patterns", k), &pats[k], |r| (r.0, r.1, &*r.2), raw)?;
-                write_history(&part_path(dir, "history", k), &hist[k])?;
+                let rows = &sh.patterns[pats[k].clone()];
+                store::write_pattern_columns(&part_path(dir, "patterns", k), rows, |r| (r.0, r.1, &*r.2), raw)?;
+                write_history(&part_path(dir, "history", k), &sh.history[hist[k].clone()])?;
             }
             if sh.items {
                 let raw = &names.raw_items;
-                store::write_reason_columns(&part_path(dir, "reasons", k), &rs[k], |r| (r.2, r.0, r.1, &*r.3), raw)?;
+                let rows = &sh.reasons[rs[k].clone()];
+                store::write_reason_columns(&part_path(dir, "reasons", k), rows, |r| (r.2, r.0, r.1, &*r.3), raw)?;
             }
         }
         Ok(Part { shard: None, patterns: sh.patterns.len(), reasons: sh.reasons.len() })

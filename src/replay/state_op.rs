@@ -38,8 +38,8 @@ pub trait KeyedState: 'static {
     fn apply(&mut self, updates: Vec<Update>);
     /// Annotate one epoch's records (sorted by key), folding what they change (e.g. histories).
     fn annotate(&mut self, records: Vec<Self::In>) -> Vec<Self::Out>;
-    /// This worker's shard of the state, for a snapshot.
-    fn shard(&self) -> Shard;
+    /// The rows of this worker's state whose key `keep` accepts, for a snapshot.
+    fn shard(&self, keep: &dyn Fn(u32) -> bool) -> Shard;
 }
 
 fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
@@ -110,7 +110,7 @@ pub fn state_operator<'s, S: KeyedState>(
             // Snapshot e: this worker's part (or its failure), stamped e.
             let mut snapshot = |e: u64, state: &S, pending: &mut BTreeMap<u64, Capability<u64>>| {
                 let cap = pending.remove(&e).expect("a pending snapshot");
-                let report = part_report(e, &failure, "snapshot", || board.part(e, state.shard(), worker));
+                let report = part_report(e, &failure, "snapshot", || board.part(e, |keep| state.shard(keep), worker));
                 reports.session(&cap).give(report);
             };
             let first = |p: &BTreeMap<u64, Capability<u64>>| p.keys().next().copied();

@@ -123,8 +123,8 @@ impl KeyedState for UserState {
         out
     }
 
-    fn shard(&self) -> Shard {
-        pattern_shard(&self.users)
+    fn shard(&self, keep: &dyn Fn(u32) -> bool) -> Shard {
+        pattern_shard(&self.users, keep)
     }
 }
 
