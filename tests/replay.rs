@@ -118,7 +118,7 @@ fn standin_run(
 }
 
 #[test]
-fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
+fn dataflow_state_is_the_same_for_one_two_three_and_four_workers_and_after_a_resume() {
     let spec =
         BenchSpec { interactions: 3000, users: 50, items: 30, slice: 100, snapshot_every: 10, cost_ns: 0, seed: 3 };
     let epochs = synthetic(&spec);
@@ -137,6 +137,10 @@ fn dataflow_state_is_the_same_for_one_and_two_workers_and_after_a_resume() {
     let three = tmp.path().join("three");
     standin_run(&three, epochs.clone(), State::default(), 3, snaps.clone(), vec![], false);
     same_state(&d1, &snapshot::newest(&three).unwrap().1, "1 vs 3 workers");
+    // 4 workers: one partition each.
+    let four = tmp.path().join("four");
+    standin_run(&four, epochs.clone(), State::default(), 4, snaps.clone(), vec![], false);
+    same_state(&d1, &snapshot::newest(&four).unwrap().1, "1 vs 4 workers");
     let m = snapshot::manifest(&d1).unwrap();
     assert_eq!(m["interactions"], 3000);
     // The stand-in's texts depend on the state each record meets, so the equalities above also
