@@ -335,6 +335,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     assert_eq!(post(&s, &row("mem-user", 2_000_000_300)).1["seq"], json!(4));
     wait_ingested(&s, 1.0);
     assert_eq!((applied(&run).as_str(), snapshots(&run)), ("3", before), "a checkpoint before its time");
+    assert_eq!((metric(&s, "curec_interactions_uncheckpointed"), metric(&s, "curec_checkpoints_total")), (1.0, 0.0));
     assert_eq!(get(&s, "/v1/users/mem-user/recommendations").0, 404, "served before its checkpoint");
     let mut s = s;
     s.child.kill().unwrap(); // SIGKILL
@@ -348,6 +349,8 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     }
     assert_eq!(applied(&run), "4");
     assert!(snapshots(&run) > before, "no snapshot at the checkpoint");
+    assert_eq!(metric(&s, "curec_interactions_uncheckpointed"), 0.0);
+    assert!(metric(&s, "curec_checkpoints_total") >= 1.0);
     terminate(s);
     let s = start_with(&run, 100, &["--checkpoint-every-ms", "60000"]);
     assert_eq!(post(&s, &row("term-mem", 2_000_000_400)).1["seq"], json!(5));

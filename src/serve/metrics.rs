@@ -26,6 +26,10 @@ struct Inner {
     ingest_errors: u64,
     ingest_seconds: f64,
     pending: u64,
+    checkpoints: u64,
+    checkpoint_seconds: f64,
+    /// Interactions ingested since the last checkpoint (in the dataflow's memory only).
+    uncheckpointed: u64,
     users: u64,
     items: u64,
     rank_passes: u64,
@@ -67,10 +71,20 @@ impl Metrics {
             m.ingest_seconds += seconds;
             if ok {
                 m.ingested += ingested;
+                m.uncheckpointed += ingested;
                 m.pending = m.pending.saturating_sub(rows);
             } else {
                 m.ingest_errors += 1;
             }
+        })
+    }
+
+    /// A checkpoint: every interaction ingested so far is in a snapshot.
+    pub fn checkpoint(&self, seconds: f64) {
+        self.with(|m| {
+            m.checkpoints += 1;
+            m.checkpoint_seconds += seconds;
+            m.uncheckpointed = 0;
         })
     }
 
@@ -160,6 +174,27 @@ impl Metrics {
                 "counter",
                 "Time spent ingesting.",
                 m.ingest_seconds.to_string(),
+            );
+            scalar(
+                &mut s,
+                "curec_checkpoints_total",
+                "counter",
+                "Checkpoints (snapshots of the ingested state, which recommendations then read).",
+                m.checkpoints.to_string(),
+            );
+            scalar(
+                &mut s,
+                "curec_checkpoint_seconds_total",
+                "counter",
+                "Time spent writing checkpoint snapshots (a checkpoint after a batch: in the ingest time instead).",
+                m.checkpoint_seconds.to_string(),
+            );
+            scalar(
+                &mut s,
+                "curec_interactions_uncheckpointed",
+                "gauge",
+                "Interactions ingested since the last checkpoint (not yet served; re-ingested from the log after a crash).",
+                m.uncheckpointed.to_string(),
             );
             scalar(
                 &mut s,

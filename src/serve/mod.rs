@@ -171,7 +171,8 @@ impl App {
     /// no new batch), and always before the service stops. Returns when the service stops and the
     /// queue is empty.
     pub fn ingest_worker(self: &Arc<Self>, delay: Duration, checkpoint_every: Duration) {
-        let mut w = IngestWorker { session: None, uncheckpointed: Vec::new(), dirty_since: None };
+        let mut w =
+            IngestWorker { session: None, uncheckpointed: Vec::new(), dirty_since: None, snapshot_seconds: 0.0 };
         loop {
             let batch: Vec<Entry> = {
                 let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -268,6 +269,7 @@ impl App {
         match r {
             Ok(()) => {
                 tracing::info!("checkpoint in {:.3} s", t0.elapsed().as_secs_f64());
+                w.snapshot_seconds = t0.elapsed().as_secs_f64();
                 self.checkpointed(w);
             }
             Err(e) => {
@@ -288,6 +290,7 @@ impl App {
             if let Some(last) = last {
                 wal::set_applied(&self.run, last)?;
             }
+            self.metrics.checkpoint(w.snapshot_seconds);
             let fresh = Recommender::open(&self.run)?;
             let old = self.recommender().lock().unwrap_or_else(|p| p.into_inner()).states();
             let (computed, carried) = fresh.warm(Some(&old))?;
@@ -301,6 +304,7 @@ impl App {
         if let Err(e) = r {
             tracing::error!("after the checkpoint: {e:#}");
         }
+        w.snapshot_seconds = 0.0;
     }
 
     /// Stop the worker after its current ingest, leaving the queue in the log (for a restart).
@@ -324,6 +328,8 @@ struct IngestWorker {
     session: Option<Session>,
     uncheckpointed: Vec<Entry>,
     dirty_since: Option<Instant>,
+    /// The last checkpoint's snapshot time (for the metrics).
+    snapshot_seconds: f64,
 }
 
 /// A batch's rows as `curec ingest` reads them (the same rules for ids, ops, titles and texts):
