@@ -229,8 +229,9 @@ impl App {
                     w.uncheckpointed.extend(batch);
                     if checkpoint {
                         self.checkpointed(&mut w);
-                    } else {
-                        w.dirty_since.get_or_insert_with(Instant::now);
+                    } else if w.dirty_since.get_or_insert_with(Instant::now).elapsed() >= checkpoint_every {
+                        // Batches that keep coming (the queue never empty) still get checkpoints.
+                        self.checkpoint(&mut w);
                     }
                 }
                 Err(e) => {
