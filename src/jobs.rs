@@ -893,6 +893,21 @@ pub fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
     write_text(path, &(serde_json::to_string_pretty(v)? + "\n"))
 }
 
+/// Copy the directory `from` into `to` (created), recursively.
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("{}: cannot create", to.display()))?;
+    for e in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type()?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn write_text(path: &Path, s: &str) -> anyhow::Result<()> {
     prepared::write_atomic(path, |f| {
         use std::io::Write;

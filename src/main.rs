@@ -333,6 +333,27 @@ impl Cluster {
     }
 }
 
+/// The synthetic log of the dataflow benches (`bench replay`, `bench ingest`).
+#[derive(clap::Args, Clone, Copy)]
+struct SyntheticLog {
+    #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
+    interactions: usize,
+    #[arg(long, default_value_t = 100_000, value_parser = positive)]
+    users: usize,
+    #[arg(long, default_value_t = 50_000, value_parser = positive)]
+    items: usize,
+    /// Interactions per time slice (epoch).
+    #[arg(long, default_value_t = 100_000, value_parser = positive)]
+    slice: usize,
+}
+
+impl SyntheticLog {
+    fn spec(&self, snapshot_every: u64, cost_ns: u64) -> curec::replay::bench::BenchSpec {
+        let Self { interactions, users, items, slice } = *self;
+        curec::replay::bench::BenchSpec { interactions, users, items, slice, snapshot_every, cost_ns, seed: 2024 }
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchWhat {
     /// Loopback load on `curec serve` over a copy of a run: requests/s and p50/p99 latency for
@@ -391,15 +412,8 @@ enum BenchWhat {
     /// folding and snapshots on `--workers` (× `--processes`); in one process without `--out`,
     /// also on 1 worker as the baseline. `per_worker_per_s` is the run on the topology given.
     Replay {
-        #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
-        interactions: usize,
-        #[arg(long, default_value_t = 100_000, value_parser = positive)]
-        users: usize,
-        #[arg(long, default_value_t = 50_000, value_parser = positive)]
-        items: usize,
-        /// Interactions per time slice (epoch).
-        #[arg(long, default_value_t = 100_000, value_parser = positive)]
-        slice: usize,
+        #[command(flatten)]
+        log: SyntheticLog,
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
         snapshot_every: u64,
         /// Busy time of the stand-in per interaction.
@@ -420,15 +434,9 @@ enum BenchWhat {
     /// `curec ingest`) and into a resident session (as `curec serve`); prints the timings and
     /// `replay_over_resident` / `replay_over_one_shot` (how many batches cost one replay).
     Ingest {
-        #[arg(long, default_value_t = 2_000_000, value_parser = positive)]
-        interactions: usize,
-        #[arg(long, default_value_t = 100_000, value_parser = positive)]
-        users: usize,
-        #[arg(long, default_value_t = 50_000, value_parser = positive)]
-        items: usize,
-        /// Interactions per time slice (epoch), of the replay and of the ingests.
-        #[arg(long, default_value_t = 100_000, value_parser = positive)]
-        slice: usize,
+        /// The log replayed (its slice is also the ingests' slice).
+        #[command(flatten)]
+        log: SyntheticLog,
         /// Interactions per ingested batch.
         #[arg(long, default_value_t = 1000, value_parser = positive)]
         new: usize,
@@ -721,42 +729,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let v = curec::bench::logprob_throughput(&llm, batch, seq_len, completion, backward)?;
             println!("{v}");
         }
-        Command::Bench {
-            what:
-                BenchWhat::Replay { interactions, users, items, slice, snapshot_every, cost_ns, workers, cluster, out },
-        } => {
+        Command::Bench { what: BenchWhat::Replay { log, snapshot_every, cost_ns, workers, cluster, out } } => {
             anyhow::ensure!(
-                users > 0 && items > 0 && slice > 0 && snapshot_every > 0,
+                log.users > 0 && log.items > 0 && log.slice > 0 && snapshot_every > 0,
                 "bench replay: sizes must be positive"
             );
-            let spec = curec::replay::bench::BenchSpec {
-                interactions,
-                users,
-                items,
-                slice,
-                snapshot_every,
-                cost_ns,
-                seed: 2024,
-            };
             let topology = cluster.topology(workers)?;
+            let spec = log.spec(snapshot_every, cost_ns);
             println!("{}", curec::replay::bench::replay_throughput(&spec, &topology, out.as_deref())?);
         }
-        Command::Bench { what: BenchWhat::Ingest { interactions, users, items, slice, new, batches, workers } } => {
-            let spec = curec::replay::bench::BenchSpec {
-                interactions,
-                users,
-                items,
-                slice,
-                snapshot_every: 10,
-                cost_ns: 0,
-                seed: 2024,
-            };
-            let dir = std::env::temp_dir().join(format!("curec-bench-ingest-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let v = curec::replay::bench_ingest::ingest_cost(&spec, new, batches, workers, &dir);
-            let _ = std::fs::remove_dir_all(&dir);
-            println!("{}", v?);
+        Command::Bench { what: BenchWhat::Ingest { log, new, batches, workers } } => {
+            println!("{}", curec::replay::bench_ingest::ingest_cost(&log.spec(10, 0), new, batches, workers)?);
         }
         Command::Replay { job, out, workers, cluster, no_update, no_correction, mut sets } => {
             if let Some(w) = workers {

@@ -570,10 +570,7 @@ fn a_resident_session_writes_the_same_bytes_as_one_shot_ingests() {
         a.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in files_under(&a) {
-        std::fs::create_dir_all(b.join(&f).parent().unwrap()).unwrap();
-        std::fs::copy(a.join(&f), b.join(&f)).unwrap();
-    }
+    curec::jobs::copy_dir(&a, &b).unwrap();
     let batch1 = tmp.path().join("batch1.csv");
     std::fs::write(
         &batch1,

@@ -155,7 +155,7 @@ pub fn run_once(
             }
             (root, false)
         }
-        None => (tempfile_dir()?, true),
+        None => (tempfile_dir("replay")?, true),
     };
     let order: Vec<u64> = epochs.iter().map(|(t, _)| *t).collect();
     let snaps: BTreeSet<u64> = order
@@ -204,9 +204,10 @@ pub fn run_once(
     }))
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf> {
+/// A fresh directory under the system's temporary one, for `curec bench <what>`.
+pub(super) fn tempfile_dir(what: &str) -> Result<std::path::PathBuf> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let d = std::env::temp_dir().join(format!("curec-bench-replay-{}-{nanos}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("curec-bench-{what}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&d)?;
     Ok(d)
 }

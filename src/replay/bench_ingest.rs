@@ -17,7 +17,7 @@ use anyhow::Result;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::bench::{run_once, synthetic, BenchSpec};
+use super::bench::{run_once, synthetic, tempfile_dir, BenchSpec};
 use super::graph::Topology;
 use super::ingest_log::NewRow;
 use super::session::{Rows, Session};
@@ -53,9 +53,16 @@ fn median(v: &[f64]) -> f64 {
     s.get(s.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Replay the synthetic log into `dir` (a fresh directory), then time `batches` batches of `new`
-/// interactions one-shot and resident, on `workers` threads.
-pub fn ingest_cost(spec: &BenchSpec, new: usize, batches: usize, workers: usize, dir: &Path) -> Result<Value> {
+/// Replay the synthetic log into a temporary directory (removed afterwards), then time `batches`
+/// batches of `new` interactions one-shot and resident, on `workers` threads.
+pub fn ingest_cost(spec: &BenchSpec, new: usize, batches: usize, workers: usize) -> Result<Value> {
+    let dir = tempfile_dir("ingest")?;
+    let v = ingest_cost_in(spec, new, batches, workers, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    v
+}
+
+fn ingest_cost_in(spec: &BenchSpec, new: usize, batches: usize, workers: usize, dir: &Path) -> Result<Value> {
     let epochs = synthetic(spec);
     let topology = Topology::threads(workers);
     // Warm-up (allocator, page faults) outside the timing, as `curec bench replay` does.
@@ -70,7 +77,7 @@ pub fn ingest_cost(spec: &BenchSpec, new: usize, batches: usize, workers: usize,
     let mut one_shot = Vec::new();
     for b in 0..batches {
         let copy = dir.join(format!("one-shot-{b}"));
-        copy_dir(&run, &copy)?;
+        crate::jobs::copy_dir(&run, &copy)?;
         let file = dir.join(format!("batch-{b}.csv"));
         write_csv(&file, &new_rows(spec, b, new))?;
         let t0 = std::time::Instant::now();
@@ -117,18 +124,4 @@ pub fn ingest_cost(spec: &BenchSpec, new: usize, batches: usize, workers: usize,
         "replay_over_resident": replay_s / res,
         "snapshot": snapshot.display().to_string(),
     }))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target)?;
-        }
-    }
-    Ok(())
 }

@@ -8,12 +8,12 @@
 //! the same cores. What is still queued at the end is not ingested (the copy is removed).
 
 use std::future::IntoFuture;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::App;
@@ -26,20 +26,6 @@ pub struct ServeBench {
     pub k: usize,
     /// Interactions per POST in the ingestion and mix phases.
     pub rows_per_post: usize,
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from).with_context(|| format!("{}: cannot read", from.display()))? {
-        let e = e?;
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        if e.file_type()?.is_dir() {
-            copy_dir(&src, &dst)?;
-        } else {
-            std::fs::copy(&src, &dst).with_context(|| format!("{}: cannot copy", src.display()))?;
-        }
-    }
-    Ok(())
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -135,7 +121,7 @@ pub fn run(b: &ServeBench) -> Result<Value> {
     anyhow::ensure!(b.seconds > 0.0 && b.seconds <= 600.0, "--seconds: expected more than 0 and at most 600");
     let tmp = std::env::temp_dir().join(format!("curec-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    copy_dir(&b.run, &tmp)?;
+    crate::jobs::copy_dir(&b.run, &tmp)?;
     let result = (|| -> Result<Value> {
         let app = App::open(&tmp)?;
         let (users, items) = {
