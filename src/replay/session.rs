@@ -54,8 +54,11 @@ pub struct Session {
     items: Vec<ItemRow>,
     uid: HashMap<String, u32>,
     iid: HashMap<String, u32>,
-    grown_users: Vec<Value>,
-    grown_items: Vec<Value>,
+    /// Users and items of the prepared dataset: those after them in `users` and `items` were
+    /// grown by ingests (the manifests' `grown` lists).
+    dataset_users: usize,
+    dataset_items: usize,
+    /// Titles and texts of grown items that came with them, by raw id.
     grown_info: Map<String, Value>,
     /// Interactions processed up to the last batch (record keys continue from it).
     done: u64,
@@ -131,14 +134,13 @@ impl Session {
         drop(log);
         // Id maps: the dataset's, then those grown by earlier ingests.
         let (mut users, mut items) = (users, items);
+        let (dataset_users, dataset_items) = (users.len(), items.len());
         let grown = &manifest["grown"];
-        let grown_users = grown["users"].as_array().cloned().unwrap_or_default();
-        let grown_items = grown["items"].as_array().cloned().unwrap_or_default();
         let grown_info: Map<String, Value> = grown["info"].as_object().cloned().unwrap_or_default();
-        for u in &grown_users {
+        for u in grown["users"].as_array().into_iter().flatten() {
             users.push(u.as_str().unwrap_or_default().to_string());
         }
-        for i in &grown_items {
+        for i in grown["items"].as_array().into_iter().flatten() {
             let raw = i.as_str().unwrap_or_default().to_string();
             items.push(ItemRow { info: info_of(&raw, &grown_info), raw_id: raw });
         }
@@ -158,8 +160,8 @@ impl Session {
             items,
             uid,
             iid,
-            grown_users,
-            grown_items,
+            dataset_users,
+            dataset_items,
             grown_info,
             done: manifest["interactions"].as_u64().unwrap_or(0),
             identity,
@@ -176,8 +178,7 @@ impl Session {
     pub fn open_resident(run: &Path, workers: Option<usize>) -> Result<Self> {
         let mut s = Self::open(run, workers, false, None)?;
         s.resident = true;
-        let grown = json!({ "grown": {"users": s.grown_users, "items": s.grown_items, "info": s.grown_info} });
-        s.start(1, grown)?;
+        s.start(1)?;
         Ok(s)
     }
 
@@ -236,8 +237,6 @@ impl Session {
             let key = ((user as u64) << 32) | (0x8000_0000 | ((self.done + n as u64) & 0x7fff_ffff));
             events.push(Event { key, user, item, timestamp: ts, retract });
         }
-        self.grown_users.extend(new_users.iter().map(|u| json!(u)));
-        self.grown_items.extend(new_items.iter().map(|i| json!(i)));
         let n_events = events.len();
         // The LLM corrector holds the item list it started with: a batch with new items restarts
         // the dataflow from a checkpoint (the cost of a one-shot ingest, for that batch only).
@@ -253,11 +252,11 @@ impl Session {
         let (first, last) = (grouped[0].0, grouped.last().expect("at least one slice").0);
         ingest_log::write_log(&self.run, self.fed, first, last, &admitted.rows)?;
         self.fed = last;
-        let grown =
-            || json!({ "grown": {"users": self.grown_users, "items": self.grown_items, "info": self.grown_info} });
         match &self.board {
-            None => self.start(grouped.len(), grown())?,
-            Some(b) if !new_users.is_empty() || !new_items.is_empty() => b.grow_names(&new_users, &new_items, grown()),
+            None => self.start(grouped.len())?,
+            Some(b) if !new_users.is_empty() || !new_items.is_empty() => {
+                b.grow_names(&new_users, &new_items, self.grown())
+            }
             Some(_) => {}
         }
         let slices = grouped.len();
@@ -296,6 +295,13 @@ impl Session {
         self.after_snapshot(e)
     }
 
+    /// The manifests' `grown` key: users and items added by ingests, and the grown items'
+    /// titles and texts.
+    fn grown(&self) -> Value {
+        let items: Vec<&str> = self.items[self.dataset_items..].iter().map(|i| i.raw_id.as_str()).collect();
+        json!({ "grown": {"users": self.users[self.dataset_users..], "items": items, "info": self.grown_info} })
+    }
+
     /// Checkpoint, stop the dataflow, and let the next batch start it again from that snapshot.
     fn restart(&mut self) -> Result<()> {
         let dir = self.checkpoint()?;
@@ -318,8 +324,9 @@ impl Session {
 
     /// Start the dataflow from the snapshot the session opened (at the first batch, so that the
     /// LLM's schedule knows that batch's length).
-    fn start(&mut self, slices: usize, extra: Value) -> Result<()> {
+    fn start(&mut self, slices: usize) -> Result<()> {
         let raw_items: Vec<String> = self.items.iter().map(|i| i.raw_id.clone()).collect();
+        let extra = self.grown();
         let root = self.run.join("snapshots");
         let done = snapshot::read_metrics(&self.base_dir.join(snapshot::METRICS))?;
         let board = Arc::new(Board::new(
