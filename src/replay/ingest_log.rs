@@ -101,23 +101,18 @@ impl Known {
         *n = (*n).max(ts);
     }
 
+    #[cfg(test)]
     fn add(&mut self, user: &str, item: &str, ts: i64) {
         let (u, i) = self.ids(user, item);
         self.add_ids(u, i, ts);
     }
 
-    fn retract(&mut self, user: &str, item: &str, ts: i64) -> bool {
-        let (u, i) = self.ids(user, item);
+    fn retract_ids(&mut self, u: u32, i: u32, ts: i64) -> bool {
         let held = self.positive.remove(&(u, i));
         if held {
             self.retractions.insert((u, i, ts));
         }
         held
-    }
-
-    fn holds(&mut self, user: &str, item: &str) -> bool {
-        let (u, i) = self.ids(user, item);
-        self.positive.contains(&(u, i))
     }
 
     /// What the prepared log `log` of `ds` (every split) and the run's ingests completed by
@@ -153,10 +148,11 @@ impl Known {
                     if !wanted(r.user.as_str()) {
                         continue;
                     }
+                    let (u, i) = k.ids(&r.user, &r.item);
                     if r.retract {
-                        k.retract(&r.user, &r.item, r.timestamp);
+                        k.retract_ids(u, i, r.timestamp);
                     } else {
-                        k.add(&r.user, &r.item, r.timestamp);
+                        k.add_ids(u, i, r.timestamp);
                     }
                 }
             }
@@ -187,10 +183,10 @@ pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitte
     for (_, mut r) in rows {
         // A delete, or a rating below the filter for a pair the log holds: a retraction.
         let (u, i) = known.ids(&r.user, &r.item);
-        if r.retract || (r.rating <= rating_above && known.holds(&r.user, &r.item)) {
+        if r.retract || (r.rating <= rating_above && known.positive.contains(&(u, i))) {
             if known.retractions.contains(&(u, i, r.timestamp)) {
                 a.duplicates += 1;
-            } else if known.retract(&r.user, &r.item, r.timestamp) {
+            } else if known.retract_ids(u, i, r.timestamp) {
                 r.retract = true;
                 a.retracted += 1;
                 a.rows.push(r);
@@ -207,7 +203,7 @@ pub fn admit(rows: Vec<NewRow>, known: &mut Known, rating_above: f32) -> Admitte
             a.duplicates += 1;
             continue;
         }
-        if known.holds(&r.user, &r.item) {
+        if known.positive.contains(&(u, i)) {
             a.rerated += 1;
             continue;
         }
