@@ -221,15 +221,18 @@ impl App {
             match self.ingest(&mut w, &batch, checkpoint) {
                 Ok(v) => {
                     let n = v["interactions"].as_u64().unwrap_or(0);
+                    w.uncheckpointed.extend(batch);
+                    // With a checkpoint after every batch, the batch counts as ingested once it
+                    // is served (the recommender swapped in), as before the resident session.
+                    if checkpoint {
+                        self.checkpointed(&mut w);
+                    }
                     self.metrics.ingest(rows, n, t0.elapsed().as_secs_f64(), true);
                     tracing::info!(
                         "ingested {rows} rows ({n} new interactions) in {:.3} s",
                         t0.elapsed().as_secs_f64()
                     );
-                    w.uncheckpointed.extend(batch);
-                    if checkpoint {
-                        self.checkpointed(&mut w);
-                    } else if w.dirty_since.get_or_insert_with(Instant::now).elapsed() >= checkpoint_every {
+                    if !checkpoint && w.dirty_since.get_or_insert_with(Instant::now).elapsed() >= checkpoint_every {
                         // Batches that keep coming (the queue never empty) still get checkpoints.
                         self.checkpoint(&mut w);
                     }
