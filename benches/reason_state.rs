@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 use std::time::Instant;
 
-use curec::replay::item_state::fold_reason;
+use curec::replay::fold_reason;
 use curec::replay::{Reason, ReasonList, Shared};
 use differential_dataflow::input::Input;
 use rand::{Rng, SeedableRng};

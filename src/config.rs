@@ -147,6 +147,35 @@ fn apply_set(root: &mut toml::Value, set: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a run's saved `config.toml` is `cfg`. Keys a newer curec added (absent from the saved
+/// file) count as equal while `cfg` leaves them at their defaults, so adding a setting does not
+/// orphan the runs made before it.
+pub fn same_config(saved: &str, cfg: &JobConfig) -> bool {
+    if saved == cfg.to_toml() {
+        return true;
+    }
+    let parse = |s: &str| s.parse::<toml::Table>().ok();
+    let (Some(saved), Some(now), Some(default)) =
+        (parse(saved), parse(&cfg.to_toml()), parse(&JobConfig::default().to_toml()))
+    else {
+        return false;
+    };
+    fn prune(now: &mut toml::Table, saved: &toml::Table, default: Option<&toml::Table>) {
+        now.retain(|k, v| match saved.get(k) {
+            Some(_) => true,
+            None => default.and_then(|d| d.get(k)) != Some(v),
+        });
+        for (k, v) in now.iter_mut() {
+            if let (toml::Value::Table(t), Some(toml::Value::Table(s))) = (v, saved.get(k)) {
+                prune(t, s, default.and_then(|d| d.get(k)).and_then(toml::Value::as_table));
+            }
+        }
+    }
+    let mut now = now;
+    prune(&mut now, &saved, Some(&default));
+    now == saved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

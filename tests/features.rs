@@ -10,7 +10,8 @@ use std::process::{Command, Output};
 use curec::config::JobConfig;
 use curec::data::Split;
 use curec::features::store::{self, PatternRow, ReasonRow};
-use curec::features::{generate_features, FeaturesConfig};
+use curec::features::FeaturesConfig;
+use curec::pipeline::features::generate_features;
 use curec::rec::curec::Variant;
 use curec::rec::ModelKind;
 use serde_json::Value;
@@ -113,7 +114,7 @@ fn reward_model_trains_evaluates_and_explains() {
     cfg.curec.max_epochs = 2;
     cfg.train.bootstrap = 50;
     let run = s.base.join("run");
-    let m = curec::jobs::train(ModelKind::Curec, &s.data, &run, &cfg).unwrap();
+    let m = curec::pipeline::stages::train(ModelKind::Curec, &s.data, &run, &cfg).unwrap();
     assert_eq!(m["model"], "curec");
     assert_eq!(m["variant"], "attention");
     for k in [1, 5, 10, 20] {
@@ -131,7 +132,7 @@ fn reward_model_trains_evaluates_and_explains() {
         .starts_with("embeddings-")));
 
     // `curec eval` reloads the run and gets the same test metrics.
-    let ev = curec::jobs::eval_run(&run, None, Split::Test).unwrap();
+    let ev = curec::pipeline::stages::eval_run(&run, None, Split::Test).unwrap();
     assert!((ev["ndcg@10"].as_f64().unwrap() - m["ndcg@10"].as_f64().unwrap()).abs() < 1e-9);
     assert_eq!(ev["variant"], "attention");
 
@@ -140,7 +141,7 @@ fn reward_model_trains_evaluates_and_explains() {
     let raw = patterns[0].user;
     let ds = curec::data::prepared::read_dataset(&s.data).unwrap();
     let raw_user = ds.users[raw as usize].clone();
-    let recs = curec::jobs::recommend(&run, &raw_user, 5, 3).unwrap();
+    let recs = curec::recommend::recommend(&run, &raw_user, 5, 3).unwrap();
     assert_eq!(recs.len(), 5);
     assert!(recs.windows(2).all(|w| w[0].score >= w[1].score));
     let seen: std::collections::HashSet<&str> = ds
@@ -168,7 +169,7 @@ fn reward_model_trains_evaluates_and_explains() {
     // The text variant trains from item descriptions alone.
     cfg.curec.variant = Variant::Text;
     cfg.curec.max_epochs = 1;
-    let m = curec::jobs::train(ModelKind::Curec, &s.data, &s.base.join("text"), &cfg).unwrap();
+    let m = curec::pipeline::stages::train(ModelKind::Curec, &s.data, &s.base.join("text"), &cfg).unwrap();
     assert_eq!(m["variant"], "text");
 
     // Errors: one line, non-zero exit.
@@ -219,13 +220,13 @@ fn run_job_chains_features_and_reward_model_variants() {
     cfg.curec.max_epochs = 1;
     cfg.curec.positions_per_user = 2;
     cfg.sasrec.max_len = 10;
-    let rows = curec::jobs::run_job(&cfg, false).unwrap();
+    let rows = curec::pipeline::stages::run_job(&cfg, false).unwrap();
     assert_eq!(rows.iter().map(|r| r["variant"].as_str().unwrap()).collect::<Vec<_>>(), ["attention", "ap"]);
     assert!(out.join("features/manifest.json").is_file());
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(table.contains("| curec-attention |") && table.contains("| curec-ap |"), "{table}");
     // A second run reuses every stage's output.
-    let again = curec::jobs::run_job(&cfg, false).unwrap();
+    let again = curec::pipeline::stages::run_job(&cfg, false).unwrap();
     for (a, b) in again.iter().zip(&rows) {
         // Same training time: read back, not retrained (floats equal up to JSON's last digit).
         assert!((a["train_seconds"].as_f64().unwrap() - b["train_seconds"].as_f64().unwrap()).abs() < 1e-9);

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use curec::llm::model::{causal_bias, padded_bias};
-use curec::llm::prompts::{parse_completion, parse_pattern_update, Prompt, PromptKind};
 use curec::llm::{
     completion_log_probs, generate, CausalLm, ChatTemplate, Family, KvCache, LlmConfig, LoraConfig, SamplingConfig,
 };
+use curec::prompts::{parse_completion, parse_pattern_update, Prompt, PromptKind};
 
 fn tiny(family: Family) -> CausalLm {
     CausalLm::random(LlmConfig::tiny(family), 7, DType::F32, &Device::Cpu).unwrap()
@@ -341,9 +341,9 @@ fn prompts_render_and_completions_parse() {
 
 #[test]
 fn sampler_respects_greedy_and_top_p() {
-    use curec::llm::generate::sample;
+    use curec::llm::sampling::sample;
     let logits = [0.0f32, 5.0, 4.9, -3.0];
-    let mut rng = curec::rec::nn::rng_for(1, 2, 3);
+    let mut rng = curec::rng::rng_for(1, 2, 3);
     assert_eq!(sample(&logits, 0.0, 1.0, &mut rng), 1);
     // top_p tiny keeps only the best token.
     for _ in 0..50 {

@@ -217,7 +217,7 @@ fn stop_strings_end_a_request_and_are_cut() {
     let third = tok.decode(&free.tokens[2..3], true).unwrap();
     let stop = Request { sampling: SamplingConfig { stop: vec![third.clone()], ..base.sampling.clone() }, ..base };
     let got = Engine::new(&q, &tok, EngineConfig::default()).run(&[stop]).unwrap().pop().unwrap();
-    assert_eq!(got.finish, curec::llm::generate::Finish::Stop);
+    assert_eq!(got.finish, curec::llm::sampling::Finish::Stop);
     assert!(!got.text.contains(&third) && got.tokens.len() <= 3, "{got:?}");
 }
 

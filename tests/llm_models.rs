@@ -6,7 +6,8 @@
 //! against candle's.
 //!
 //! Tests never download: they run when the model is in the cache (`curec model fetch …`; `.ci/run`
-//! fetches them first) and otherwise say that they were skipped.
+//! fetches them first) and otherwise say loudly that they were skipped. Under `CI=true` a missing
+//! model fails the test instead: the only real-model checks must not vanish from CI.
 
 use std::path::PathBuf;
 
@@ -22,7 +23,9 @@ fn cached(name: &str) -> Option<PathBuf> {
     if m.is_cached() {
         Some(m.main_path())
     } else {
-        eprintln!("SKIPPED: {name} is not in {} (run `curec model fetch {name}`)", m.dir().display());
+        let msg = format!("{name} is not in {} (run `curec model fetch {name}`)", m.dir().display());
+        assert!(std::env::var("CI").map_or(true, |v| v.is_empty() || v == "false"), "CI=true and {msg}");
+        eprintln!("SKIPPED: {msg}");
         None
     }
 }

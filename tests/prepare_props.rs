@@ -43,7 +43,7 @@ proptest! {
             &["preprocess.user_core=3".into(), "preprocess.item_core=1".into()],
         )
         .unwrap();
-        match curec::jobs::prepare(&log, &out, "generic", &cfg) {
+        match curec::pipeline::stages::prepare(&log, &out, "generic", &cfg) {
             Ok(stats) => {
                 let ds = curec::data::prepared::read_dataset(&out).unwrap();
                 prop_assert_eq!(stats["users"].as_u64(), Some(ds.n_users as u64));

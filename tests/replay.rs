@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::chain;
-use curec::replay::bench::{synthetic, BenchSpec};
+use curec::bench::replay::{synthetic, BenchSpec};
+use curec::replay::board::Board;
 use curec::replay::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
 use curec::replay::policy::Corrector;
-use curec::replay::snapshot::{self, Board, State};
+use curec::replay::snapshot::{self, State};
 use curec::replay::standin::StandIn;
 use serde_json::{json, Value};
 
@@ -397,7 +398,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     // pair the log holds, a delete of a pair it never held, and a re-rating of a held pair.
     let (u1, i1) = (&ds.users[1], &ds.items[f1 as usize].raw_id);
     let (u1_id, i1_id) = (1u32, f1);
-    let before = curec::jobs::Recommender::open(&a).unwrap().history(u1).unwrap();
+    let before = curec::recommend::Recommender::open(&a).unwrap().history(u1).unwrap();
     assert!(before.contains(i1), "the second ingest gave {u1} item {i1}");
     let had_reason = |d: &Path| {
         curec::features::store::read_reasons_in(d).unwrap().iter().any(|r| r.item == i1_id && r.user == u1_id)
@@ -417,7 +418,7 @@ fn replay_resumes_after_a_kill_with_the_same_bytes_and_ingest_grows_the_state() 
     assert!(!had_reason(&dir4), "the retracted interaction's reason left the item's list");
     let state = snapshot::State::load(&dir4, 100).unwrap();
     assert!(!state.users[&u1_id].history.contains(&i1_id), "the retracted item left the history in the state");
-    let after = curec::jobs::Recommender::open(&a).unwrap().history(u1).unwrap();
+    let after = curec::recommend::Recommender::open(&a).unwrap().history(u1).unwrap();
     let mut expect = before.clone();
     expect.retain(|x| x != i1);
     assert_eq!(after, expect, "the retracted item left the served history, nothing else did");
@@ -547,8 +548,8 @@ fn replay_and_ingest_errors_are_one_line() {
 /// retraction included.
 #[test]
 fn a_resident_session_writes_the_same_bytes_as_one_shot_ingests() {
+    use curec::pipeline::session::{Rows, Session};
     use curec::replay::ingest_log::read_file;
-    use curec::replay::session::{Rows, Session};
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let o = curec_cli(&[
@@ -570,7 +571,7 @@ fn a_resident_session_writes_the_same_bytes_as_one_shot_ingests() {
         a.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    curec::jobs::copy_dir(&a, &b).unwrap();
+    curec::io::copy_dir(&a, &b).unwrap();
     let batch1 = tmp.path().join("batch1.csv");
     std::fs::write(
         &batch1,

@@ -191,10 +191,10 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     assert!(metric(&s, "curec_rank_passes_total") <= metric(&s, "curec_ranked_requests_total"));
     {
         // The library call behind it: a batch with an unknown user in it answers the others.
-        let r = curec::jobs::Recommender::open(&run).unwrap();
-        let mut queries: Vec<curec::jobs::Query> =
-            users.iter().map(|u| curec::jobs::Query { user: u.clone(), k: 3, n_reasons: 3 }).collect();
-        queries.insert(5, curec::jobs::Query { user: "nobody-at-all".into(), k: 3, n_reasons: 3 });
+        let r = curec::recommend::Recommender::open(&run).unwrap();
+        let mut queries: Vec<curec::recommend::Query> =
+            users.iter().map(|u| curec::recommend::Query { user: u.clone(), k: 3, n_reasons: 3 }).collect();
+        queries.insert(5, curec::recommend::Query { user: "nobody-at-all".into(), k: 3, n_reasons: 3 });
         let answers = r.recommend_many(&queries);
         assert!(answers[5].as_ref().is_err_and(|e| e.to_string().contains("nobody-at-all")));
         let ok: Vec<Value> = answers
@@ -256,7 +256,7 @@ fn serve_recommends_ingests_durably_and_stops_cleanly() {
     wait_ingested(&s, 3.0);
     // Event time: the late interaction (1970) opens u0's history, the new one closes it; the
     // retracted item is gone.
-    let h = curec::jobs::Recommender::open(&run).unwrap().history(&u0).unwrap();
+    let h = curec::recommend::Recommender::open(&run).unwrap().history(&u0).unwrap();
     assert_eq!(h.len(), ds.history(0, curec::data::Split::Test).len() + 3 - 1, "{h:?}");
     assert!(!h.contains(&retracted), "{h:?}");
     assert_eq!((json!(h[0]), json!(h[h.len() - 1])), (late_pick.clone(), first_pick.clone()), "{h:?}");
@@ -368,7 +368,7 @@ fn a_train_run_serves_recommendations_and_refuses_ingestion_with_409() {
     cfg.sasrec.max_len = 20;
     cfg.sasrec.max_epochs = 1;
     cfg.train.bootstrap = 20;
-    curec::jobs::train(curec::rec::ModelKind::Sasrec, &s.data, &run, &cfg).unwrap();
+    curec::pipeline::stages::train(curec::rec::ModelKind::Sasrec, &s.data, &run, &cfg).unwrap();
     let ds = curec::data::prepared::read_dataset(&s.data).unwrap();
     let srv = start(&run, 100);
     assert_eq!(recs(&srv, &ds.users[3]).len(), 3);

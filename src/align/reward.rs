@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::task::AlignTask;
 use crate::data::preprocess::ItemRow;
 use crate::grpo::{Reward, Scored};
-use crate::llm::prompts::parse_completion;
+use crate::prompts::parse_completion;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

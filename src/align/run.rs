@@ -23,8 +23,8 @@ use super::reward::{RuleReward, RuleRewardConfig};
 use super::task::{eval_users, render, sample_records, train_stream, train_task, valid_task, AlignTask};
 use crate::data::prepared;
 use crate::grpo::{Grpo, GrpoConfig, Sample, StepStats};
-use crate::llm::prompts::{parse_completion, Prompt, PromptKind};
 use crate::llm::{self, Llm, LoraConfig};
+use crate::prompts::{parse_completion, Prompt, PromptKind};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,7 +187,7 @@ fn save_checkpoint(out: &Path, step: usize, hash: &str, vars: &[(String, Var)], 
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     crate::grpo::checkpoint::save(&dir, vars, grpo)?;
     let state = CheckpointState { step, config_hash: hash.to_string() };
-    crate::jobs::write_json(&dir.join("state.json"), &serde_json::to_value(&state)?)?;
+    crate::io::write_json(&dir.join("state.json"), &serde_json::to_value(&state)?)?;
     for e in std::fs::read_dir(out)?.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with("checkpoint-") && e.path() != dir {
@@ -198,7 +198,7 @@ fn save_checkpoint(out: &Path, step: usize, hash: &str, vars: &[(String, Var)], 
 }
 
 fn load_checkpoint(dir: &Path, hash: &str, vars: &[(String, Var)], grpo: &mut Grpo) -> Result<usize> {
-    let state: CheckpointState = serde_json::from_value(crate::jobs::read_json(&dir.join("state.json"))?)
+    let state: CheckpointState = serde_json::from_value(crate::io::read_json(&dir.join("state.json"))?)
         .with_context(|| format!("{}: bad state.json", dir.display()))?;
     if state.config_hash != hash {
         bail!(
@@ -215,7 +215,7 @@ fn load_checkpoint(dir: &Path, hash: &str, vars: &[(String, Var)], grpo: &mut Gr
 fn truncate_log(path: &Path, keep: usize) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
-    crate::jobs::write_text(path, &kept)
+    crate::io::write_text(path, &kept)
 }
 
 /// The chat-rendered prompt with the prefix, tokenized.
@@ -315,7 +315,7 @@ pub fn pretrain_until(
         tracing::info!("resuming from {} (step {start} of {total})", dir.display());
     }
     truncate_log(&log_path, start)?;
-    crate::jobs::write_json(&out.join("config.json"), &serde_json::to_value(&identity)?)?;
+    crate::io::write_json(&out.join("config.json"), &serde_json::to_value(&identity)?)?;
 
     let reward = RuleReward { cfg: cfg.reward.clone(), items: &ds.items, prefix: cfg.prefix.clone() };
     let label = format!("pretrain {}", ds.name);
@@ -401,7 +401,7 @@ pub fn pretrain_until(
         llm.model.save_lora(&out.join("adapter.safetensors"), lora_cfg)?;
     } else {
         let w = llm.model.named_weights();
-        let tmp = prepared::tmp_path(&out.join("model.safetensors"));
+        let tmp = crate::io::tmp_path(&out.join("model.safetensors"));
         safetensors::serialize_to_file(w.iter().map(|(k, v)| (k.as_str(), v)), None, &tmp)?;
         std::fs::rename(&tmp, out.join("model.safetensors"))?;
     }
@@ -496,7 +496,7 @@ pub fn pretrain_until(
     if let Some(obj) = eval.as_object_mut() {
         obj.extend(likelihood);
     }
-    crate::jobs::write_json(&out.join("eval.json"), &eval)?;
+    crate::io::write_json(&out.join("eval.json"), &eval)?;
     Ok(Some(eval))
 }
 
@@ -547,5 +547,5 @@ fn curve(steps: &[(Value, StepStats)]) -> String {
 fn write_rows<R: Serialize>(path: &Path, rows: &[R]) -> Result<()> {
     let text: String =
         rows.iter().map(|r| serde_json::to_string(r).map(|s| s + "\n")).collect::<serde_json::Result<_>>()?;
-    crate::jobs::write_text(path, &text)
+    crate::io::write_text(path, &text)
 }

@@ -11,8 +11,8 @@ use rand::Rng;
 
 use crate::data::preprocess::{Interaction, ItemRow};
 use crate::data::{Dataset, Split};
-use crate::llm::prompts::{numbered_items, Prompt};
-use crate::rec::nn::rng_for;
+use crate::prompts::{numbered_items, Prompt};
+use crate::rng::rng_for;
 
 const NEGATIVES: u64 = 0xa11;
 const SAMPLE: u64 = 0xa12;

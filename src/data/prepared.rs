@@ -2,7 +2,7 @@
 //! `stats.json`. Every file is written to a temporary name and renamed when complete.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -23,25 +23,9 @@ pub const ITEMS: &str = "items.parquet";
 pub const USERS: &str = "users.parquet";
 pub const STATS: &str = "stats.json";
 
-/// Write bytes produced by `write` to `path` atomically: a temp file in the same directory, then rename.
+/// Write bytes produced by `write` to `path` atomically ([`crate::io::write_atomic`]).
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<(), DataError>) -> Result<(), DataError> {
-    let tmp = tmp_path(path);
-    let result = File::create(&tmp).map_err(|e| DataError::io(&tmp, e)).and_then(|mut f| {
-        write(&mut f)?;
-        f.sync_all().map_err(|e| DataError::io(&tmp, e))
-    });
-    match result {
-        Ok(()) => std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e)),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
-}
-
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    crate::io::write_atomic(path, write, DataError::io)
 }
 
 /// Write one record batch as a Parquet file (snappy, explicit row-group size), atomically.

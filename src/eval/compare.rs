@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use super::bootstrap::mean_ci95;
 use super::{ndcg_at, recall_at};
 use crate::data::{prepared, Split};
-use crate::jobs::{read_json, RANKS};
+use crate::eval::RANKS;
+use crate::io::read_json;
 
 /// Per-user values of `metric` (`ndcg@K` or `recall@K`) on `split` for the run at `dir`, averaged
 /// over seeds for a `--seeds` directory; with the run's dataset directory.

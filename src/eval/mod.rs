@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use crate::data::{Dataset, Split};
 
+/// Per-user ranks of the held-out item (0 = top; users in id order) of a run, for paired
+/// comparisons between runs (`curec compare`).
+pub const RANKS: &str = "ranks.json";
+
 /// Cut-offs reported everywhere.
 pub const KS: [usize; 4] = [1, 5, 10, 20];
 

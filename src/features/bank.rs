@@ -8,7 +8,7 @@ use super::store::{latest_patterns, reason_lists};
 use super::Features;
 use crate::data::Dataset;
 use crate::embed::{EmbeddingCache, Encoder};
-use crate::llm::prompts::item_text;
+use crate::prompts::item_text;
 use crate::rec::curec::{FeatureBank, Variant};
 
 pub fn build_bank(

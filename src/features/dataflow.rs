@@ -14,7 +14,8 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::{Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
-use super::jobs::{run_batch, FeatureJob, FeaturePrompts};
+use super::plan::FeatureJob;
+use super::writer::{run_batch, FeaturePrompts};
 use super::FeaturesConfig;
 use crate::data::preprocess::ItemRow;
 use crate::llm::Llm;

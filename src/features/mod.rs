@@ -11,19 +11,21 @@
 
 pub mod bank;
 pub mod dataflow;
-pub mod jobs;
 pub mod oracle;
+pub mod plan;
 pub mod store;
+pub mod writer;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-pub use jobs::{generate_features, FeatureJob, Features};
+pub use plan::FeatureJob;
+pub use store::Features;
 
 /// Who writes the patterns and reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Writer {
     /// The LLM (`--model`), the paper's pipeline.
@@ -36,6 +38,9 @@ pub enum Writer {
 }
 
 impl Writer {
+    /// Every writer, in the order the CLI lists them.
+    pub const ALL: [Writer; 3] = [Writer::Llm, Writer::Oracle, Writer::Shuffled];
+
     pub fn name(self) -> &'static str {
         match self {
             Writer::Llm => "llm",
@@ -80,6 +85,12 @@ pub struct FeaturesConfig {
     pub reasons_per_user: usize,
     /// Users (seeded sample) that get a pattern and reasons; 0 = all.
     pub users: usize,
+    /// Also a reason for the most recent train interaction of each of the N most popular train
+    /// items (0 = none, the default), whoever made it: on a sample of users, the items a model
+    /// recommends (mostly popular ones) then have reasons to show. Left out of the serialized
+    /// config at 0, so identities written before the key existed still match.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub item_reasons: usize,
     pub max_new_tokens_pattern: usize,
     pub max_new_tokens_reason: usize,
     /// 0 = greedy.
@@ -123,6 +134,7 @@ impl Default for FeaturesConfig {
             reason_history: 10,
             reasons_per_user: 4,
             users: 0,
+            item_reasons: 0,
             max_new_tokens_pattern: 128,
             max_new_tokens_reason: 96,
             temperature: 0.0,

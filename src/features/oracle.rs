@@ -17,11 +17,11 @@ use std::collections::HashMap;
 
 use rand::seq::SliceRandom;
 
-use super::jobs::FeatureJob;
+use super::plan::FeatureJob;
 use super::store::{PatternRow, ReasonRow};
 use crate::data::preprocess::ItemRow;
 use crate::data::Dataset;
-use crate::rec::nn::rng_for;
+use crate::rng::rng_for;
 
 /// Titles named in an oracle reason.
 pub const ORACLE_TITLES: usize = 3;

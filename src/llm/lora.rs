@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::rec::nn::rng_for;
+use crate::rng::rng_for;
 
 /// The projections an adapter can attach to.
 pub const ALL_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -85,7 +85,7 @@ pub fn save(path: &Path, cfg: &LoraConfig, adapters: &[(String, &Adapter)]) -> R
         data.push((format!("{name}.lora_B.weight"), a.b.as_tensor().to_dtype(DType::F32)?));
     }
     let meta: HashMap<String, String> = [("lora".to_string(), serde_json::to_string(cfg)?)].into();
-    let tmp = crate::data::prepared::tmp_path(path);
+    let tmp = crate::io::tmp_path(path);
     safetensors::serialize_to_file(data.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path)?;

@@ -13,7 +13,7 @@ pub mod kernels;
 pub mod logprob;
 pub mod lora;
 pub mod model;
-pub mod prompts;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
@@ -24,10 +24,11 @@ use candle_core::{DType, Device};
 
 pub use chat::ChatTemplate;
 pub use config::{Family, LlmConfig};
-pub use generate::{generate, Generation, SamplingConfig};
+pub use generate::generate;
 pub use logprob::{completion_log_probs, log_probs_with, CompletionLogProbs, Grad};
 pub use lora::LoraConfig;
 pub use model::{CausalLm, KvCache};
+pub use sampling::{Finish, Generation, SamplingConfig};
 pub use tokenizer::Tokenizer;
 
 /// A model, its tokenizer and its chat template.

@@ -16,10 +16,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::config::LlmConfig;
 use super::lora::{Adapter, LoraConfig, ALL_TARGETS};
 use super::weights::Weights;
-use crate::rec::nn::{rng_for, standard_normal};
+use crate::rng::{rng_for, standard_normal};
 
-/// Additive mask value for a key a query must not see (finite so fully masked rows stay finite).
-pub const MASKED: f32 = -1e9;
+pub use crate::ops::MASKED;
 
 /// A projection with an optional bias and an optional LoRA adapter; the weight is [out, in].
 #[derive(Debug, Clone)]

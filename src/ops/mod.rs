@@ -17,6 +17,9 @@ pub use norm::rms_norm;
 pub use rope::rope;
 pub use softmax::{cross_entropy, masked_softmax, softmax_last_dim, token_log_probs};
 
+/// Additive mask value for a key a query must not see (finite so fully masked rows stay finite).
+pub const MASKED: f32 = -1e9;
+
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{what}: expected f32") };
     match l.contiguous_offsets() {

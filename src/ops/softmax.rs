@@ -275,7 +275,7 @@ mod tests {
         let bias = filled((b, 1, t, k), |i| {
             let (bi, r, j) = (i / (t * k), i / k % t, i % k);
             if (bi == 1 && r == 4) || j > r + 2 || j == (r + bi) % k {
-                crate::llm::model::MASKED
+                crate::ops::MASKED
             } else {
                 0.0
             }

@@ -13,16 +13,17 @@
 use std::path::Path;
 
 use candle_core::Device;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::AdamW;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{rng_for, Params};
+use super::nn::Params;
 use super::sasrec::{SasRecConfig, SasRecTower};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
+use crate::rng::rng_for;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -110,7 +111,7 @@ impl Bert4Rec {
         anyhow::ensure!(cfg.max_len >= 2, "bert4rec.max_len: expected at least 2, found {}", cfg.max_len);
         let mut p = Params::new(seed, device);
         let tower = SasRecTower::new_masked(&cfg.tower(), n_items, &mut p)?;
-        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        let opt = crate::rec::train::adamw(p.varmap.all_vars(), cfg.lr)?;
         Ok(Bert4Rec { cfg: cfg.clone(), tower, seed, params: p, opt })
     }
 

@@ -17,16 +17,17 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use candle_nn::{AdamW, Linear};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::curec::FeatureBank;
-use super::nn::{rng_for, Params};
+use super::nn::Params;
 use super::sasrec::{SasRecConfig, SasRecTower};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
+use crate::rng::rng_for;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -80,8 +81,7 @@ impl Kar {
         let user2 = p.linear_normal("kar.user2", cfg.hidden, tower_cfg.dim, 0.02)?;
         let n_users = reasons.patterns.len() / e.max(1);
         let users = Tensor::from_vec(reasons.patterns.clone(), (n_users, e), device)?;
-        let opt =
-            AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: tower_cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        let opt = crate::rec::train::adamw(p.varmap.all_vars(), tower_cfg.lr)?;
         Ok(Kar { tower, user1, user2, users, seed, params: p, opt })
     }
 
@@ -141,7 +141,7 @@ mod tests {
     fn bank(lists: Vec<Vec<(u32, u32)>>, seed: u64, users: usize) -> FeatureBank {
         let rows = lists.iter().map(Vec::len).sum::<usize>().max(N);
         let mut r = rng_for(seed, 1, 0);
-        let mut v = |n: usize| (0..n).map(|_| super::super::nn::standard_normal(&mut r)).collect::<Vec<f32>>();
+        let mut v = |n: usize| (0..n).map(|_| crate::rng::standard_normal(&mut r)).collect::<Vec<f32>>();
         FeatureBank {
             dim: E,
             patterns: v(users * E),

@@ -18,7 +18,7 @@ use crate::data::Dataset;
 use crate::eval::Scorer;
 
 /// Which baseline to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     Pop,
@@ -33,6 +33,10 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// Every kind, in the order the CLI lists them.
+    pub const ALL: [ModelKind; 6] =
+        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Bert4rec, ModelKind::Curec, ModelKind::Kar];
+
     pub fn name(self) -> &'static str {
         match self {
             ModelKind::Pop => "pop",
@@ -44,9 +48,7 @@ impl ModelKind {
         }
     }
     pub fn parse(s: &str) -> Option<ModelKind> {
-        [ModelKind::Pop, ModelKind::Ncf, ModelKind::Sasrec, ModelKind::Bert4rec, ModelKind::Curec, ModelKind::Kar]
-            .into_iter()
-            .find(|k| k.name() == s)
+        Self::ALL.into_iter().find(|k| k.name() == s)
     }
 }
 
@@ -89,7 +91,7 @@ impl EpochLoss {
 
 /// Save a varmap atomically (temp name, then rename), so a kill never leaves a torn checkpoint.
 pub fn save_varmap(varmap: &candle_nn::VarMap, path: &Path) -> anyhow::Result<()> {
-    let tmp = crate::data::prepared::tmp_path(path);
+    let tmp = crate::io::tmp_path(path);
     varmap.save(&tmp)?;
     std::fs::rename(&tmp, path)?;
     Ok(())

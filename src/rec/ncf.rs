@@ -7,16 +7,17 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use candle_nn::{AdamW, Linear, Optimizer};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{bce_with_logits, dropout, rng_for, Params};
+use super::nn::{bce_with_logits, dropout, Params};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
+use crate::rng::rng_for;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -78,7 +79,7 @@ impl Ncf {
             width = h;
         }
         let out = p.linear("out", d + width, 1)?;
-        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        let opt = crate::rec::train::adamw(p.varmap.all_vars(), cfg.lr)?;
         Ok(Ncf { cfg: cfg.clone(), n_items, seed, params: p, user_gmf, item_gmf, user_mlp, item_mlp, mlp, out, opt })
     }
 

@@ -4,16 +4,10 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarMap;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-/// A deterministic RNG for one purpose, derived from (seed, stream, index): results do not
-/// depend on the order in which streams are drawn (or on which worker draws them).
-pub fn rng_for(seed: u64, stream: u64, index: u64) -> ChaCha8Rng {
-    let mut r = ChaCha8Rng::seed_from_u64(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    r.set_stream(index);
-    r
-}
+use crate::rng::{rng_for, standard_normal};
 
 /// Parameters registered in a `VarMap` under checkpoint names, initialised from a seeded RNG.
 pub struct Params {
@@ -72,13 +66,6 @@ impl Params {
             eps: 1e-12,
         })
     }
-}
-
-pub fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
-    // Box–Muller; u1 in (0, 1] so the log is finite.
-    let u1: f64 = 1.0 - rng.random::<f64>();
-    let u2: f64 = rng.random::<f64>();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
 /// Layer norm over the last dimension, built from differentiable primitives.

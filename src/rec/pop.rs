@@ -38,7 +38,7 @@ impl Model for Pop {
 
     fn save(&self, path: &Path) -> anyhow::Result<()> {
         let t = Tensor::new(self.counts.as_slice(), &Device::Cpu)?;
-        let tmp = crate::data::prepared::tmp_path(path);
+        let tmp = crate::io::tmp_path(path);
         candle_core::safetensors::save(&[("counts".to_string(), t)].into_iter().collect(), &tmp)?;
         std::fs::rename(&tmp, path)?;
         Ok(())

@@ -11,16 +11,17 @@
 use std::path::Path;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
+use candle_nn::{AdamW, Linear};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{attention_bias, dropout, dropout_mask, position_mask, rng_for, LayerNorm, Params};
+use super::nn::{attention_bias, dropout, dropout_mask, position_mask, LayerNorm, Params};
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval::Scorer;
 use crate::ops::softmax_last_dim;
+use crate::rng::rng_for;
 
 /// Standard deviation of every weight at initialisation (biases start at zero), as in RecBole.
 const INIT_STD: f32 = 0.02;
@@ -114,7 +115,7 @@ impl SasRec {
     pub fn new(cfg: &SasRecConfig, n_items: usize, seed: u64, device: &Device) -> anyhow::Result<Self> {
         let mut p = Params::new(seed, device);
         let tower = SasRecTower::new(cfg, n_items, &mut p)?;
-        let opt = AdamW::new(p.varmap.all_vars(), ParamsAdamW { lr: cfg.lr, weight_decay: 0.0, ..Default::default() })?;
+        let opt = crate::rec::train::adamw(p.varmap.all_vars(), cfg.lr)?;
         Ok(SasRec { tower, seed, params: p, opt })
     }
 

@@ -1,5 +1,6 @@
-//! The training loop shared by every baseline: epochs, validation NDCG@10 after each, the best
-//! checkpoint kept as safetensors, early stopping, and a progress bar on a terminal.
+//! The training shared by every recommender: one optimiser ([`adamw`]), and the loop: epochs,
+//! validation NDCG@10 after each, the best checkpoint kept as safetensors, early stopping, and a
+//! progress bar on a terminal.
 
 use std::path::Path;
 use std::time::Instant;
@@ -9,6 +10,13 @@ use serde::Serialize;
 use super::Model;
 use crate::data::{Dataset, Split};
 use crate::eval;
+
+/// The optimiser every recommender trains with: AdamW at `lr`, no weight decay, candle's
+/// defaults otherwise (β = 0.9, 0.999; ε = 1e-8).
+pub fn adamw(vars: Vec<candle_core::Var>, lr: f64) -> candle_core::Result<candle_nn::AdamW> {
+    use candle_nn::Optimizer;
+    candle_nn::AdamW::new(vars, candle_nn::ParamsAdamW { lr, weight_decay: 0.0, ..Default::default() })
+}
 
 #[derive(Debug, Clone)]
 pub struct FitConfig {

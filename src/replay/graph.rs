@@ -13,12 +13,14 @@ use timely::dataflow::operators::vec::Filter;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 
+use super::board::Board;
 use super::item_state::ItemState;
-use super::policy::{policy_operator, Corrector, EpochMetrics};
-use super::snapshot::{Board, State};
+use super::policy::{policy_operator, Corrector};
+use super::snapshot::State;
 use super::snapshot_op::{snapshot_operator, Collected};
 use super::state_op::state_operator;
 use super::user_state::UserState;
+use super::EpochMetrics;
 use super::{Event, Tick, Update, UpdateKind};
 
 /// Builds worker `index`'s corrector (`None`: this worker holds no policy).

@@ -8,9 +8,7 @@
 use std::sync::Arc;
 
 use super::snapshot::{reason_shard, Shard};
-use super::state_op::KeyedState;
-use super::{Annotated, IdMap, Reason, ReasonList, Shared, Update, UpdateKind};
-
+use super::{Annotated, IdMap, KeyedState, Reason, ReasonList, Shared, Update, UpdateKind};
 pub struct ItemState {
     pub items: IdMap<Arc<ReasonList>>,
     /// "w/o Update": events meet these initial lists, while the rewrites still fold into `items`.
@@ -36,26 +34,6 @@ impl ItemState {
             all.iter().filter(|(i, _)| **i as usize % peers == index).map(|(i, l)| (*i, l.clone())).collect();
         let frozen = freeze.then(|| items.clone());
         Self { items, frozen, reasons_kept, attach, empty: Arc::new(ReasonList::new()), retracted: Default::default() }
-    }
-}
-
-/// Insert `r` into a list ordered by (timestamp, user), replacing the entry of the same
-/// interaction, and keep the newest `keep`.
-pub fn fold_reason(list: &mut ReasonList, r: Reason, keep: usize) {
-    let key = (r.timestamp, r.user);
-    if list.back().is_none_or(|x| (x.timestamp, x.user) < key) {
-        // The common case in a time-ordered replay: the newest reason.
-        list.push_back(r);
-    } else {
-        let at = list.partition_point(|x| (x.timestamp, x.user) < key);
-        if list.get(at).is_some_and(|x| (x.timestamp, x.user) == key) {
-            list[at] = r;
-        } else {
-            list.insert(at, r);
-        }
-    }
-    while list.len() > keep {
-        list.pop_front();
     }
 }
 
@@ -85,7 +63,11 @@ impl KeyedState for ItemState {
             let list = Arc::make_mut(self.items.entry(item).or_insert_with(|| Arc::new(ReasonList::new())));
             let mut u = Some(first);
             while let Some(x) = u {
-                fold_reason(list, Reason { user: x.user, timestamp: x.timestamp, text: x.text }, self.reasons_kept);
+                super::fold_reason(
+                    list,
+                    Reason { user: x.user, timestamp: x.timestamp, text: x.text },
+                    self.reasons_kept,
+                );
                 u = it.next_if(|n| n.item == item);
             }
         }
@@ -153,11 +135,11 @@ mod tests {
     #[test]
     fn reasons_fold_in_time_order_replace_the_same_interaction_and_keep_the_newest() {
         let mut l: ReasonList = [r(1, 10, "a"), r(2, 30, "b")].into_iter().collect();
-        fold_reason(&mut l, r(3, 20, "c"), 10);
+        crate::replay::fold_reason(&mut l, r(3, 20, "c"), 10);
         assert_eq!(l.iter().map(|x| &*x.text).collect::<Vec<_>>(), ["a", "c", "b"]);
-        fold_reason(&mut l, r(3, 20, "c2"), 10);
+        crate::replay::fold_reason(&mut l, r(3, 20, "c2"), 10);
         assert_eq!(l.iter().map(|x| &*x.text).collect::<Vec<_>>(), ["a", "c2", "b"]);
-        fold_reason(&mut l, r(4, 40, "d"), 3);
+        crate::replay::fold_reason(&mut l, r(4, 40, "d"), 3);
         assert_eq!(l.iter().map(|x| &*x.text).collect::<Vec<_>>(), ["c2", "b", "d"]);
     }
 }

@@ -17,17 +17,18 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Var;
 
-use super::policy::{Corrector, EpochMetrics, EpochOutput};
+use super::policy::{Corrector, EpochOutput};
 use super::snapshot::POLICY;
+use super::EpochMetrics;
 use super::{Annotated, ReplayConfig, Update};
 use crate::data::preprocess::ItemRow;
 use crate::embed::{EmbeddingCache, Encoder};
-use crate::features::jobs::answer_text;
+use crate::features::writer::answer_text;
 use crate::features::FeaturesConfig;
 use crate::grpo::{Grpo, GrpoConfig, Reward, Sample, Scored};
 use crate::llm::generate::Generator;
-use crate::llm::prompts::{item_text, numbered_items, parse_pattern_update, Prompt, PromptKind};
 use crate::llm::{self, Llm, LoraConfig, SamplingConfig};
+use crate::prompts::{item_text, numbered_items, parse_pattern_update, Prompt, PromptKind};
 use crate::rec::curec::Curec;
 
 /// What the reward needs to score a sampled reason.
@@ -345,14 +346,14 @@ impl Corrector for LlmCorrector {
         std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         self.llm.model.save_lora(&dir.join("adapter.safetensors"), &self.lora)?;
         crate::grpo::checkpoint::save(&dir, &self.vars, &mut self.grpo)?;
-        crate::jobs::write_json(&dir.join("state.json"), &serde_json::json!({"step": self.step}))
+        crate::io::write_json(&dir.join("state.json"), &serde_json::json!({"step": self.step}))
     }
 }
 
 /// Restore the trainable weights, optimizer and step count saved by [`LlmCorrector::save`].
 fn load_policy(dir: &Path, vars: &[(String, Var)], grpo: &mut Grpo) -> Result<usize> {
     crate::grpo::checkpoint::load(dir, vars, grpo)?;
-    let state = crate::jobs::read_json(&dir.join("state.json"))?;
+    let state = crate::io::read_json(&dir.join("state.json"))?;
     state["step"].as_u64().map(|s| s as usize).with_context(|| format!("{}: no step in state.json", dir.display()))
 }
 

@@ -24,16 +24,13 @@
 //! Every random draw is seeded from (seed, record key), and every operator processes an epoch's
 //! records in key order, so the results do not depend on the number of workers.
 
-pub mod bench;
-pub mod bench_ingest;
+pub mod board;
 pub mod graph;
 pub mod ingest_log;
 pub mod item_state;
-pub mod jobs;
 pub mod llm_corrector;
 pub mod policy;
 pub mod resident;
-pub mod session;
 pub mod shared;
 pub mod snapshot;
 pub mod snapshot_op;
@@ -49,8 +46,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 pub use graph::{run_dataflow, DataflowOutcome, Initial, Topology};
-pub use jobs::{ingest, replay, replay_on};
-pub use policy::{Corrector, EpochMetrics, EpochOutput};
+pub use policy::{Corrector, EpochOutput};
 pub use shared::{IdMap, Shared};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,6 +231,132 @@ impl Update {
             text: Shared(text),
         }
     }
+}
+
+/// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
+/// progress log, so that snapshots are the same bytes run after run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    pub interactions: u64,
+    pub patterns_written: u64,
+    pub reasons_written: u64,
+    /// Interactions whose update answer could not be split into pattern and reason.
+    pub unparsed: u64,
+    /// GRPO groups (one per interaction in the step) and those with equal rewards.
+    pub groups: u64,
+    pub zero_variance_groups: u64,
+    pub reward_sum: f64,
+    pub reward_count: u64,
+    pub kl_sum: f64,
+    pub kl_count: u64,
+    pub loss: f64,
+    pub generated_tokens: u64,
+}
+
+impl EpochMetrics {
+    pub fn merge(&mut self, o: &EpochMetrics) {
+        self.interactions += o.interactions;
+        self.patterns_written += o.patterns_written;
+        self.reasons_written += o.reasons_written;
+        self.unparsed += o.unparsed;
+        self.groups += o.groups;
+        self.zero_variance_groups += o.zero_variance_groups;
+        self.reward_sum += o.reward_sum;
+        self.reward_count += o.reward_count;
+        self.kl_sum += o.kl_sum;
+        self.kl_count += o.kl_count;
+        self.loss += o.loss;
+        self.generated_tokens += o.generated_tokens;
+    }
+    pub fn mean_reward(&self) -> Option<f64> {
+        (self.reward_count > 0).then(|| self.reward_sum / self.reward_count as f64)
+    }
+    pub fn mean_kl(&self) -> Option<f64> {
+        (self.kl_count > 0).then(|| self.kl_sum / self.kl_count as f64)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserEntry {
+    pub pattern: Option<(i64, Arc<str>)>,
+    pub history: Vec<u32>,
+    /// Event time of each history item (parallel to `history`, non-decreasing).
+    pub times: Vec<i64>,
+}
+
+impl UserEntry {
+    /// Where an item of `timestamp` goes in event time (ties keep arrival order): the items
+    /// before that position are its history.
+    pub fn place(&self, timestamp: i64) -> usize {
+        self.times.partition_point(|&t| t <= timestamp)
+    }
+
+    /// Insert `item` at position `at` (from [`Self::place`]); the oldest items beyond `kept` are
+    /// dropped.
+    pub fn insert_at(&mut self, at: usize, item: u32, timestamp: i64, kept: usize) {
+        self.history.insert(at, item);
+        self.times.insert(at, timestamp);
+        if self.history.len() > kept {
+            let cut = self.history.len() - kept;
+            self.history.drain(..cut);
+            self.times.drain(..cut);
+        }
+    }
+
+    /// Take every occurrence of `item` out of the history.
+    pub fn retract(&mut self, item: u32) {
+        (self.history, self.times) =
+            self.history.iter().zip(&self.times).filter(|&(&i, _)| i != item).map(|(&i, &t)| (i, t)).unzip();
+    }
+
+    /// Insert `item` at its place in event time; returns that position.
+    pub fn insert(&mut self, item: u32, timestamp: i64, kept: usize) -> usize {
+        let at = self.place(timestamp);
+        self.insert_at(at, item, timestamp, kept);
+        at
+    }
+}
+
+/// Insert `r` into a list ordered by (timestamp, user), replacing the entry of the same
+/// interaction, and keep the newest `keep`.
+pub fn fold_reason(list: &mut ReasonList, r: Reason, keep: usize) {
+    let key = (r.timestamp, r.user);
+    if list.back().is_none_or(|x| (x.timestamp, x.user) < key) {
+        // The common case in a time-ordered replay: the newest reason.
+        list.push_back(r);
+    } else {
+        let at = list.partition_point(|x| (x.timestamp, x.user) < key);
+        if list.get(at).is_some_and(|x| (x.timestamp, x.user) == key) {
+            list[at] = r;
+        } else {
+            list.insert(at, r);
+        }
+    }
+    while list.len() > keep {
+        list.pop_front();
+    }
+}
+
+/// State partitioned by a key (user or item).
+pub trait KeyedState: 'static {
+    type In: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
+    type Out: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
+    /// Which updates this state folds.
+    const KIND: UpdateKind;
+    /// The exchange key of a record.
+    fn key(rec: &Self::In) -> u64;
+    /// The processing order of a record within an epoch (the event key).
+    fn order(rec: &Self::In) -> u64;
+    /// The exchange key of an update of [`Self::KIND`].
+    fn update_key(u: &Update) -> u64;
+    /// Fold one epoch's updates (sorted by key).
+    fn apply(&mut self, updates: Vec<Update>);
+    /// Annotate one epoch's records (sorted by key), folding what they change (e.g. histories).
+    fn annotate(&mut self, records: Vec<Self::In>) -> Vec<Self::Out>;
+    /// The rows of this worker's state whose key `keep` accepts, for a snapshot.
+    fn shard(&self, keep: &dyn Fn(u32) -> bool) -> snapshot::Shard;
 }
 
 #[cfg(test)]

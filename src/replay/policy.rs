@@ -11,61 +11,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use super::snapshot::{part_report, Board, Part, Report};
+use super::board::{part_report, Board, Report};
+use super::snapshot::Part;
+use super::EpochMetrics;
 use super::{Annotated, Tick, Update};
-
-/// What one epoch did, summed over workers. Only deterministic quantities: timings go to the
-/// progress log, so that snapshots are the same bytes run after run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct EpochMetrics {
-    pub epoch: u64,
-    pub interactions: u64,
-    pub patterns_written: u64,
-    pub reasons_written: u64,
-    /// Interactions whose update answer could not be split into pattern and reason.
-    pub unparsed: u64,
-    /// GRPO groups (one per interaction in the step) and those with equal rewards.
-    pub groups: u64,
-    pub zero_variance_groups: u64,
-    pub reward_sum: f64,
-    pub reward_count: u64,
-    pub kl_sum: f64,
-    pub kl_count: u64,
-    pub loss: f64,
-    pub generated_tokens: u64,
-}
-
-impl EpochMetrics {
-    pub fn merge(&mut self, o: &EpochMetrics) {
-        self.interactions += o.interactions;
-        self.patterns_written += o.patterns_written;
-        self.reasons_written += o.reasons_written;
-        self.unparsed += o.unparsed;
-        self.groups += o.groups;
-        self.zero_variance_groups += o.zero_variance_groups;
-        self.reward_sum += o.reward_sum;
-        self.reward_count += o.reward_count;
-        self.kl_sum += o.kl_sum;
-        self.kl_count += o.kl_count;
-        self.loss += o.loss;
-        self.generated_tokens += o.generated_tokens;
-    }
-    pub fn mean_reward(&self) -> Option<f64> {
-        (self.reward_count > 0).then(|| self.reward_sum / self.reward_count as f64)
-    }
-    pub fn mean_kl(&self) -> Option<f64> {
-        (self.kl_count > 0).then(|| self.kl_sum / self.kl_count as f64)
-    }
-}
-
 pub struct EpochOutput {
     pub updates: Vec<Update>,
     pub metrics: EpochMetrics,

@@ -18,9 +18,9 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use timely::communication::initialize::WorkerGuards;
 
+use super::board::Board;
 use super::graph::{build_worker, CorrectorFactory, Initial, Topology};
-use super::policy::EpochMetrics;
-use super::snapshot::Board;
+use super::EpochMetrics;
 use super::Event;
 
 /// What the workers get: the epochs in order, whether a snapshot follows the last one, and the

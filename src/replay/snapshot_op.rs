@@ -14,8 +14,9 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::Stream;
 
-use super::policy::EpochMetrics;
-use super::snapshot::{Board, Part, Report};
+use super::board::{Board, Report};
+use super::snapshot::Part;
+use super::EpochMetrics;
 
 /// What worker 0 collected: every finished epoch's metrics (those of the epochs before this
 /// run first), the corrector's seconds per epoch (the slowest worker), the snapshots completed,

@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use super::{Event, ReplayConfig};
 use crate::data::preprocess::Interaction;
 use crate::data::Dataset;
-use crate::rec::nn::rng_for;
+use crate::rng::rng_for;
 
 const USERS: u64 = 0x5e1ec7;
 
@@ -20,7 +20,7 @@ pub fn key(user: u32, pos: usize) -> u64 {
 /// The replayed train events in time order. Position 0 of a sequence has no history to prompt
 /// with and is never replayed (as in feature generation).
 pub fn replay_events(ds: &Dataset, xs: &[Interaction], cfg: &ReplayConfig, seed: u64) -> Vec<Event> {
-    let ts = crate::features::jobs::train_timestamps(ds, xs);
+    let ts = crate::features::plan::train_timestamps(ds, xs);
     let mut users: Vec<u32> = (0..ds.n_users as u32).filter(|&u| ds.train[u as usize].len() > 1).collect();
     if cfg.users > 0 && cfg.users < users.len() {
         users.shuffle(&mut rng_for(seed, USERS, 0));

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::policy::{Corrector, EpochMetrics, EpochOutput};
+use super::policy::{Corrector, EpochOutput};
+use super::EpochMetrics;
 use super::{Annotated, Update};
+use crate::replay::graph::CorrectorFactory;
+use serde_json::Value;
 
 pub struct StandIn {
     pub cost: Duration,
@@ -102,6 +105,24 @@ impl Corrector for StandIn {
     fn save(&mut self, _dir: &Path) -> Result<()> {
         Ok(())
     }
+}
+
+/// The `corrector` a bench run's identity names.
+pub const STANDIN: &str = "stand-in";
+
+pub const HISTORY_KEPT: usize = 10;
+
+pub const REASONS_KEPT: usize = 20;
+
+/// The stand-in of a run whose identity names it (`None`: the run corrects with the LLM).
+pub fn standin_factory(identity: &Value) -> Option<CorrectorFactory> {
+    let c = &identity["config"];
+    if c["corrector"].as_str() != Some(STANDIN) {
+        return None;
+    }
+    let cost = Duration::from_nanos(c["replay"]["standin_cost_ns"].as_u64().unwrap_or(0));
+    let seed = c["seed"].as_u64().unwrap_or(0);
+    Some(Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) }))
 }
 
 #[cfg(test)]

@@ -19,29 +19,9 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 use timely::progress::frontier::MutableAntichain;
 
-use super::snapshot::{part_report, Board, Report, Shard};
-use super::{Tick, Update, UpdateKind};
-
-/// State partitioned by a key (user or item).
-pub trait KeyedState: 'static {
-    type In: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
-    type Out: Clone + Send + serde::Serialize + for<'a> serde::Deserialize<'a> + 'static;
-    /// Which updates this state folds.
-    const KIND: UpdateKind;
-    /// The exchange key of a record.
-    fn key(rec: &Self::In) -> u64;
-    /// The processing order of a record within an epoch (the event key).
-    fn order(rec: &Self::In) -> u64;
-    /// The exchange key of an update of [`Self::KIND`].
-    fn update_key(u: &Update) -> u64;
-    /// Fold one epoch's updates (sorted by key).
-    fn apply(&mut self, updates: Vec<Update>);
-    /// Annotate one epoch's records (sorted by key), folding what they change (e.g. histories).
-    fn annotate(&mut self, records: Vec<Self::In>) -> Vec<Self::Out>;
-    /// The rows of this worker's state whose key `keep` accepts, for a snapshot.
-    fn shard(&self, keep: &dyn Fn(u32) -> bool) -> Shard;
-}
-
+use super::board::{part_report, Board, Report};
+use super::KeyedState;
+use super::{Tick, Update};
 fn bound(f: &MutableAntichain<u64>) -> Option<u64> {
     f.frontier().iter().min().copied()
 }

@@ -10,50 +10,7 @@
 use std::sync::Arc;
 
 use super::snapshot::{pattern_shard, Shard};
-use super::state_op::KeyedState;
-use super::{Annotated, Event, IdMap, Shared, Update, UpdateKind};
-
-#[derive(Debug, Clone, Default)]
-pub struct UserEntry {
-    pub pattern: Option<(i64, Arc<str>)>,
-    pub history: Vec<u32>,
-    /// Event time of each history item (parallel to `history`, non-decreasing).
-    pub times: Vec<i64>,
-}
-
-impl UserEntry {
-    /// Where an item of `timestamp` goes in event time (ties keep arrival order): the items
-    /// before that position are its history.
-    pub fn place(&self, timestamp: i64) -> usize {
-        self.times.partition_point(|&t| t <= timestamp)
-    }
-
-    /// Insert `item` at position `at` (from [`Self::place`]); the oldest items beyond `kept` are
-    /// dropped.
-    pub fn insert_at(&mut self, at: usize, item: u32, timestamp: i64, kept: usize) {
-        self.history.insert(at, item);
-        self.times.insert(at, timestamp);
-        if self.history.len() > kept {
-            let cut = self.history.len() - kept;
-            self.history.drain(..cut);
-            self.times.drain(..cut);
-        }
-    }
-
-    /// Take every occurrence of `item` out of the history.
-    pub fn retract(&mut self, item: u32) {
-        (self.history, self.times) =
-            self.history.iter().zip(&self.times).filter(|&(&i, _)| i != item).map(|(&i, &t)| (i, t)).unzip();
-    }
-
-    /// Insert `item` at its place in event time; returns that position.
-    pub fn insert(&mut self, item: u32, timestamp: i64, kept: usize) -> usize {
-        let at = self.place(timestamp);
-        self.insert_at(at, item, timestamp, kept);
-        at
-    }
-}
-
+use super::{Annotated, Event, IdMap, KeyedState, Shared, Update, UpdateKind, UserEntry};
 pub struct UserState {
     pub users: IdMap<UserEntry>,
     /// "w/o Update": events meet these initial patterns, while the rewrites still fold into `users`.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::jobs::read_json;
+use crate::io::read_json;
 use svg::escape;
 
 /// Directories (depth ≤ 4) below `root` holding `metrics.json`, sorted; the `seed-*` runs of a
@@ -108,7 +108,7 @@ pub fn write_report(roots: &[PathBuf], out: Option<&Path>, explain_users: usize)
     }
     let out = out.map_or_else(|| root.join("report.html"), Path::to_path_buf);
     let html = render(roots, explain_users)?;
-    let tmp = crate::data::prepared::tmp_path(&out);
+    let tmp = crate::io::tmp_path(&out);
     std::fs::write(&tmp, html).with_context(|| format!("{}: cannot write", out.display()))?;
     std::fs::rename(&tmp, &out).with_context(|| format!("{}: cannot write", out.display()))?;
     Ok(out)
@@ -282,8 +282,8 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
     }
 
     // Wall time of each stage a job ran (`stages.json`, written by `curec run` and `curec replay`).
-    for d in files(crate::jobs::STAGES) {
-        let Ok(v) = read_json(&d.join(crate::jobs::STAGES)) else { continue };
+    for d in files(crate::run_dir::STAGES) {
+        let Ok(v) = read_json(&d.join(crate::run_dir::STAGES)) else { continue };
         let Some(m) = v.as_object() else { continue };
         h.push_str(&format!(
             "<h2>Stage times: {}</h2><table><tr><th>stage</th><th>seconds</th></tr>",
@@ -347,7 +347,7 @@ fn explanation_cards(run: &Path, n: usize) -> Result<String> {
     let ds = crate::data::prepared::read_dataset(Path::new(data))?;
     let mut s = String::new();
     for raw in ds.users.iter().take(n) {
-        let recs = crate::jobs::recommend(run, raw, 5, 3)?;
+        let recs = crate::recommend::recommend(run, raw, 5, 3)?;
         s.push_str(&format!("<div class=\"card\"><b>user {}</b><table><tr><th>#</th><th>item</th><th>score</th><th>matched reasons (weight)</th></tr>", escape(raw)));
         for (i, r) in recs.iter().enumerate() {
             let reasons: Vec<String> = r

@@ -15,7 +15,6 @@
 //! ingests what the log still holds (a new snapshot), and exits. A restart, also after
 //! `kill -9`, ingests every acknowledged entry the last run had not applied.
 
-pub mod bench;
 pub mod metrics;
 pub mod wal;
 
@@ -34,8 +33,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
-use crate::jobs::{Query as RecQuery, Recommendation, Recommender};
-use crate::replay::session::{Rows, Session};
+use crate::pipeline::session::{Rows, Session};
+use crate::recommend::{Query as RecQuery, Recommendation, Recommender};
 use metrics::Metrics;
 use wal::{Entry, Row, Wal};
 
@@ -70,7 +69,7 @@ pub struct App {
     /// Stop without ingesting what is queued (the benchmark's throwaway copy).
     halted: std::sync::atomic::AtomicBool,
     wake: Condvar,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     report: Mutex<Option<String>>,
     /// Why this run cannot ingest (no replay snapshot), if it cannot.
     no_ingest: Option<String>,
@@ -159,7 +158,7 @@ impl App {
         rx.await.map_err(|_| unavailable())?
     }
 
-    fn recommender(&self) -> Arc<Mutex<Recommender>> {
+    pub(crate) fn recommender(&self) -> Arc<Mutex<Recommender>> {
         self.recommender.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

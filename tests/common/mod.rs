@@ -54,7 +54,8 @@ pub struct Setup {
 pub fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    curec::jobs::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default()).unwrap();
+    curec::pipeline::stages::prepare(&root().join("datasets/ml-latest-small"), &data, "auto", &JobConfig::default())
+        .unwrap();
     let model = tmp.path().join("tiny");
     tiny_model_dir(&model);
     let base = tmp.path().to_path_buf();
@@ -100,7 +101,7 @@ pub fn chain() -> Chain {
         batch: 8,
         ..Default::default()
     };
-    curec::features::generate_features(&s.data, &model, &feats, &fcfg).unwrap();
+    curec::pipeline::features::generate_features(&s.data, &model, &feats, &fcfg).unwrap();
     let mut cfg = JobConfig::default();
     cfg.curec.features = Some(feats.clone());
     cfg.curec.encoder = format!("llm:{model}");
@@ -109,7 +110,7 @@ pub fn chain() -> Chain {
     cfg.curec.max_epochs = 1;
     cfg.train.bootstrap = 20;
     let rm = s.base.join("rm");
-    curec::jobs::train(curec::rec::ModelKind::Curec, &s.data, &rm, &cfg).unwrap();
+    curec::pipeline::stages::train(curec::rec::ModelKind::Curec, &s.data, &rm, &cfg).unwrap();
     let job = s.base.join("replay.toml");
     let text = format!(
         "[prepare]\nout = {data:?}\n[train]\nout = {stages:?}\nmodels = []\nbootstrap = 20\n\

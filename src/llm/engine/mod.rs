@@ -22,8 +22,8 @@ pub use model::{Logits, QModel, SeqStep};
 pub use prefix::{PrefixCache, PrefixStats};
 pub use scheduler::{Engine, EngineConfig, EngineStats, Request};
 
-use super::generate::{Generation, SamplingConfig};
 use super::kernels::gguf::Quantize;
+use super::sampling::{Generation, SamplingConfig};
 use super::{CausalLm, ChatTemplate, Tokenizer};
 
 /// A quantized model with its tokenizer and chat template, loaded without the f32 model.

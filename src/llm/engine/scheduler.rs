@@ -18,9 +18,9 @@ use rand_chacha::ChaCha8Rng;
 use super::kv::SeqCache;
 use super::model::{Logits, QModel, SeqStep};
 use super::prefix::{PrefixCache, PrefixStats};
-use crate::llm::generate::{sample, Finish, Generation, SamplingConfig};
+use crate::llm::sampling::{sample, Finish, Generation, SamplingConfig};
 use crate::llm::tokenizer::Tokenizer;
-use crate::rec::nn::rng_for;
+use crate::rng::rng_for;
 
 /// A request waits a step for a sibling's prompt only when that saves at least this many prompt
 /// tokens: a GRPO group's copies of one prompt wait, while a user's successive reason prompts

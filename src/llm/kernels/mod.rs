@@ -498,7 +498,7 @@ pub fn kernel() -> Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rec::nn::{rng_for, standard_normal};
+    use crate::rng::{rng_for, standard_normal};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rng_for(seed, 1, 2);

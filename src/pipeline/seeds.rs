@@ -11,8 +11,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 
-use crate::config::JobConfig;
-use crate::jobs::{self, read_json, write_json};
+use crate::config::{same_config, JobConfig};
+use crate::io::{read_json, write_json};
 use crate::rec::ModelKind;
 
 /// The test metrics summarised over seeds.
@@ -60,9 +60,9 @@ pub fn train_seeds(
                 tracing::info!("{}: already trained with this config (delete it to redo)", dir.display());
                 m
             }
-            None => jobs::train(kind, data_dir, &dir, &cfg)?,
+            None => crate::pipeline::stages::train(kind, data_dir, &dir, &cfg)?,
         };
-        println!("{}", jobs::table_row(&m));
+        println!("{}", crate::tables::table_row(&m));
         runs.push((seed, m));
     }
     let summary = summarize(&runs)?;
@@ -85,35 +85,6 @@ fn finished(dir: &Path, cfg: &JobConfig) -> anyhow::Result<Option<Value>> {
         dir.display()
     );
     read_json(&metrics).map(Some)
-}
-
-/// Whether a run's saved `config.toml` is `cfg`. Keys a newer curec added (absent from the saved
-/// file) count as equal while `cfg` leaves them at their defaults, so adding a setting does not
-/// orphan the runs made before it.
-pub fn same_config(saved: &str, cfg: &JobConfig) -> bool {
-    if saved == cfg.to_toml() {
-        return true;
-    }
-    let parse = |s: &str| s.parse::<toml::Table>().ok();
-    let (Some(saved), Some(now), Some(default)) =
-        (parse(saved), parse(&cfg.to_toml()), parse(&JobConfig::default().to_toml()))
-    else {
-        return false;
-    };
-    fn prune(now: &mut toml::Table, saved: &toml::Table, default: Option<&toml::Table>) {
-        now.retain(|k, v| match saved.get(k) {
-            Some(_) => true,
-            None => default.and_then(|d| d.get(k)) != Some(v),
-        });
-        for (k, v) in now.iter_mut() {
-            if let (toml::Value::Table(t), Some(toml::Value::Table(s))) = (v, saved.get(k)) {
-                prune(t, s, default.and_then(|d| d.get(k)).and_then(toml::Value::as_table));
-            }
-        }
-    }
-    let mut now = now;
-    prune(&mut now, &saved, Some(&default));
-    now == saved
 }
 
 /// The summary written to `metrics.json` from one `(seed, metrics.json)` per run.

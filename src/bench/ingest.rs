@@ -17,11 +17,11 @@ use anyhow::Result;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::bench::{run_once, synthetic, tempfile_dir, BenchSpec};
-use super::graph::Topology;
-use super::ingest_log::NewRow;
-use super::session::{Rows, Session};
-use crate::rec::nn::rng_for;
+use crate::bench::replay::{run_once, synthetic, tempfile_dir, BenchSpec};
+use crate::pipeline::session::{Rows, Session};
+use crate::replay::graph::Topology;
+use crate::replay::ingest_log::NewRow;
+use crate::rng::rng_for;
 
 /// Batch `b` of `n` new interactions: seeded known users and items, times after the log's.
 pub fn new_rows(spec: &BenchSpec, b: usize, n: usize) -> Vec<NewRow> {
@@ -77,11 +77,11 @@ fn ingest_cost_in(spec: &BenchSpec, new: usize, batches: usize, workers: usize, 
     let mut one_shot = Vec::new();
     for b in 0..batches {
         let copy = dir.join(format!("one-shot-{b}"));
-        crate::jobs::copy_dir(&run, &copy)?;
+        crate::io::copy_dir(&run, &copy)?;
         let file = dir.join(format!("batch-{b}.csv"));
         write_csv(&file, &new_rows(spec, b, new))?;
         let t0 = std::time::Instant::now();
-        let v = super::jobs::ingest(&copy, &file, Some(workers), false)?;
+        let v = crate::pipeline::session::ingest(&copy, &file, Some(workers), false)?;
         one_shot.push(t0.elapsed().as_secs_f64());
         anyhow::ensure!(v["interactions"].as_u64() == Some(new as u64), "one-shot batch {b}: {v}");
         std::fs::remove_dir_all(&copy)?;

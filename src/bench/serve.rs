@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use super::App;
+use crate::serve::App;
 
 #[derive(Debug, Clone)]
 pub struct ServeBench {
@@ -121,7 +121,7 @@ pub fn run(b: &ServeBench) -> Result<Value> {
     anyhow::ensure!(b.seconds > 0.0 && b.seconds <= 600.0, "--seconds: expected more than 0 and at most 600");
     let tmp = std::env::temp_dir().join(format!("curec-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    crate::jobs::copy_dir(&b.run, &tmp)?;
+    crate::io::copy_dir(&b.run, &tmp)?;
     let result = (|| -> Result<Value> {
         let app = App::open(&tmp)?;
         let (users, items) = {
@@ -138,7 +138,7 @@ pub fn run(b: &ServeBench) -> Result<Value> {
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = rt.spawn(
-            axum::serve(listener, super::router(app.clone()))
+            axum::serve(listener, crate::serve::router(app.clone()))
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
                 })

@@ -49,10 +49,10 @@ impl PromptKind {
 
     fn default_text(self) -> &'static str {
         match self {
-            PromptKind::Alignment => include_str!("../../dataflows/prompts/alignment.txt"),
-            PromptKind::Pattern => include_str!("../../dataflows/prompts/pattern.txt"),
-            PromptKind::Reason => include_str!("../../dataflows/prompts/reason.txt"),
-            PromptKind::PatternUpdate => include_str!("../../dataflows/prompts/pattern_update.txt"),
+            PromptKind::Alignment => include_str!("../dataflows/prompts/alignment.txt"),
+            PromptKind::Pattern => include_str!("../dataflows/prompts/pattern.txt"),
+            PromptKind::Reason => include_str!("../dataflows/prompts/reason.txt"),
+            PromptKind::PatternUpdate => include_str!("../dataflows/prompts/pattern_update.txt"),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `curec replay` and `curec ingest`: the stages around the correction dataflow.
+//! `curec replay`: the stages around the correction dataflow.
 //!
 //! A replay run directory holds `snapshots/` (the state after each N epochs), `epochs.jsonl`
 //! (the live per-epoch log, with timings), `metrics.json` (the reward model evaluated with the
@@ -6,30 +6,33 @@
 //! newest snapshot, so `curec eval --run` and `curec recommend --model-dir` work on it) and
 //! `model.safetensors` (the reward model's weights, copied).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 
-use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
-use super::ingest_log;
-use super::llm_corrector::{LlmCorrector, LlmSetup};
-use super::policy::{Corrector, EpochMetrics};
-use super::session::{Rows, Session};
-use super::snapshot::{self, Board, State};
-use super::source::{self, by_epoch};
-use super::Event;
 use crate::config::JobConfig;
 use crate::data::{prepared, Dataset, Split};
 use crate::eval;
-use crate::jobs::{build_curec, metrics_json, write_json, write_text, TrainedRun};
+use crate::io::{write_json, write_text};
+use crate::pipeline::models::build_curec;
+use crate::pipeline::setup::epoch_logger;
+use crate::pipeline::setup::llm_factory;
+use crate::pipeline::setup::seed_caches;
 use crate::rec::Model;
-
+use crate::replay::board::Board;
+use crate::replay::graph::{run_dataflow, Initial, Topology};
+use crate::replay::llm_corrector::LlmSetup;
+use crate::replay::snapshot::identity_hash;
+use crate::replay::snapshot::{self, State};
+use crate::replay::source::{self, by_epoch};
+use crate::replay::EpochMetrics;
+use crate::replay::Event;
+use crate::run_dir::{metrics_json, TrainedRun};
 /// Where a job's stages live.
 struct Stages {
     data: PathBuf,
@@ -51,11 +54,6 @@ fn stages(cfg: &JobConfig) -> Result<Stages> {
     Ok(Stages { data, reward_model, model, adapter })
 }
 
-/// The short hash that names a run's identity in its manifests.
-pub(crate) fn identity_hash(v: &Value) -> String {
-    Sha256::digest(v.to_string().as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
 /// The reward model of `run` evaluated with the features in `features` (test and valid splits).
 /// Test metrics, valid metrics and the config used, then both evaluations (for `ranks.json`, so
 /// `curec compare` pairs replay runs with trained ones).
@@ -70,17 +68,6 @@ fn evaluate_with(run: &Path, data: &Path, features: &Path) -> Result<Evaluated> 
     let valid = eval::evaluate(&m, &ds, Split::Valid, cfg.train.eval_batch)?;
     let (n, seed) = (cfg.train.bootstrap, cfg.train.seed);
     Ok((metrics_json(&test, n, seed), metrics_json(&valid, n, seed), serde_json::to_value(&cfg)?, (test, valid)))
-}
-
-/// Copy the embedding caches of `from` into `to` where `to` has none (texts are keyed by hash).
-pub(super) fn seed_caches(from: &Path, to: &Path) -> Result<()> {
-    for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with("embeddings-") && name.ends_with(".parquet") && !to.join(&name).exists() {
-            std::fs::copy(e.path(), to.join(&name)).with_context(|| format!("{}: cannot copy", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Write `metrics.json`, `config.toml` and `model.safetensors` so the run reads as a trained run
@@ -119,45 +106,13 @@ fn write_run(
     run_cfg.curec.init_tower = None;
     write_text(&out.join("config.toml"), &run_cfg.to_toml())?;
     let weights = out.join("model.safetensors");
-    let tmp = prepared::tmp_path(&weights);
+    let tmp = crate::io::tmp_path(&weights);
     std::fs::copy(rm.join("model.safetensors"), &tmp)
         .with_context(|| format!("{}: cannot copy the reward model", rm.display()))?;
     std::fs::rename(&tmp, &weights)?;
-    crate::jobs::write_ranks(out, &evaluations.0, &evaluations.1)?;
+    crate::run_dir::write_ranks(out, &evaluations.0, &evaluations.1)?;
     write_json(&out.join("metrics.json"), &m)?;
     Ok(m)
-}
-
-/// Prints the live line per epoch and appends it (with timings) to `epochs.jsonl`.
-pub(super) fn epoch_logger(log: PathBuf, total_epochs: usize, done_before: usize) -> snapshot::EpochHook {
-    let t0 = Instant::now();
-    let count = Mutex::new(0usize);
-    Box::new(move |m: &EpochMetrics, epoch_secs: f64| {
-        let mut n = count.lock().expect("logger lock");
-        *n += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        let left = total_epochs.saturating_sub(done_before + *n);
-        let eta = secs / *n as f64 * left as f64;
-        let tps = m.generated_tokens as f64 / epoch_secs.max(1e-9);
-        let f = |x: Option<f64>| x.map_or("—".into(), |v| format!("{v:.4}"));
-        // A resident session (`total_epochs` 0) has no end to count down to.
-        let (of, eta) = match total_epochs {
-            0 => (String::new(), String::new()),
-            t => (format!(" ({}/{t})", done_before + *n), format!(", ETA {eta:.0} s")),
-        };
-        tracing::info!(
-            "epoch {}{of}: {} interactions, {} reasons, reward {}, kl {}, {tps:.0} tok/s{eta}",
-            m.epoch,
-            m.interactions,
-            m.reasons_written,
-            f(m.mean_reward()),
-            f(m.mean_kl())
-        );
-        let mut line = serde_json::to_value(m).unwrap_or_default();
-        line["seconds_since_start"] = json!(secs);
-        line["seconds"] = json!(epoch_secs);
-        let _ = crate::features::store::append_log(&log, &[line]);
-    })
 }
 
 /// Initial state for a first replay: the features' patterns and reason lists, and each user's
@@ -198,19 +153,6 @@ fn snapshot_epochs(order: &[u64], every: u64) -> BTreeSet<u64> {
     s
 }
 
-pub(super) fn llm_factory(setup: LlmSetup, rm: PathBuf, data: PathBuf) -> CorrectorFactory {
-    Arc::new(move |index: usize, _peers: usize| -> Result<Option<Box<dyn Corrector>>> {
-        if index != 0 {
-            return Ok(None);
-        }
-        let TrainedRun { ds, cfg, .. } = TrainedRun::open(&rm, Some(&data))?;
-        let mut model = build_curec(&ds, &cfg, &Device::Cpu)?;
-        model.load(&rm.join("model.safetensors"))?;
-        let encoder = crate::embed::load(&cfg.curec.encoder, &Device::Cpu)?;
-        Ok(Some(Box::new(LlmCorrector::new(setup.clone(), model, encoder)?)))
-    })
-}
-
 /// `curec replay <job.toml> --out <run>`: every stage before the correction (reused when its
 /// output exists), the correction dataflow (resumed from the newest complete snapshot), and the
 /// reward model evaluated with the corrected features; `replay.workers` threads in one process.
@@ -239,7 +181,7 @@ pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Opt
                 st.reward_model.display()
             );
         }
-        crate::jobs::run_job(&cfg, false)?;
+        crate::pipeline::stages::run_job(&cfg, false)?;
         // The stages just run may have written the aligned adapter, which the correction starts
         // from (as the features did): resolve the stages again.
         st = stages(&cfg)?;
@@ -306,7 +248,7 @@ pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Opt
             if topology.is_first() {
                 seed_caches(&features, out)?;
             }
-            let times = crate::features::jobs::train_timestamps(&ds, &xs);
+            let times = crate::features::plan::train_timestamps(&ds, &xs);
             let s =
                 initial_state(&ds, &times, &features, &all_events, cfg.replay.reasons_kept, cfg.replay.history_kept)?;
             (s, None, Vec::new())
@@ -388,26 +330,6 @@ pub fn replay_on(job: &JobConfig, out: &Path, topology: &Topology) -> Result<Opt
         "last_seconds": cfg.replay.last_seconds,
     });
     let variant = if cfg.replay.update { "correction" } else { "no-update" };
-    crate::jobs::record_stage(out, "correction", t_correction)?;
+    crate::run_dir::record_stage(out, "correction", t_correction)?;
     write_run(out, &st.reward_model, &st.data, &dir, variant, &ds, outcome.seconds, extra).map(Some)
-}
-
-/// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
-/// the same operators from the run's newest snapshot, and a snapshot after them; GRPO only with
-/// `replay.grpo_on_ingest`. Only the dedup keys of the file's users are loaded.
-pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
-    let t0 = Instant::now();
-    snapshot::newest(&run.join("snapshots"))
-        .with_context(|| format!("{}: no complete snapshot (run `curec replay` first)", run.display()))?;
-    let (rows, info) = ingest_log::read_file(file)?;
-    if rows.is_empty() {
-        bail!("{}: no interactions to ingest", file.display());
-    }
-    let users: HashSet<String> = rows.iter().map(|r| r.user.clone()).collect();
-    let only: HashSet<&str> = users.iter().map(String::as_str).collect();
-    let mut session = Session::open(run, workers, grpo, Some(&only))?;
-    let mut v = session.ingest(Rows { rows, info }, true)?;
-    session.close()?;
-    v["seconds"] = json!(t0.elapsed().as_secs_f64());
-    Ok(v)
 }

@@ -2,7 +2,7 @@
 //! dedup keys, the id maps grown by earlier ingests, the state, the corrector) and the dataflow
 //! it feeds, kept between batches. `curec ingest` opens a session, ingests its file with a
 //! snapshot after it and closes; `curec serve` and `curec bench ingest` keep one open
-//! ([`super::resident`]), so that a batch costs its own epochs and a snapshot is a checkpoint
+//! ([`crate::replay::resident`]), so that a batch costs its own epochs and a snapshot is a checkpoint
 //! taken when asked for.
 //!
 //! Ingest records (`<run>/ingested/`) are written for every batch before it runs; a record
@@ -18,18 +18,19 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-use super::graph::{CorrectorFactory, Initial};
-use super::ingest_log::{self, Known, NewRow};
-use super::jobs::{epoch_logger, llm_factory, seed_caches};
-use super::llm_corrector::LlmSetup;
-use super::resident::Resident;
-use super::snapshot::{self, Board, State};
-use super::source::{self, by_epoch};
-use super::Event;
 use crate::config::JobConfig;
 use crate::data::preprocess::ItemRow;
 use crate::data::{prepared, ItemInfo};
-use crate::jobs::write_text;
+use crate::io::write_text;
+use crate::pipeline::setup::{epoch_logger, llm_factory, seed_caches};
+use crate::replay::board::Board;
+use crate::replay::graph::{CorrectorFactory, Initial};
+use crate::replay::ingest_log::{self, Known, NewRow};
+use crate::replay::llm_corrector::LlmSetup;
+use crate::replay::resident::Resident;
+use crate::replay::snapshot::{self, State};
+use crate::replay::source::{self, by_epoch};
+use crate::replay::Event;
 
 /// Who writes an ingest's texts: the run's LLM against its reward model, or, in a run left by
 /// `curec bench replay --out`, the bench's stand-in.
@@ -105,7 +106,7 @@ impl Session {
         };
         let data = PathBuf::from(identity["config"]["data"].as_str().context("snapshot manifest: no data path")?);
         // A `curec bench replay --out` run: the stand-in corrects, and its log is in the run.
-        let (writer, data) = match super::bench::standin_factory(&identity) {
+        let (writer, data) = match crate::replay::standin::standin_factory(&identity) {
             Some(_) if grpo => {
                 bail!("--grpo: {} is a `curec bench replay` run (stand-in corrector, no LLM)", run.display())
             }
@@ -125,7 +126,7 @@ impl Session {
         // One read of the prepared log: the dataset and the interactions dedup and lateness check.
         let prepared::Log { users, items, interactions: log } = prepared::read_log(&data)?;
         // The prepare step's rating filter: ratings at or below it are not positives.
-        let stats: Value = crate::jobs::read_json(&data.join("stats.json")).unwrap_or_default();
+        let stats: Value = crate::io::read_json(&data.join("stats.json")).unwrap_or_default();
         let rating_above = stats["config"]["rating_above"]
             .as_f64()
             .map(|r| r as f32)
@@ -401,4 +402,24 @@ fn extend(v: &mut Value, more: Value) {
     if let (Some(m), Value::Object(x)) = (v.as_object_mut(), more) {
         m.extend(x);
     }
+}
+
+/// `curec ingest --from <run> <file>`: new interactions (new users and items included) through
+/// the same operators from the run's newest snapshot, and a snapshot after them; GRPO only with
+/// `replay.grpo_on_ingest`. Only the dedup keys of the file's users are loaded.
+pub fn ingest(run: &Path, file: &Path, workers: Option<usize>, grpo: bool) -> Result<Value> {
+    let t0 = Instant::now();
+    snapshot::newest(&run.join("snapshots"))
+        .with_context(|| format!("{}: no complete snapshot (run `curec replay` first)", run.display()))?;
+    let (rows, info) = ingest_log::read_file(file)?;
+    if rows.is_empty() {
+        bail!("{}: no interactions to ingest", file.display());
+    }
+    let users: HashSet<String> = rows.iter().map(|r| r.user.clone()).collect();
+    let only: HashSet<&str> = users.iter().map(String::as_str).collect();
+    let mut session = Session::open(run, workers, grpo, Some(&only))?;
+    let mut v = session.ingest(Rows { rows, info }, true)?;
+    session.close()?;
+    v["seconds"] = json!(t0.elapsed().as_secs_f64());
+    Ok(v)
 }

@@ -243,8 +243,8 @@ pub fn sasrec_step_throughput(
     steps: usize,
 ) -> Result<serde_json::Value> {
     use crate::ops::cross_entropy;
-    use crate::rec::nn::rng_for;
     use crate::rec::sasrec::SasRecTower;
+    use crate::rng::rng_for;
     use candle_core::{Device, Tensor};
     use rand::seq::SliceRandom;
 

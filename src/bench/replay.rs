@@ -13,24 +13,25 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use rand::Rng;
 use serde_json::{json, Value};
 
-use super::graph::{run_dataflow, CorrectorFactory, Initial, Topology};
-use super::policy::Corrector;
-use super::snapshot::{Board, State};
-use super::source::key;
-use super::standin::StandIn;
-use super::{Event, ReplayConfig};
 use crate::config::JobConfig;
 use crate::data::dataset::Split;
 use crate::data::preprocess::{Interaction, ItemRow, PrepareConfig, Prepared};
 use crate::data::{prepared, ItemInfo};
-use crate::rec::nn::rng_for;
-
+use crate::replay::board::Board;
+use crate::replay::graph::{run_dataflow, Initial, Topology};
+use crate::replay::snapshot::State;
+use crate::replay::source::key;
+use crate::replay::standin::standin_factory;
+use crate::replay::standin::HISTORY_KEPT;
+use crate::replay::standin::REASONS_KEPT;
+use crate::replay::standin::STANDIN;
+use crate::replay::{Event, ReplayConfig};
+use crate::rng::rng_for;
 pub struct BenchSpec {
     pub interactions: usize,
     pub users: usize,
@@ -117,23 +118,7 @@ pub fn identity(spec: &BenchSpec) -> Value {
         "seed": spec.seed,
         "bench": {"interactions": spec.interactions, "users": spec.users, "items": spec.items},
     });
-    json!({"hash": super::jobs::identity_hash(&config), "config": config})
-}
-
-/// The `corrector` a bench run's identity names.
-pub const STANDIN: &str = "stand-in";
-const HISTORY_KEPT: usize = 10;
-const REASONS_KEPT: usize = 20;
-
-/// The stand-in of a run whose identity names it (`None`: the run corrects with the LLM).
-pub fn standin_factory(identity: &Value) -> Option<CorrectorFactory> {
-    let c = &identity["config"];
-    if c["corrector"].as_str() != Some(STANDIN) {
-        return None;
-    }
-    let cost = Duration::from_nanos(c["replay"]["standin_cost_ns"].as_u64().unwrap_or(0));
-    let seed = c["seed"].as_u64().unwrap_or(0);
-    Some(Arc::new(move |_, _| -> Result<Option<Box<dyn Corrector>>> { Ok(Some(Box::new(StandIn::new(cost, seed)))) }))
+    json!({"hash": crate::replay::snapshot::identity_hash(&config), "config": config})
 }
 
 /// One timed run on the workers of `topology`. Snapshots go into `out` (a run directory, see the
@@ -249,7 +234,7 @@ pub fn replay_throughput(spec: &BenchSpec, topology: &Topology, out: Option<&Pat
         "out": out.map(|o| o.display().to_string()),
     });
     if let Some(o) = out.filter(|_| topology.is_first()) {
-        crate::jobs::write_json(&o.join("bench.json"), &v)?;
+        crate::io::write_json(&o.join("bench.json"), &v)?;
     }
     Ok(v)
 }
