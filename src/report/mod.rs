@@ -1,6 +1,8 @@
 //! `curec report <run-dir> [--out file.html]`: one self-contained HTML page (inline CSS and SVG,
 //! no scripts, no network) of everything a run directory holds:
 //!
+//! - what the run is ([`about`]): the data, epochs against their caps, the features, alignment
+//!   and replay sizes, and whether the numbers come from a sample;
 //! - the results table: every trained run below the directory (`metrics.json`; a `--seeds`
 //!   directory counts once, with its mean ± sd), NDCG@10 with its 95% interval, Recall@10;
 //! - NDCG@10 as bars with interval whiskers, per dataset;
@@ -13,6 +15,7 @@
 //! Every number comes from the files; each results row carries its exact values as `data-*`
 //! attributes, so tests (and scripts) can check the page against the metrics.
 
+mod about;
 pub mod svg;
 
 use std::collections::BTreeMap;
@@ -107,7 +110,7 @@ pub fn write_report(roots: &[PathBuf], out: Option<&Path>, explain_users: usize)
         anyhow::ensure!(r.is_dir(), "{}: not a run directory", r.display());
     }
     let out = out.map_or_else(|| root.join("report.html"), Path::to_path_buf);
-    let html = render(roots, explain_users)?;
+    let html = render_to(roots, explain_users, &out)?;
     let tmp = crate::io::tmp_path(&out);
     std::fs::write(&tmp, html).with_context(|| format!("{}: cannot write", out.display()))?;
     std::fs::rename(&tmp, &out).with_context(|| format!("{}: cannot write", out.display()))?;
@@ -117,6 +120,12 @@ pub fn write_report(roots: &[PathBuf], out: Option<&Path>, explain_users: usize)
 /// The page for `roots` (each searched to depth 4); run names are relative to the root, or with
 /// several roots to the root's parent.
 pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
+    let root = roots.first().context("report: no run directory")?;
+    render_to(roots, explain_users, &root.join("report.html"))
+}
+
+/// [`render`] for a page that will be written to `out` (its links are relative to it).
+fn render_to(roots: &[PathBuf], explain_users: usize, out: &Path) -> Result<String> {
     let root = roots.first().context("report: no run directory")?;
     let dirs: Vec<PathBuf> = roots.iter().flat_map(|r| runs(r)).collect();
     let label = |d: &Path| -> String {
@@ -134,6 +143,31 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
         escape(&root.display().to_string()),
         escape(&root.display().to_string())
     );
+    // Explanation cards, one block per CUREC run: the first opens the page under the results
+    // (the paper's point is comprehensible recommendation), the rest close it.
+    let mut explained: Vec<String> = Vec::new();
+    if explain_users > 0 {
+        for d in &dirs {
+            let Ok(m) = read_json(&d.join("metrics.json")) else { continue };
+            if m["model"] != "curec" {
+                continue;
+            }
+            // A --seeds directory explains with its first seed's model.
+            let run = if d.join("model.safetensors").is_file() {
+                d.clone()
+            } else {
+                match first_seed(d) {
+                    Some(p) => p,
+                    None => continue,
+                }
+            };
+            match explanation_cards(&run, explain_users) {
+                Ok(cards) => explained.push(format!("<h2>Explanations: {}</h2>{cards}", escape(&label(d)))),
+                Err(e) => tracing::warn!("{}: no explanation cards: {e:#}", d.display()),
+            }
+        }
+    }
+    h.push_str(&about::about(roots, &dirs, out));
     // Results.
     h.push_str("<h2>Results</h2><table><tr><th>run</th><th>model</th><th>dataset</th><th>NDCG@10</th><th>interval</th><th>Recall@10</th><th>epochs (best)</th><th>train s</th></tr>");
     let mut by_dataset: BTreeMap<String, Vec<svg::Bar>> = BTreeMap::new();
@@ -186,6 +220,9 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
         h.push_str(&svg::bars(&format!("NDCG@10, {ds}"), "run", items));
     }
     h.push_str("</div>");
+    if let Some(first) = explained.first() {
+        h.push_str(first);
+    }
 
     // Training curves.
     let mut loss = Vec::new();
@@ -297,29 +334,9 @@ pub fn render(roots: &[PathBuf], explain_users: usize) -> Result<String> {
     }
 
     // Explanation cards.
-    if explain_users > 0 {
-        for d in &dirs {
-            let Ok(m) = read_json(&d.join("metrics.json")) else { continue };
-            if m["model"] != "curec" {
-                continue;
-            }
-            // A --seeds directory explains with its first seed's model.
-            let run = if d.join("model.safetensors").is_file() {
-                d.clone()
-            } else {
-                match first_seed(d) {
-                    Some(p) => p,
-                    None => continue,
-                }
-            };
-            match explanation_cards(&run, explain_users) {
-                Ok(cards) => {
-                    h.push_str(&format!("<h2>Explanations: {}</h2>", escape(&label(d))));
-                    h.push_str(&cards);
-                }
-                Err(e) => tracing::warn!("{}: no explanation cards: {e:#}", d.display()),
-            }
-        }
+    // The other CUREC runs' explanations (the first one's are under the results).
+    for e in explained.iter().skip(1) {
+        h.push_str(e);
     }
     h.push_str("</body></html>\n");
     Ok(h)
