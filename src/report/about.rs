@@ -27,7 +27,10 @@ pub fn about(roots: &[PathBuf], dirs: &[PathBuf], out: &Path) -> String {
         if let Some(p) = m["data"].as_str() {
             data_dirs.insert(p.to_string());
         }
-        let (Some(epochs), Some(cap)) = (m["epochs"].as_u64(), m["config"]["max_epochs"].as_u64()) else { continue };
+        // The cap is the model's own `max_epochs` (CUREC and KAR keep theirs in a section).
+        let c = &m["config"];
+        let cap = [&c["max_epochs"], &c["curec"]["max_epochs"], &c["sasrec"]["max_epochs"]].into_iter().find_map(Value::as_u64);
+        let (Some(epochs), Some(cap)) = (m["epochs"].as_u64(), cap) else { continue };
         if epochs >= cap && cap > 1 {
             capped.push(format!("{} ({epochs} of {cap})", name(&m)));
         }

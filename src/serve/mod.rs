@@ -610,26 +610,44 @@ async fn interactions(
     Ok((StatusCode::ACCEPTED, axum::Json(json!({"accepted": n, "seq": entry.seq, "durable": true}))).into_response())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+/// SIGTERM and SIGINT (Ctrl-C), registered before the service says it is listening: a signal
+/// that arrives right after start-up stops the service cleanly instead of killing it with the
+/// default disposition (a race a quick SIGTERM used to hit).
+#[cfg(unix)]
+struct Signals(tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+#[cfg(unix)]
+impl Signals {
+    fn register() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self(
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        ))
     }
-    tracing::info!("stopping: no new connections; finishing requests in flight");
+
+    async fn stopped(mut self) {
+        tokio::select! {
+            _ = self.0.recv() => {},
+            _ = self.1.recv() => {},
+        }
+        tracing::info!("stopping: no new connections; finishing requests in flight");
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn register() -> Result<Self> {
+        Ok(Self)
+    }
+
+    async fn stopped(self) {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping: no new connections; finishing requests in flight");
+    }
 }
 
 /// Run the service until SIGTERM or Ctrl-C.
@@ -647,6 +665,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let served = rt.block_on(async {
+        let signals = Signals::register()?;
         let listener = tokio::net::TcpListener::bind(opts.addr)
             .await
             .with_context(|| format!("--addr {}: cannot listen", opts.addr))?;
@@ -655,7 +674,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         println!("{}", json!({"listening": format!("http://{addr}"), "run": opts.run.display().to_string()}));
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        axum::serve(listener, router(app.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+        axum::serve(listener, router(app.clone())).with_graceful_shutdown(signals.stopped()).await?;
         anyhow::Ok(())
     });
     app.stop();
