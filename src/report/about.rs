@@ -29,7 +29,9 @@ pub fn about(roots: &[PathBuf], dirs: &[PathBuf], out: &Path) -> String {
         }
         // The cap is the model's own `max_epochs` (CUREC and KAR keep theirs in a section).
         let c = &m["config"];
-        let cap = [&c["max_epochs"], &c["curec"]["max_epochs"], &c["sasrec"]["max_epochs"]].into_iter().find_map(Value::as_u64);
+        let cap = [&c["max_epochs"], &c["curec"]["max_epochs"], &c["sasrec"]["max_epochs"]]
+            .into_iter()
+            .find_map(Value::as_u64);
         let (Some(epochs), Some(cap)) = (m["epochs"].as_u64(), cap) else { continue };
         if epochs >= cap && cap > 1 {
             capped.push(format!("{} ({epochs} of {cap})", name(&m)));
@@ -48,10 +50,7 @@ pub fn about(roots: &[PathBuf], dirs: &[PathBuf], out: &Path) -> String {
     }
     if !capped.is_empty() {
         sample = true;
-        facts.push(format!(
-            "Stopped at the job's epoch cap, so short of convergence: {}.",
-            capped.join(", ")
-        ));
+        facts.push(format!("Stopped at the job's epoch cap, so short of convergence: {}.", capped.join(", ")));
     }
     for f in roots.iter().flat_map(|r| dirs_with(r, "manifest.json", false)) {
         let Ok(m) = read_json(&f.join("manifest.json")) else { continue };
