@@ -56,6 +56,10 @@ impl JobConfig {
 
         let p = &self.preprocess;
         c.within("preprocess.rating_above", p.rating_above as f64, "(-∞, ∞)", |_| true)?;
+        if p.split != "leave-one-out" && p.split != "time" {
+            bail!("preprocess.split = '{}': expected 'leave-one-out' or 'time'", p.split);
+        }
+        c.within("preprocess.head", p.head, "(0, 1)", |x| x > 0.0 && x < 1.0)?;
 
         let s = &self.sasrec;
         c.heads("sasrec", s.dim, s.heads)?;

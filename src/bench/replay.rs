@@ -87,7 +87,7 @@ pub fn write_data(dir: &Path, spec: &BenchSpec, epochs: &[(u64, Vec<Event>)]) ->
         "interactions": n,
         "bench": {"interactions": spec.interactions, "users": spec.users, "items": spec.items, "seed": spec.seed},
     });
-    prepared::write_dir(dir, &p, &stats)?;
+    prepared::write_dir(dir, &p, None, &stats)?;
     Ok(())
 }
 

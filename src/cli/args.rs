@@ -43,6 +43,11 @@ pub enum Command {
         /// Minimum interactions per item.
         #[arg(long)]
         item_core: Option<usize>,
+        /// `leave-one-out` (the paper's protocol) or `time`: the first `preprocess.head` (80%) of
+        /// the positives by time as the dataset (core filter and ids from them alone), every later
+        /// positive as `stream.parquet`, new users and items included.
+        #[arg(long, value_parser = ["leave-one-out", "time"])]
+        split: Option<String>,
         /// Override any job-file key: section.key=value (repeatable).
         #[arg(long = "set")]
         sets: Vec<String>,

@@ -9,8 +9,8 @@ use super::overrides;
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Prepare { input, out, format, config, rating_above, user_core, item_core, mut sets } => {
-            sets.extend(overrides::prepare(rating_above, user_core, item_core));
+        Command::Prepare { input, out, format, config, rating_above, user_core, item_core, split, mut sets } => {
+            sets.extend(overrides::prepare(rating_above, user_core, item_core, split.as_deref()));
             let cfg = JobConfig::load(config.as_deref(), &sets)?;
             let stats = curec::pipeline::stages::prepare(&input, &out, &format, &cfg)?;
             println!("{}", serde_json::to_string(&stats)?);

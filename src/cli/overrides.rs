@@ -14,8 +14,14 @@ fn toml_str(s: &str) -> String {
 }
 
 /// `curec prepare`'s protocol flags.
-pub fn prepare(rating_above: Option<f32>, user_core: Option<usize>, item_core: Option<usize>) -> Vec<String> {
+pub fn prepare(
+    rating_above: Option<f32>,
+    user_core: Option<usize>,
+    item_core: Option<usize>,
+    split: Option<&str>,
+) -> Vec<String> {
     let mut sets = Vec::new();
+    sets.extend(split.map(|s| format!("preprocess.split={}", toml_str(s))));
     sets.extend(rating_above.map(|v| format!("preprocess.rating_above={v:?}")));
     sets.extend(user_core.map(|v| format!("preprocess.user_core={v}")));
     sets.extend(item_core.map(|v| format!("preprocess.item_core={v}")));

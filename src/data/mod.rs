@@ -13,6 +13,7 @@ pub mod lines;
 pub mod movielens;
 pub mod prepared;
 pub mod preprocess;
+pub mod time_split;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

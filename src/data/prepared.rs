@@ -22,6 +22,8 @@ pub const INTERACTIONS: &str = "interactions.parquet";
 pub const ITEMS: &str = "items.parquet";
 pub const USERS: &str = "users.parquet";
 pub const STATS: &str = "stats.json";
+/// The stream after the head of a time split (`preprocess.split = "time"`).
+pub const STREAM: &str = "stream.parquet";
 
 /// Write bytes produced by `write` to `path` atomically ([`crate::io::write_atomic`]).
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<(), DataError>) -> Result<(), DataError> {
@@ -140,9 +142,20 @@ fn users_batch(p: &Prepared) -> RecordBatch {
 }
 
 /// Write the prepared dataset into `dir`; `stats.json` goes last, so its presence means complete.
-pub fn write_dir(dir: &Path, p: &Prepared, stats: &serde_json::Value) -> Result<(), DataError> {
+pub fn write_dir(
+    dir: &Path,
+    p: &Prepared,
+    stream: Option<&super::time_split::Stream>,
+    stats: &serde_json::Value,
+) -> Result<(), DataError> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let _ = std::fs::remove_file(dir.join(STATS));
+    match stream {
+        Some(s) => write_stream(&dir.join(STREAM), s, &p.users)?,
+        None => {
+            let _ = std::fs::remove_file(dir.join(STREAM));
+        }
+    }
     write_parquet(&dir.join(INTERACTIONS), &interactions_batch(&p.interactions))?;
     write_parquet(&dir.join(ITEMS), &items_batch(&p.items))?;
     write_parquet(&dir.join(USERS), &users_batch(p))?;
@@ -276,4 +289,78 @@ pub fn read_dataset_and_log(dir: &Path) -> Result<(Dataset, Vec<Interaction>), D
     }
     let ds = Dataset::from_interactions(&name, users, items, &xs);
     Ok((ds, xs))
+}
+
+/// `stream.parquet`: the stream of a time split, in time order (`raw_user` names users the head
+/// does not hold; every item id is in `items.parquet`).
+pub fn write_stream(path: &Path, s: &super::time_split::Stream, head_users: &[String]) -> Result<(), DataError> {
+    let raw = |u: u32| -> &str {
+        let u = u as usize;
+        if u < head_users.len() {
+            &head_users[u]
+        } else {
+            &s.new_users[u - head_users.len()]
+        }
+    };
+    let b = batch(
+        vec![
+            ("user", DataType::UInt32),
+            ("raw_user", DataType::Utf8),
+            ("item", DataType::UInt32),
+            ("timestamp", DataType::Int64),
+            ("rating", DataType::Float32),
+        ],
+        vec![
+            Arc::new(UInt32Array::from_iter_values(s.rows.iter().map(|r| r.user))),
+            Arc::new(StringArray::from_iter_values(s.rows.iter().map(|r| raw(r.user)))),
+            Arc::new(UInt32Array::from_iter_values(s.rows.iter().map(|r| r.item))),
+            Arc::new(Int64Array::from_iter_values(s.rows.iter().map(|r| r.timestamp))),
+            Arc::new(Float32Array::from_iter_values(s.rows.iter().map(|r| r.rating))),
+        ],
+    );
+    write_parquet(path, &b)
+}
+
+/// The stream of a prepared directory (`stream.parquet`) and the raw ids of its new users;
+/// a directory without one was not prepared with `--split time`.
+pub fn read_stream(dir: &Path) -> Result<(Vec<super::time_split::StreamRow>, Vec<String>), DataError> {
+    let path = dir.join(STREAM);
+    if !path.is_file() {
+        return Err(DataError::file(dir, "no stream.parquet: prepare the data with `curec prepare --split time`"));
+    }
+    let n_users = read_users(&dir.join(USERS))?.len();
+    let n_items = read_items(&dir.join(ITEMS))?.len();
+    let b = read_parquet(&path)?;
+    let user = column(&path, &b, "user", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let raw = column(&path, &b, "raw_user", DataType::Utf8)?.as_string::<i32>();
+    let item = column(&path, &b, "item", DataType::UInt32)?.as_primitive::<UInt32Type>();
+    let ts = column(&path, &b, "timestamp", DataType::Int64)?.as_primitive::<Int64Type>();
+    let rating = column(&path, &b, "rating", DataType::Float32)?.as_primitive::<Float32Type>();
+    let (mut rows, mut new_users) = (Vec::with_capacity(b.num_rows()), Vec::new());
+    for r in 0..b.num_rows() {
+        let u = user.value(r);
+        if u as usize >= n_users + new_users.len() {
+            if u as usize != n_users + new_users.len() {
+                return Err(DataError::row(
+                    &path,
+                    r + 1,
+                    "new user ids must follow the head's in order of first appearance",
+                ));
+            }
+            new_users.push(raw.value(r).to_string());
+        }
+        if item.value(r) as usize >= n_items {
+            return Err(DataError::row(&path, r + 1, "item id out of range of items.parquet"));
+        }
+        if r > 0 && ts.value(r) < ts.value(r - 1) {
+            return Err(DataError::row(&path, r + 1, "the stream is not in time order"));
+        }
+        rows.push(super::time_split::StreamRow {
+            user: u,
+            item: item.value(r),
+            timestamp: ts.value(r),
+            rating: rating.value(r),
+        });
+    }
+    Ok((rows, new_users))
 }

@@ -20,11 +20,40 @@ pub struct PrepareConfig {
     pub item_core: usize,
     /// Keep only the earliest interaction of a repeated (user, item) pair.
     pub dedup: bool,
+    /// `leave-one-out` (the paper's protocol, default) or `time`: the first `head` of the
+    /// positives by time are the prepared dataset (core filter and dense ids from them alone),
+    /// every later positive is the stream (`stream.parquet`, new users and items included).
+    /// Left out of the serialized config at its default, like `head`, so configs written before
+    /// the key existed keep their identity.
+    #[serde(skip_serializing_if = "is_leave_one_out")]
+    pub split: String,
+    /// With `split = "time"`: the share of positives, by time, in the head (0, 1).
+    #[serde(skip_serializing_if = "is_default_head")]
+    pub head: f64,
+}
+
+/// The default split.
+pub const LEAVE_ONE_OUT: &str = "leave-one-out";
+const HEAD: f64 = 0.8;
+
+fn is_leave_one_out(s: &str) -> bool {
+    s == LEAVE_ONE_OUT
+}
+
+fn is_default_head(h: &f64) -> bool {
+    *h == HEAD
 }
 
 impl Default for PrepareConfig {
     fn default() -> Self {
-        PrepareConfig { rating_above: 3.0, user_core: 30, item_core: 10, dedup: true }
+        PrepareConfig {
+            rating_above: 3.0,
+            user_core: 30,
+            item_core: 10,
+            dedup: true,
+            split: LEAVE_ONE_OUT.into(),
+            head: HEAD,
+        }
     }
 }
 
@@ -64,12 +93,26 @@ pub struct Counts {
 }
 
 pub fn preprocess(log: &RawLog, cfg: &PrepareConfig) -> Result<Prepared, DataError> {
+    check_core(cfg)?;
+    let (mut counts, kept) = positives(log, cfg);
+    let kept = core(kept, cfg, &mut counts)?;
+    Ok(dense(log, &kept, counts))
+}
+
+/// Leave-one-out needs a train, a valid and a test item per user.
+pub(super) fn check_core(cfg: &PrepareConfig) -> Result<(), DataError> {
     if cfg.user_core < 3 {
         return Err(DataError::msg(format!(
             "user_core = {}: leave-one-out needs at least 3 interactions per user (train, valid, test)",
             cfg.user_core
         )));
     }
+    Ok(())
+}
+
+/// The positives (rating above the threshold) with their file positions, in (raw user, time,
+/// file position) order; a repeated (user, item) pair keeps its earliest.
+pub(super) fn positives(log: &RawLog, cfg: &PrepareConfig) -> (Counts, Vec<(usize, RawInteraction)>) {
     let mut counts = Counts { raw: log.interactions.len(), ..Default::default() };
     // File order is the tie-breaker for equal timestamps, so carry the original position.
     let mut kept: Vec<(usize, RawInteraction)> =
@@ -81,7 +124,15 @@ pub fn preprocess(log: &RawLog, cfg: &PrepareConfig) -> Result<Prepared, DataErr
         kept.retain(|(_, r)| seen.insert((r.user, r.item)));
     }
     counts.after_dedup = kept.len();
+    (counts, kept)
+}
 
+/// The user/item k-core of `kept`, iterated until nothing changes (order kept).
+pub(super) fn core(
+    mut kept: Vec<(usize, RawInteraction)>,
+    cfg: &PrepareConfig,
+    counts: &mut Counts,
+) -> Result<Vec<(usize, RawInteraction)>, DataError> {
     loop {
         counts.kcore_rounds += 1;
         let mut per_user: HashMap<u32, usize> = HashMap::new();
@@ -102,20 +153,23 @@ pub fn preprocess(log: &RawLog, cfg: &PrepareConfig) -> Result<Prepared, DataErr
             cfg.rating_above, cfg.user_core, cfg.item_core
         )));
     }
+    Ok(kept)
+}
 
+/// The item row of raw item `i` (its title and text, or the raw id when the log has none).
+pub(super) fn item_row(log: &RawLog, i: u32) -> ItemRow {
+    let raw_id = log.items.name(i).to_string();
+    let info = log.info.get(&i).cloned().unwrap_or_else(|| ItemInfo { title: raw_id.clone(), text: raw_id.clone() });
+    ItemRow { raw_id, info }
+}
+
+/// Dense ids in raw-id order, each user's interactions in time order, leave-one-out splits.
+/// `kept` is in (raw user, time, file position) order.
+pub(super) fn dense(log: &RawLog, kept: &[(usize, RawInteraction)], counts: Counts) -> Prepared {
     let user_ids = dense_ids(kept.iter().map(|(_, r)| r.user), |u| log.users.name(u));
     let item_ids = dense_ids(kept.iter().map(|(_, r)| r.item), |i| log.items.name(i));
     let users: Vec<String> = user_ids.order.iter().map(|&u| log.users.name(u).to_string()).collect();
-    let items: Vec<ItemRow> = item_ids
-        .order
-        .iter()
-        .map(|&i| {
-            let raw_id = log.items.name(i).to_string();
-            let info =
-                log.info.get(&i).cloned().unwrap_or_else(|| ItemInfo { title: raw_id.clone(), text: raw_id.clone() });
-            ItemRow { raw_id, info }
-        })
-        .collect();
+    let items: Vec<ItemRow> = item_ids.order.iter().map(|&i| item_row(log, i)).collect();
 
     let mut interactions: Vec<Interaction> = kept
         .iter()
@@ -137,7 +191,7 @@ pub fn preprocess(log: &RawLog, cfg: &PrepareConfig) -> Result<Prepared, DataErr
         interactions[end - 2].split = Split::Valid;
         end = start;
     }
-    Ok(Prepared { users, items, interactions, counts })
+    Prepared { users, items, interactions, counts }
 }
 
 struct DenseIds {

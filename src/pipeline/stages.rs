@@ -37,13 +37,18 @@ pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyho
         )
         .into());
     }
-    let p = preprocess::preprocess(&log, &cfg.preprocess)?;
+    let (p, stream) = if cfg.preprocess.split == "time" {
+        let (p, s) = data::time_split::split_time(&log, &cfg.preprocess)?;
+        (p, Some(s))
+    } else {
+        (preprocess::preprocess(&log, &cfg.preprocess)?, None)
+    };
     let name = cfg.prepare.dataset.clone().unwrap_or_else(|| {
         let base = if input.is_file() { input.file_stem() } else { input.file_name() };
         base.map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
     });
     let count = |s: Split| p.interactions.iter().filter(|x| x.split == s).count();
-    let stats = json!({
+    let mut stats = json!({
         "dataset": name,
         "format": format.name(),
         "source": input.display().to_string(),
@@ -57,7 +62,16 @@ pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyho
         "steps": p.counts,
         "config": cfg.preprocess,
     });
-    prepared::write_dir(out, &p, &stats)?;
+    if let Some(s) = &stream {
+        // The head is the prepared dataset above; `items` counts the whole catalogue.
+        stats["head"] = json!(p.interactions.len());
+        stats["stream"] = json!(s.rows.len());
+        stats["new_item_interactions"] = json!(s.new_item_interactions);
+        stats["new_user_interactions"] = json!(s.new_user_interactions);
+        stats["new_items"] = json!(s.new_items);
+        stats["new_users"] = json!(s.new_users.len());
+    }
+    prepared::write_dir(out, &p, stream.as_ref(), &stats)?;
     Ok(stats)
 }
 
