@@ -31,8 +31,7 @@ pub struct Stream {
     pub new_users: Vec<String>,
     /// Items of the catalogue the head does not hold (appended to the prepared items).
     pub new_items: usize,
-    /// Stream interactions with an item that neither the head nor an earlier stream
-    /// interaction holds (each new item's first interaction counts, its later ones too).
+    /// Stream interactions with an item the head does not hold (every interaction of a new item).
     pub new_item_interactions: usize,
     pub new_user_interactions: usize,
 }
@@ -134,7 +133,7 @@ mod tests {
         let rows: Vec<(u32, u32, i64)> = s.rows.iter().map(|r| (r.user, r.item, r.timestamp)).collect();
         assert_eq!(rows, vec![(0, 3, 9), (2, 0, 10), (1, 3, 12)]);
         assert_eq!(s.new_users, vec!["d"]);
-        assert_eq!((s.new_items, s.new_item_interactions, s.new_user_interactions), (1, 1, 1));
+        assert_eq!((s.new_items, s.new_item_interactions, s.new_user_interactions), (1, 2, 1));
     }
 
     #[test]
