@@ -78,7 +78,6 @@ pub enum Command {
         #[arg(long)]
         features: Option<PathBuf>,
         /// curec: how reasons meet the pattern (attention = CUREC; text, ap, mlp, sa = Table 3 variants).
-        #[arg(long)]
         #[arg(long, value_parser = named(&Variant::ALL, Variant::name))]
         variant: Option<Variant>,
         /// Override any job-file key: section.key=value (repeatable).

@@ -66,7 +66,6 @@ pub fn split_time(log: &RawLog, cfg: &PrepareConfig) -> Result<(Prepared, Stream
     let (n_users, n_items) = (p.users.len(), p.items.len());
     let mut stream = Stream::default();
     let mut new_raw_users: Vec<String> = Vec::new();
-    let mut seen_items = vec![true; n_items];
     for (_, r) in &stream_raw {
         let raw_user = log.users.name(r.user);
         let user = match users.get(raw_user) {
@@ -85,11 +84,10 @@ pub fn split_time(log: &RawLog, cfg: &PrepareConfig) -> Result<(Prepared, Stream
                 let i = p.items.len() as u32;
                 p.items.push(item_row(log, r.item));
                 items.insert(raw_item.to_string(), i);
-                seen_items.push(false);
                 i
             }
         };
-        if !seen_items[item as usize] {
+        if item as usize >= n_items {
             stream.new_item_interactions += 1;
         }
         if user as usize >= n_users {
