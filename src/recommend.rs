@@ -9,8 +9,7 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 
 use crate::data::{Dataset, Split};
-use crate::pipeline::models::build_curec;
-use crate::pipeline::models::build_model;
+use crate::pipeline::models::{build_curec, build_model};
 use crate::rec::curec::Curec;
 use crate::rec::{Model, ModelKind};
 use crate::run_dir::TrainedRun;

@@ -26,10 +26,7 @@ use crate::replay::board::Board;
 use crate::replay::graph::{run_dataflow, Initial, Topology};
 use crate::replay::snapshot::State;
 use crate::replay::source::key;
-use crate::replay::standin::standin_factory;
-use crate::replay::standin::HISTORY_KEPT;
-use crate::replay::standin::REASONS_KEPT;
-use crate::replay::standin::STANDIN;
+use crate::replay::standin::{standin_factory, HISTORY_KEPT, REASONS_KEPT, STANDIN};
 use crate::replay::{Event, ReplayConfig};
 use crate::rng::rng_for;
 pub struct BenchSpec {

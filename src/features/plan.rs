@@ -105,8 +105,9 @@ pub fn reason_jobs(ds: &Dataset, ts: &[Vec<i64>], users: &[u32], cfg: &FeaturesC
 }
 
 /// `features.item_reasons`: the most recent train interaction (by time, then user) of each of
-/// the `n` most popular train items (by count, then id), as reason jobs with the `history`
-/// items before it; interactions `have` already holds are not repeated. In item order.
+/// the `n` most popular train items (by their count of reasonable interactions, i.e. every train
+/// position but a user's first, then by id), as reason jobs with the `history` items before it;
+/// interactions `have` already holds are not repeated. In item order.
 fn item_reason_jobs(ds: &Dataset, ts: &[Vec<i64>], n: usize, history: usize, have: &[FeatureJob]) -> Vec<FeatureJob> {
     if n == 0 {
         return Vec::new();

@@ -12,8 +12,7 @@ use crate::data::Dataset;
 use crate::embed::EmbeddingCache;
 use crate::features::bank::build_bank;
 use crate::features::Features;
-use crate::rec::curec::Curec;
-use crate::rec::curec::Variant;
+use crate::rec::curec::{Curec, Variant};
 use crate::rec::kar::Kar;
 use crate::rec::{bert4rec::Bert4Rec, ncf::Ncf, pop::Pop, sasrec::SasRec, Model, ModelKind};
 

@@ -20,9 +20,7 @@ use crate::data::{prepared, Dataset, Split};
 use crate::eval;
 use crate::io::{write_json, write_text};
 use crate::pipeline::models::build_curec;
-use crate::pipeline::setup::epoch_logger;
-use crate::pipeline::setup::llm_factory;
-use crate::pipeline::setup::seed_caches;
+use crate::pipeline::setup::{epoch_logger, llm_factory, seed_caches};
 use crate::rec::Model;
 use crate::replay::board::Board;
 use crate::replay::graph::{run_dataflow, Initial, Topology};
@@ -30,8 +28,7 @@ use crate::replay::llm_corrector::LlmSetup;
 use crate::replay::snapshot::identity_hash;
 use crate::replay::snapshot::{self, State};
 use crate::replay::source::{self, by_epoch};
-use crate::replay::EpochMetrics;
-use crate::replay::Event;
+use crate::replay::{EpochMetrics, Event};
 use crate::run_dir::{metrics_json, TrainedRun};
 /// Where a job's stages live.
 struct Stages {

@@ -11,18 +11,11 @@ use crate::config::JobConfig;
 use crate::data::{self, prepared, preprocess, Dataset, Format, Split};
 use crate::eval::{self, Evaluation};
 use crate::io::{read_json, write_json, write_text};
-use crate::pipeline::models::build_model;
-use crate::pipeline::models::model_config;
+use crate::pipeline::models::{build_model, model_config};
 use crate::rec::train::{fit, FitConfig, FitReport};
 use crate::rec::ModelKind;
-use crate::run_dir::metrics_json;
-use crate::run_dir::record_stage;
-use crate::run_dir::write_ranks;
-use crate::run_dir::StagedRun;
-use crate::run_dir::TrainedRun;
-use crate::tables::pretrain_table;
-use crate::tables::table_header;
-use crate::tables::table_row;
+use crate::run_dir::{metrics_json, record_stage, write_ranks, StagedRun, TrainedRun};
+use crate::tables::{pretrain_table, table_header, table_row};
 
 /// `curec prepare`: read, preprocess and write; returns the stats written to `stats.json`.
 pub fn prepare(input: &Path, out: &Path, format: &str, cfg: &JobConfig) -> anyhow::Result<Value> {
